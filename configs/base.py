@@ -1,0 +1,110 @@
+"""Shared defaults for every variant. Variant files start from `get_base()` and change what they need.
+
+Presets: `tiny` (tests and smoke runs, well under a minute on 2 CPU cores), the default (a few CPU minutes,
+samples recognisable Python) and `paper` (the seed paper's own configuration; used with --mode=summary).
+"""
+import ml_collections
+
+# Logical axis name -> mesh axes. Changing the parallelism strategy touches only this table.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('branch', None),
+    ('layers', None),
+    ('factor', None),
+)
+
+
+def get_base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  m = c.model = ml_collections.ConfigDict()
+  m.family = 'gpt'
+  m.num_layers = 4
+  m.d_model = 128
+  m.num_heads = 4
+  m.vocab_size = 0           # 0: taken from the tokenizer
+  m.max_len = 128            # longest sequence (learned-position table size, KV-cache length)
+  m.mlp_ratio = 4            # MLP hidden width = mlp_ratio * d_model
+  m.pos_emb = 'learned'      # 'learned' | 'rotary' | 'none'
+  m.rope_base = 10000.0
+  m.dropout = 0.0
+  m.attn_dropout = 0.0
+  m.use_bias = True
+  m.norm = 'layernorm'       # 'layernorm' | 'rmsnorm'
+  m.norm_position = 'pre'    # 'pre' (GPT-2) | 'post' (original transformer)
+  m.final_norm = True
+  m.tie_embeddings = True
+  m.head_bias = False        # bias on an untied output head
+  m.param_dtype = 'float32'
+  m.dtype = 'float32'        # compute dtype; 'bfloat16' on accelerators
+  m.remat = 'none'           # 'none' | 'full' | 'dots_saveable'
+  m.scan_layers = True
+  m.attention_impl = 'xla'   # 'xla' | 'cudnn' (GPU only)
+  # GPT-Efficio
+  m.share_layers = 'none'    # 'none' | 'all' | 'groups'
+  m.num_groups = 1
+  m.embed_dim = 0            # factorized embedding width E; 0 = no factorization
+  # structured / doped layers
+  m.mlp_kind = 'dense'       # 'dense' | 'fastfood' | 'blockdiag'
+  m.attn_kind = 'dense'
+  m.num_blocks = 4           # blocks of the block-diagonal layers
+  m.doping = ''              # '' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP)
+  m.frozen_mlp_ratio = 6
+  # p-gpt
+  m.num_branches = 2
+  m.branch_input = 'project'  # 'split' | 'project'
+  m.active_branches = ()      # empty: all branches
+  # lc-gpt / cc-gpt
+  m.compress_every = 2
+  m.compress_factor = 2
+  m.conv_kernel = 1
+
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = 'embedded'
+  d.tokenizer = 'char'
+  d.bpe_vocab_size = 4096
+  d.seq_len = 128
+  d.max_bytes = 4_000_000
+  d.val_fraction = 0.05
+  d.text_field = 'text'
+
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 1000
+  t.stop_at = 0              # end this run early at this step (checkpointed); the schedule still spans `steps`
+  t.batch_size = 16
+  t.grad_accum = 1
+  t.lr = 1e-3
+  t.lr_schedule = 'cosine'   # 'cosine' | 'constant'
+  t.warmup_steps = 100
+  t.min_lr_ratio = 0.1
+  t.weight_decay = 0.1
+  t.decay_embeddings = False
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0
+  t.log_every = 50
+  t.eval_every = 250
+  t.eval_batches = 8
+
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every = 250
+  k.keep = 3
+
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  mesh.rules = DEFAULT_RULES
+  return c
+
+
+def unknown_preset(variant: str, preset: str, valid) -> None:
+  from effjax.errors import EffjaxError
+  raise EffjaxError(f'unknown preset {preset!r} for configs/{variant}.py; valid presets: '
+                    f"'' (default), {', '.join(map(repr, valid))}")

@@ -1,0 +1,107 @@
+"""Parameter, byte, FLOP and compute accounting, from the abstract model (jax.eval_shape: no allocation, so a
+billion-parameter config is summarised in seconds).
+
+Conventions (Kaplan et al.; the LightOn seed): embedding params are the token/position tables, a factorized
+embedding's projection, and an untied output head; N is the trainable non-embedding count; training compute is
+C = (6·N_trainable + 4·N_frozen)·B·S (a frozen weight needs no weight gradient: 2/3 of the cost), and the second
+accounting treats frozen params as free: C = 6·N_trainable·B·S. `flops_per_token` is the real forward cost of
+the network as built (attention over the full context, structured layers at their true O(n log n) cost, a shared
+block counted once per application).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from effjax.models import build_model
+
+EMBEDDING_MODULES = ('embed', 'head')
+
+
+def abstract_variables(model_config, seq_len: int = 1) -> dict:
+  model = build_model(model_config)
+  tokens = jax.ShapeDtypeStruct((1, min(seq_len, model_config.max_len)), jnp.int32)
+  return nn.unbox(jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens))
+
+
+def _count(tree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _bytes(tree) -> int:
+  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def param_counts(model_config) -> dict:
+  variables = abstract_variables(model_config)
+  params, frozen = variables.get('params', {}), variables.get('frozen', {})
+  embedding = _count({k: v for k, v in params.items() if k in EMBEDDING_MODULES})
+  trainable = _count(params)
+  return {
+      'total_params': trainable + _count(frozen),
+      'trainable_params': trainable,
+      'frozen_params': _count(frozen),
+      'embedding_params': embedding,
+      'non_embedding_trainable_params': trainable - embedding,
+      'param_bytes': _bytes(params) + _bytes(frozen),
+  }
+
+
+def emulated_params(model_config) -> int:
+  """The parameter count of the dense model that structured layers stand in for (frozen weights included)."""
+  dense = ml_collections.ConfigDict(model_config.to_dict())
+  dense.mlp_kind = dense.attn_kind = 'dense'
+  return param_counts(dense)['total_params']
+
+
+def flops_per_token(model_config, seq_len: int) -> int:
+  """Forward FLOPs per token of the network as built (each family's module knows its own structure)."""
+  model = build_model(model_config)
+  return int(type(model).forward_flops_per_token(model.cfg, seq_len))
+
+
+def step_compute(config, model=None, tokens_per_step: int | None = None) -> dict:  # pylint: disable=unused-argument
+  """Training compute of one step under both accountings."""
+  counts = param_counts(config.model)
+  tokens = tokens_per_step or config.train.batch_size * config.data.seq_len
+  n_train = counts['non_embedding_trainable_params']
+  return {'compute': (6 * n_train + 4 * counts['frozen_params']) * tokens,
+          'compute_frozen_free': 6 * n_train * tokens}
+
+
+def summarize(config, setup=None) -> dict:  # pylint: disable=unused-argument
+  """Everything `--mode=summary` reports; families may add their own keys (`summary_extras`)."""
+  m = config.model
+  counts = param_counts(m)
+  fwd = flops_per_token(m, config.data.seq_len)
+  summary = {
+      'family': m.family,
+      **counts,
+      'param_mb': round(counts['total_params'] * 4 / 2**20, 2),
+      'emulated_params': emulated_params(m),
+      'flops_per_token': fwd,
+      'train_flops_per_token': 3 * fwd,
+      'seq_len': config.data.seq_len,
+      **{f'step_{k}': v for k, v in step_compute(config).items()},
+      'compute_total': step_compute(config)['compute'] * config.train.steps,
+      'compute_frozen_free_total': step_compute(config)['compute_frozen_free'] * config.train.steps,
+  }
+  model = build_model(m)
+  extras = getattr(type(model), 'summary_extras', None)
+  if extras is not None:
+    summary.update(extras(model.cfg, abstract_variables(m)))
+  return summary
+
+
+def format_table(summary: dict) -> str:
+  width = max(map(len, summary))
+  lines = []
+  for key, value in summary.items():
+    shown = f'{value:,}' if isinstance(value, int) else (f'{value:.4g}' if isinstance(value, float) else value)
+    lines.append(f'{key:<{width}}  {shown}')
+  return '\n'.join(lines)

@@ -1,0 +1,2 @@
+class EffjaxError(Exception):
+    """A user mistake: main.py prints it as one line and exits non-zero."""

@@ -1,0 +1,110 @@
+"""effjax command line: `python -m effjax.main --config=configs/<variant>.py[:<preset>] --workdir=DIR [--mode=MODE]`.
+
+Modes: train (default; resumes from DIR/checkpoints), eval, sample, summary, export. Every user mistake ends
+with one line on stderr and exit code 2; nothing already in the workdir is touched by a failed run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from effjax.errors import EffjaxError
+
+MODES = ('train', 'eval', 'sample', 'summary', 'export')
+
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/gpt.py:tiny', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, tokenizer, summary).')
+flags.DEFINE_string('mode', 'train', f'One of {", ".join(MODES)}.')
+flags.DEFINE_string('prompt', '', 'sample: text to continue.')
+flags.DEFINE_integer('max_new_tokens', 200, 'sample: tokens to generate.')
+flags.DEFINE_float('temperature', 0.8, 'sample: softmax temperature; 0 = greedy.')
+flags.DEFINE_integer('top_k', 0, 'sample: keep the k most likely tokens (0 = all).')
+flags.DEFINE_float('top_p', 1.0, 'sample: nucleus sampling mass (1 = off).')
+flags.DEFINE_integer('seed', 0, 'sample: random seed.')
+flags.DEFINE_integer('num_samples', 1, 'sample: number of continuations.')
+flags.DEFINE_string('export_dir', None, 'export: where to write the inference export.')
+flags.DEFINE_string('from_export', None, 'sample/eval: load the model from an export instead of a workdir.')
+flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'bfloat16'], 'export: parameter dtype.')
+flags.DEFINE_list('tasks', [], 'eval: task files (JSONL) or names to score besides validation loss.')
+flags.DEFINE_integer('num_shots', 0, 'eval: few-shot examples per task prompt.')
+flags.DEFINE_string('coordinator_address', None, 'multi-process: HOST:PORT of process 0.')
+flags.DEFINE_integer('num_processes', None, 'multi-process: number of processes.')
+flags.DEFINE_integer('process_id', None, 'multi-process: this process\'s index.')
+flags.DEFINE_bool('progress', True, 'train: show a progress bar.')
+FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> None:
+  print(f'effjax: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """Flag parsing that turns config-override mistakes (unknown key, wrong type) into one line."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, EffjaxError) as e:
+    fail(_one_line(e))
+  except SystemExit:
+    raise
+  return None
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  detail = text[-1] if text else type(e).__name__
+  cause = e.__cause__ or e.__context__
+  if isinstance(cause, (AttributeError, KeyError)) and 'override' not in detail:
+    detail = f'{detail} ({str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__})'
+  return detail
+
+
+def init_distributed() -> None:
+  """jax.distributed from flags or EFFJAX_* env; TPU VMs and SLURM are auto-detected by jax."""
+  address = FLAGS.coordinator_address or os.environ.get('EFFJAX_COORDINATOR_ADDRESS')
+  num = FLAGS.num_processes or _env_int('EFFJAX_NUM_PROCESSES')
+  pid = FLAGS.process_id if FLAGS.process_id is not None else _env_int('EFFJAX_PROCESS_ID')
+  if address or num:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
+
+
+def _env_int(name: str):
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
+def run(argv) -> None:
+  del argv
+  from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help fast)
+  if FLAGS.mode not in MODES:
+    raise EffjaxError(f'--mode={FLAGS.mode!r} is unknown; valid modes: {", ".join(MODES)}')
+  config = FLAGS.config
+  if config is None and not (FLAGS.from_export and FLAGS.mode in ('sample', 'eval')):
+    raise EffjaxError('--config is required, e.g. --config=configs/gpt.py:tiny')
+  if FLAGS.workdir is None and FLAGS.mode != 'summary' and not FLAGS.from_export:
+    raise EffjaxError(f'--workdir is required for --mode={FLAGS.mode}')
+  init_distributed()
+  modes.dispatch(FLAGS.mode, config, FLAGS)
+
+
+def main(argv) -> None:
+  logging.set_verbosity(logging.INFO)
+  try:
+    run(argv)
+  except EffjaxError as e:
+    fail(str(e))
+
+
+def entry() -> None:
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  entry()

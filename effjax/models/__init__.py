@@ -1,0 +1,45 @@
+"""Model registry: `build_model(config.model)` returns the flax Module of the configured family.
+
+Adding a family means writing one module and registering its builder here; the training loop never changes.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from effjax.models import validate
+
+_FAMILIES = {}
+
+
+def register(family: str):
+  def wrap(cls):
+    _FAMILIES[family] = cls
+    return cls
+  return wrap
+
+
+def families() -> list[str]:
+  _load_families()
+  return sorted(_FAMILIES)
+
+
+def _load_families():
+  if _FAMILIES:
+    return
+  from effjax.models import gpt  # pylint: disable=import-outside-toplevel
+  _FAMILIES['gpt'] = gpt.GPT
+  try:
+    from effjax.models import parallel, compressed  # pylint: disable=import-outside-toplevel
+    _FAMILIES['pgpt'] = parallel.ParallelGPT
+    _FAMILIES['lcgpt'] = compressed.LinearlyCompressedGPT
+    _FAMILIES['ccgpt'] = compressed.ConvCompressedGPT
+  except ImportError:
+    pass
+
+
+def build_model(model_config: ml_collections.ConfigDict):
+  """Checks the model config (one clear error line per mistake) and returns the Module."""
+  _load_families()
+  validate.check_model_config(model_config, sorted(_FAMILIES))
+  frozen = ml_collections.FrozenConfigDict(model_config)
+  return _FAMILIES[model_config.family](frozen)

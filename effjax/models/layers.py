@@ -1,0 +1,336 @@
+"""Layers shared by every family: norms, causal attention with a KV cache, MLP, Block, embeddings, and the
+one `LayerStack` that owns "apply this block L times" (scanned or unrolled; independent, shared or grouped).
+
+Shapes are in names: B batch, T query length, S key length, D width, N heads, K head dim, F MLP hidden, V vocab.
+Every parameter is created with logical axis names; `config.mesh.rules` decides the layout.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effjax.models import structured
+
+Config = Any  # an ml_collections.FrozenConfigDict (hashable, so modules stay hashable)
+
+INIT_STD = 0.02
+REMAT_POLICIES = {
+    'full': None,  # save nothing, recompute the whole block
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def normal_init(std: float, axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def make_norm(cfg: Config, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm over the last axis; statistics in f32 whatever the compute dtype."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
+  common = dict(epsilon=1e-5, dtype=jnp.float32, param_dtype=dtype_of(cfg.param_dtype), name=name,
+                scale_init=scale_init)
+  if cfg.norm == 'rmsnorm':
+    return nn.RMSNorm(**common)
+  bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',))
+  return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=bias_init, **common)
+
+
+def rotary(x_BxTxNxK: jax.Array, positions_T: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (GPT-NeoX half-split layout), computed in f32."""
+  k = x_BxTxNxK.shape[-1]
+  inv_freq_H = 1.0 / (base ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  angles_TxH = positions_T.astype(jnp.float32)[:, None] * inv_freq_H[None, :]
+  sin_Tx1xH, cos_Tx1xH = jnp.sin(angles_TxH)[:, None, :], jnp.cos(angles_TxH)[:, None, :]
+  x1, x2 = jnp.split(x_BxTxNxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_Tx1xH - x2 * sin_Tx1xH, x2 * cos_Tx1xH + x1 * sin_Tx1xH], axis=-1)
+  return out.astype(x_BxTxNxK.dtype)
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention. In decode mode keys/values go to a 'cache' of length cfg.max_len and
+  queries at `positions_T` attend to every cached position up to their own."""
+  cfg: Config
+  d_model: int
+  num_heads: int
+  num_layers: int = 1
+  train: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    n, d = self.num_heads, self.d_model
+    k = d // n
+    b, t, _ = x_BxTxD.shape
+    dense = functools.partial(structured.make_dense(cfg.attn_kind, num_blocks=cfg.num_blocks),
+                              use_bias=cfg.use_bias, dtype=dtype_of(cfg.dtype),
+                              param_dtype=dtype_of(cfg.param_dtype))
+    q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = (
+        dense(features=d, kernel_axes=('embed', 'heads'), name=name)(x_BxTxD).reshape(b, t, n, k)
+        for name in ('query', 'key', 'value'))
+    if cfg.pos_emb == 'rotary':
+      q_BxTxNxK = rotary(q_BxTxNxK, positions_T, cfg.rope_base)
+      k_BxTxNxK = rotary(k_BxTxNxK, positions_T, cfg.rope_base)
+
+    mask = None
+    if self.decode:
+      k_BxTxNxK, v_BxTxNxK, mask = self._update_cache(k_BxTxNxK, v_BxTxNxK, positions_T)
+    use_dropout = self.train and cfg.attn_dropout > 0
+    if mask is None and not use_dropout:
+      impl = cfg.attention_impl if cfg.attention_impl != 'xla' else None
+      out_BxTxNxK = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, is_causal=True,
+                                                 implementation=impl)
+    else:
+      if mask is None:
+        mask = jnp.tril(jnp.ones((t, t), bool))
+      out_BxTxNxK = self._attend(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask, use_dropout)
+    proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
+    return dense(features=d, kernel_axes=('heads', 'embed'), name='out',
+                 **_kernel_init_kw(cfg.attn_kind, proj_std))(out_BxTxNxK.reshape(b, t, d))
+
+  def _update_cache(self, k_BxTxNxK, v_BxTxNxK, positions_T):
+    b, _, n, k = k_BxTxNxK.shape
+    shape, dt = (b, self.cfg.max_len, n, k), k_BxTxNxK.dtype
+    cached_k = self.variable('cache', 'key', jnp.zeros, shape, dt)
+    cached_v = self.variable('cache', 'value', jnp.zeros, shape, dt)
+    start = positions_T[0]
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxNxK, (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxNxK, (0, start, 0, 0))
+    mask_TxS = jnp.arange(self.cfg.max_len)[None, :] <= positions_T[:, None]
+    return cached_k.value, cached_v.value, mask_TxS
+
+  def _attend(self, q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, mask_TxS, use_dropout):
+    """Plain attention (f32 softmax) for decode masks and attention dropout."""
+    scale = q_BxTxNxK.shape[-1] ** -0.5
+    logits_BxNxTxS = jnp.einsum('btnk,bsnk->bnts', q_BxTxNxK, k_BxSxNxK).astype(jnp.float32) * scale
+    logits_BxNxTxS = jnp.where(mask_TxS[None, None], logits_BxNxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1)
+    if use_dropout:
+      probs_BxNxTxS = nn.Dropout(self.cfg.attn_dropout)(probs_BxNxTxS, deterministic=False)
+    return jnp.einsum('bnts,bsnk->btnk', probs_BxNxTxS.astype(v_BxSxNxK.dtype), v_BxSxNxK)
+
+
+def _kernel_init_kw(kind: str, std: float) -> dict:
+  """Residual projections of dense layers start smaller (GPT-2); structured layers keep their own init."""
+  return {'kernel_init': nn.initializers.normal(std)} if kind == 'dense' else {}
+
+
+class Mlp(nn.Module):
+  """Two-layer GELU MLP; either Dense can be a structured layer (config.model.mlp_kind)."""
+  cfg: Config
+  d_model: int
+  hidden: int
+  num_layers: int = 1
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dense = functools.partial(structured.make_dense(cfg.mlp_kind, num_blocks=cfg.num_blocks),
+                              use_bias=cfg.use_bias, dtype=dtype_of(cfg.dtype),
+                              param_dtype=dtype_of(cfg.param_dtype))
+    h_BxTxF = nn.gelu(dense(features=self.hidden, kernel_axes=('embed', 'mlp'), name='fc')(x_BxTxD))
+    h_BxTxF = nn.Dropout(cfg.dropout)(h_BxTxF, deterministic=not self.train)
+    proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
+    return dense(features=self.d_model, kernel_axes=('mlp', 'embed'), name='proj',
+                 **_kernel_init_kw(cfg.mlp_kind, proj_std))(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Transformer block, pre-LN (x + f(LN(x))) or post-LN (LN(x + f(x))) by config.model.norm_position.
+
+  `carry_output=True` returns (x, None) so the block can be the body of `nn.scan`.
+  """
+  cfg: Config
+  d_model: int
+  num_heads: int
+  num_layers: int = 1
+  train: bool = False
+  decode: bool = False
+  carry_output: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array):
+    cfg = self.cfg
+    attn = Attention(cfg, self.d_model, self.num_heads, self.num_layers, self.train, self.decode, name='attn')
+    mlp = Mlp(cfg, self.d_model, cfg.mlp_ratio * self.d_model, self.num_layers, self.train, name='mlp')
+    drop = functools.partial(nn.Dropout(cfg.dropout), deterministic=not self.train)
+    ln1, ln2 = make_norm(cfg, 'ln1'), make_norm(cfg, 'ln2')
+    x_BxTxD = x_BxTxD
+    if cfg.norm_position == 'pre':
+      x_BxTxD = x_BxTxD + drop(attn(ln1(x_BxTxD).astype(x_BxTxD.dtype), positions_T))
+      x_BxTxD = x_BxTxD + drop(mlp(ln2(x_BxTxD).astype(x_BxTxD.dtype)))
+    else:
+      x_BxTxD = ln1(x_BxTxD + drop(attn(x_BxTxD, positions_T))).astype(x_BxTxD.dtype)
+      x_BxTxD = ln2(x_BxTxD + drop(mlp(x_BxTxD))).astype(x_BxTxD.dtype)
+    return (x_BxTxD, None) if self.carry_output else x_BxTxD
+
+
+# Collections that live per layer. 'frozen' holds doped layers' fixed weights, 'constants' fixed permutations.
+PER_LAYER_COLLECTIONS = ('params', 'frozen', 'constants', 'cache')
+
+
+def _scan(block_cls, length: int, share: bool):
+  """nn.scan over a block: stacked params (axis 0, logical name 'layers') or one broadcast set (shared)."""
+  if share:
+    return nn.scan(block_cls, variable_axes={'cache': 0}, variable_broadcast=['params', 'frozen', 'constants'],
+                   split_rngs={'params': False, 'dropout': True}, in_axes=nn.broadcast, length=length)
+  return nn.scan(block_cls, variable_axes={c: 0 for c in PER_LAYER_COLLECTIONS},
+                 split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast, length=length,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+
+
+class _SharedRun(nn.Module):
+  """One block applied `repeats` times with the same params: the body of a grouped (G-block) stack."""
+  block_cls: Any
+  block_kwargs: Any
+  repeats: int
+  carry_output: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions_T):
+    x = _scan(self.block_cls, self.repeats, share=True)(**self.block_kwargs, carry_output=True,
+                                                        name='shared')(x, positions_T)[0]
+    return (x, None) if self.carry_output else x
+
+
+class LayerStack(nn.Module):
+  """The one place that owns stacking: `num_layers` applications of `block_cls(**block_kwargs)`.
+
+  share='none'   L independent blocks (params stacked on a leading 'layers' axis when scanned)
+  share='all'    one block applied L times (params broadcast through the scan; count independent of L)
+  share='groups' G blocks, each applied L/G consecutive times
+  scan=False unrolls the same computation in Python (identical outputs from the same weights, slower compile).
+  """
+  block_cls: Any
+  block_kwargs: Any
+  num_layers: int
+  scan: bool = True
+  share: str = 'none'
+  num_groups: int = 1
+  remat: str = 'none'
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array) -> jax.Array:
+    kwargs = dict(self.block_kwargs)
+    block_cls = self._maybe_remat(self.block_cls)
+    groups = {'none': self.num_layers, 'all': 1, 'groups': self.num_groups}[self.share]
+    repeats = self.num_layers // groups
+    if self.scan:
+      if self.share == 'none':
+        return _scan(block_cls, self.num_layers, share=False)(**kwargs, carry_output=True,
+                                                              name='layers')(x_BxTxD, positions_T)[0]
+      if self.share == 'all':
+        return _scan(block_cls, self.num_layers, share=True)(**kwargs, carry_output=True,
+                                                             name='shared')(x_BxTxD, positions_T)[0]
+      return _scan(_SharedRun, groups, share=False)(block_cls, kwargs, repeats,
+                                                    name='groups')(x_BxTxD, positions_T)[0]
+    prefix = {'none': 'layer', 'all': 'shared', 'groups': 'group'}[self.share]
+    for g in range(groups):
+      block = block_cls(**kwargs, name=f'{prefix}_{g}' if self.share != 'all' else 'shared')
+      for _ in range(repeats):
+        x_BxTxD = block(x_BxTxD, positions_T)
+    return x_BxTxD
+
+  def _maybe_remat(self, block_cls):
+    if self.remat == 'none':
+      return block_cls
+    return nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+
+
+class Embedder(nn.Module):
+  """Token (+ learned position) embedding, optionally factorized: a V×E table then an E×D projection.
+
+  `attend` maps hidden states back to vocabulary logits through the same (tied) table: h·Pᵀ·Wᵀ.
+  """
+  cfg: Config
+  d_model: int
+
+  def setup(self):
+    cfg = self.cfg
+    pdt = dtype_of(cfg.param_dtype)
+    width = cfg.embed_dim or self.d_model
+    self.embedding = self.param('embedding', normal_init(INIT_STD, ('vocab', 'embed')),
+                                (cfg.vocab_size, width), pdt)
+    if cfg.embed_dim:
+      self.projection = self.param('projection', normal_init(INIT_STD, ('factor', 'embed')),
+                                   (cfg.embed_dim, self.d_model), pdt)
+    if cfg.pos_emb == 'learned':
+      self.pos_embedding = self.param('pos_embedding', normal_init(INIT_STD / 2, (None, 'embed')),
+                                      (cfg.max_len, self.d_model), pdt)
+
+  def __call__(self, tokens_BxT: jax.Array, positions_T: jax.Array) -> jax.Array:
+    dt = dtype_of(self.cfg.dtype)
+    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0).astype(dt)
+    if self.cfg.embed_dim:
+      x_BxTxD = x_BxTxD @ self.projection.astype(dt)
+    if self.cfg.pos_emb == 'learned':
+      x_BxTxD = x_BxTxD + jnp.take(self.pos_embedding, positions_T, axis=0).astype(dt)[None]
+    return x_BxTxD
+
+  def attend(self, x_BxTxD: jax.Array) -> jax.Array:
+    dt = dtype_of(self.cfg.dtype)
+    if self.cfg.embed_dim:
+      x_BxTxD = x_BxTxD.astype(dt) @ self.projection.astype(dt).T
+    return x_BxTxD.astype(dt) @ self.embedding.astype(dt).T
+
+
+class OutputHead(nn.Module):
+  """Final projection to the vocabulary: tied to the embedding table or its own Dense (optional bias)."""
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, embedder: Embedder | None) -> jax.Array:
+    cfg = self.cfg
+    if cfg.tie_embeddings and embedder is not None:
+      logits = embedder.attend(x_BxTxD)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=cfg.head_bias, dtype=dtype_of(cfg.dtype),
+                        param_dtype=dtype_of(cfg.param_dtype),
+                        kernel_init=normal_init(INIT_STD, ('embed', 'vocab')),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
+                        name='head')(x_BxTxD)
+    return logits.astype(jnp.float32)
+
+
+def decode_positions(module: nn.Module, length: int, decode: bool) -> jax.Array:
+  """Positions of the current tokens: 0..T-1, or continuing from the cache's write index when decoding."""
+  if not decode:
+    return jnp.arange(length, dtype=jnp.int32)
+  index = module.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+  positions_T = index.value + jnp.arange(length, dtype=jnp.int32)
+  if not module.is_initializing():
+    index.value = index.value + length
+  return positions_T
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward FLOPs per token (multiply-add = 2 FLOPs), used by accounting and MFU. Attention over the full
+# context (4·S·D per block: QKᵀ and AV), as in PaLM's MFU convention.
+
+def block_forward_flops(cfg: Config, d_model: int, seq_len: int) -> int:
+  attn = 4 * structured.dense_flops(cfg.attn_kind, d_model, d_model, num_blocks=cfg.num_blocks)
+  hidden = cfg.mlp_ratio * d_model
+  mlp = (structured.dense_flops(cfg.mlp_kind, d_model, hidden, num_blocks=cfg.num_blocks)
+         + structured.dense_flops(cfg.mlp_kind, hidden, d_model, num_blocks=cfg.num_blocks))
+  return attn + 4 * seq_len * d_model + mlp
+
+
+def embed_forward_flops(cfg: Config, d_model: int) -> int:
+  """Input projection of a factorized embedding plus the output head."""
+  e, v = cfg.embed_dim, cfg.vocab_size
+  inp = 2 * e * d_model if e else 0
+  if cfg.tie_embeddings:
+    out = 2 * d_model * e + 2 * e * v if e else 2 * d_model * v
+  else:
+    out = 2 * d_model * v
+  return inp + out

@@ -1,0 +1,315 @@
+"""Structured replacements for dense layers (seed 004, §4): Adaptive FastFood and block-diagonal + block-Hadamard.
+
+All layers share `nn.Dense`'s call signature (features, use_bias, dtype, param_dtype, plus `kernel_axes`, the
+logical names a dense kernel's (in, out) dims would have), so `make_dense(kind)` can swap them into a model.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ('dense', 'fastfood', 'blockdiag')
+Axes = tuple[str | None, str | None]
+
+
+# --------------------------------------------------------------------------------------------------- FWHT
+def _hadamard_np(n: int) -> np.ndarray:
+  """Sylvester Hadamard matrix (same order as scipy.linalg.hadamard)."""
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+def _check_pow2(n: int, what: str = 'fwht length') -> None:
+  if n < 1 or n & (n - 1):
+    raise ValueError(f'{what} must be a power of two, got n={n}')
+
+
+def _butterfly(x_LxN: jax.Array, h: int) -> jax.Array:
+  """Sylvester butterfly stages with strides h, 2h, ... < n along the last axis (n/h a power of two).
+
+  Radix-4 stages (two radix-2 stages fused into one pass over memory) while possible, one radix-2 at the end.
+  Starting at h = m these stages alone are H_{n/m} (x) I_m, the mixing across n/m contiguous blocks.
+  """
+  *lead, n = x_LxN.shape
+  while h < n:
+    r = 4 if 4 * h <= n else 2
+    y = x_LxN.reshape(*lead, n // (r * h), r, h)
+    p = [y[..., i, :] for i in range(r)]
+    if r == 2:
+      p = [p[0] + p[1], p[0] - p[1]]
+    else:
+      s, t, u, v = p[0] + p[1], p[0] - p[1], p[2] + p[3], p[2] - p[3]
+      p = [s + u, t + v, s - u, t - v]
+    x_LxN = jnp.stack(p, axis=-2).reshape(*lead, n)
+    h *= r
+  return x_LxN
+
+
+_BASE = 16  # the first log2(16) = 4 stages as one tiny matmul: small strides vectorise badly as butterflies
+
+
+def _fwht(x: jax.Array) -> jax.Array:
+  n = x.shape[-1]
+  _check_pow2(n)
+  if n == 1:
+    return x
+  y = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 sums accumulate in f32, result cast back
+  b = min(n, _BASE)
+  h_BxB = jnp.asarray(_hadamard_np(b), y.dtype)
+  y = jnp.matmul(y.reshape(-1, b), h_BxB, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+  return _butterfly(y, b).astype(x.dtype)
+
+
+@jax.custom_vjp
+def fwht(x: jax.Array) -> jax.Array:
+  """Unnormalised Walsh–Hadamard transform over the last axis: `x @ scipy.linalg.hadamard(n)`, O(n log n).
+
+  Stages h < 16 are one 16x16 Hadamard matmul on contiguous groups, the rest radix-4/2 butterflies (measured
+  ~3x faster on CPU than 12 radix-2 passes, see experiments/bench_structured.py). The VJP is the same
+  transform since H is symmetric.
+  """
+  return _fwht(x)
+
+
+fwht.defvjp(lambda x: (_fwht(x), None), lambda _, g: (_fwht(g),))
+
+
+def _next_pow2(d: int) -> int:
+  return 1 << max(d - 1, 0).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class Dense(nn.Module):
+  """nn.Dense with logically partitioned kernel (kernel_axes) and bias ((kernel_axes[1],)); GPT-2 init."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_axes: Axes = ('embed', 'mlp')
+  kernel_init: Callable = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    kernel_IxO = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                            (x_BxI.shape[-1], self.features), self.param_dtype)
+    bias_O = (self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+                         (self.features,), self.param_dtype) if self.use_bias else None)
+    x_BxI, kernel_IxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_IxO, bias_O, dtype=self.dtype)
+    y_BxO = jnp.einsum('...i,io->...o', x_BxI, kernel_IxO)
+    return y_BxO + bias_O if self.use_bias else y_BxO
+
+
+def _rademacher(key, shape, dtype=jnp.float32):
+  return jax.random.rademacher(key, shape, dtype)
+
+
+class AdaptiveFastFood(nn.Module):
+  """y = c · S H G Π H B x per block (Le et al. 2013; adaptive: S, G, B learned), O(n log n), 3n params/block.
+
+  The input is zero-padded to n = next power of two >= in; ceil(features / n) independent blocks are stacked
+  and the output truncated to `features`. Init: B = ±1, G ~ N(0, 1), S = 1 and a fixed c = 1/sqrt(n·in), so
+  each output has variance ~1 for x ~ N(0, I), like a LeCun-normal Dense (H B x has variance in per entry, G and
+  the second H multiply it by n). The diagonals are tiny and each block's FWHT needs the whole n, so they are
+  replicated (axes None); the bias is sharded like a dense bias.
+
+  Π is fixed: the 'constants' variable 'perm' [blocks, n] int32, drawn at init from `make_rng('params')`
+  (flax folds in the module path, and nn.scan with split_rngs gives each layer its own), or, if `perm_seed` is
+  set, from numpy with seed (perm_seed, crc32(module path)). Apply needs the 'constants' collection.
+  """
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_axes: Axes = ('embed', 'mlp')
+  perm_seed: int | None = None
+
+  def _perm(self, k: int, n: int) -> jax.Array:
+    if self.perm_seed is None:
+      keys = jax.random.split(self.make_rng('params'), k)
+      return jax.vmap(lambda key: jax.random.permutation(key, n))(keys).astype(jnp.int32)
+    rng = np.random.default_rng([self.perm_seed, zlib.crc32('/'.join(self.scope.path).encode())])
+    return jnp.asarray(np.stack([rng.permutation(n) for _ in range(k)]), jnp.int32)
+
+  @nn.compact
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    *lead, d_in = x_BxI.shape
+    n = _next_pow2(d_in)
+    k = -(-self.features // n)
+    diag = lambda name, init: self.param(name, nn.with_logical_partitioning(init, (None, None)), (k, n),
+                                         self.param_dtype)
+    b_KxN, g_KxN, s_KxN = diag('b', _rademacher), diag('g', nn.initializers.normal(1.0)), diag('s', nn.initializers.ones)
+    perm_KxN = self.variable('constants', 'perm', self._perm, k, n).value
+    x_BxI, b_KxN, g_KxN, s_KxN = nn.dtypes.promote_dtype(x_BxI, b_KxN, g_KxN, s_KxN, dtype=self.dtype)
+
+    x_BxN = jnp.pad(x_BxI, [(0, 0)] * len(lead) + [(0, n - d_in)])
+    h_BxKxN = fwht(x_BxN[..., None, :] * b_KxN)
+    idx_KN = (perm_KxN + n * jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(k * n)
+    h_BxKN = jnp.take(h_BxKxN.reshape(*lead, k * n), idx_KN, axis=-1, mode='clip', unique_indices=True)
+    h_BxKxN = fwht((h_BxKN * g_KxN.reshape(k * n)).reshape(*lead, k, n))
+    y_BxO = (h_BxKxN * (s_KxN / math.sqrt(n * d_in))).reshape(*lead, k * n)[..., :self.features]
+    if self.use_bias:
+      bias_O = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+                          (self.features,), self.param_dtype)
+      y_BxO = y_BxO + bias_O.astype(y_BxO.dtype)
+    return y_BxO
+
+
+class BlockDiagonalDense(nn.Module):
+  """Block-diagonal linear map: in and out split into num_blocks contiguous blocks, kernel [nb, in/nb, out/nb].
+
+  Params and FLOPs are 1/num_blocks of a Dense; LeCun-normal init on the block fan-in in/nb.
+  """
+  features: int
+  num_blocks: int = 4
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_axes: Axes = ('embed', 'mlp')
+  kernel_init: Callable = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+  @nn.compact
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    *lead, d_in = x_BxI.shape
+    nb = self.num_blocks
+    if d_in % nb or self.features % nb:
+      raise ValueError(f'BlockDiagonalDense: in={d_in} and features={self.features} must be divisible by '
+                       f'num_blocks={nb}')
+    kernel_KxIxO = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, (None, *self.kernel_axes)),
+                              (nb, d_in // nb, self.features // nb), self.param_dtype)
+    bias_O = (self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+                         (self.features,), self.param_dtype) if self.use_bias else None)
+    x_BxI, kernel_KxIxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_KxIxO, bias_O, dtype=self.dtype)
+    y_BxKxO = jnp.einsum('...ki,kio->...ko', x_BxI.reshape(*lead, nb, d_in // nb), kernel_KxIxO)
+    y_BxO = y_BxKxO.reshape(*lead, self.features)
+    return y_BxO + bias_O if self.use_bias else y_BxO
+
+
+class BlockHadamard(nn.Module):
+  """Mixes num_blocks contiguous feature blocks with H_nb / sqrt(nb) (orthogonal, so scale-preserving):
+  block j of the output is sum_i H[i, j] x_i / sqrt(nb). It brings the long-range correlations that block-diagonal
+  maps lack; log2(nb) adds per feature. Optional learned per-feature scale (`use_scale`, init 1)."""
+  num_blocks: int = 4
+  use_scale: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_axes: Axes = ('embed', 'mlp')
+
+  @nn.compact
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    nb, d = self.num_blocks, x_BxD.shape[-1]
+    _check_pow2(nb, 'BlockHadamard num_blocks')
+    if d % nb:
+      raise ValueError(f'BlockHadamard: width {d} must be divisible by num_blocks={nb}')
+    x_BxD, = nn.dtypes.promote_dtype(x_BxD, dtype=self.dtype)
+    y_BxD = _butterfly(x_BxD, d // nb) * (1 / math.sqrt(nb))
+    if self.use_scale:
+      scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.kernel_axes[1],)),
+                           (d,), self.param_dtype)
+      y_BxD = y_BxD * scale_D.astype(y_BxD.dtype)
+    return y_BxD
+
+
+class BlockDiagonalMixedDense(nn.Module):
+  """Dense replacement for make_dense('blockdiag'): BlockDiagonalDense then (if `mix`) BlockHadamard.
+
+  Seed §4 replaces the MLP by block-diag -> block-Hadamard -> block-diag (one mixing per MLP); as a drop-in for
+  every Dense we mix after each layer so no stack of them stays block-separable. The extra mixing costs
+  log2(nb)+1 FLOPs per output, no params. `BlockDiagonalMLP` is the seed's exact MLP.
+  """
+  features: int
+  num_blocks: int = 4
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_axes: Axes = ('embed', 'mlp')
+  mix: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxI: jax.Array) -> jax.Array:
+    kw = dict(num_blocks=self.num_blocks, dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_axes=self.kernel_axes)
+    y_BxO = BlockDiagonalDense(self.features, use_bias=self.use_bias, name='block', **kw)(x_BxI)
+    return BlockHadamard(name='mix', **kw)(y_BxO) if self.mix else y_BxO
+
+
+class BlockDiagonalMLP(nn.Module):
+  """The seed's structured MLP: BlockDiagonalDense(hidden) -> BlockHadamard -> activation -> BlockDiagonalDense."""
+  hidden: int
+  features: int
+  num_blocks: int = 4
+  activation: Callable = nn.gelu
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    kw = dict(num_blocks=self.num_blocks, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    h_BxF = BlockDiagonalMixedDense(self.hidden, kernel_axes=('embed', 'mlp'), mix=True, name='fc', **kw)(x_BxD)
+    return BlockDiagonalMixedDense(self.features, kernel_axes=('mlp', 'embed'), mix=False, name='proj',
+                                   **kw)(self.activation(h_BxF))
+
+
+def make_dense(kind: str, *, num_blocks: int = 4) -> Callable[..., nn.Module]:
+  """Layer class for `kind`, called like nn.Dense: make_dense(kind)(features=..., kernel_axes=..., name=...)."""
+  if kind == 'dense':
+    return Dense
+  if kind == 'fastfood':
+    return AdaptiveFastFood
+  if kind == 'blockdiag':
+    return functools.partial(BlockDiagonalMixedDense, num_blocks=num_blocks)
+  raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
+
+
+def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Array:
+  """The explicit [in, features] matrix a (linear) layer computes: f(I) - f(0), i.e. without the bias."""
+  eye_IxI = jnp.eye(in_features, dtype=jnp.float32)
+  return module.apply(variables, eye_IxI) - module.apply(variables, jnp.zeros_like(eye_IxI))
+
+
+fastfood_dense_matrix = dense_matrix
+
+
+# -------------------------------------------------------------------------------------------- accounting
+def _fastfood_shape(d_in: int, d_out: int) -> tuple[int, int]:
+  n = _next_pow2(d_in)
+  return n, -(-d_out // n)
+
+
+def dense_params(kind: str, d_in: int, d_out: int, use_bias: bool = True, num_blocks: int = 4) -> int:
+  """Trainable parameters that make_dense(kind) creates for a d_in -> d_out layer."""
+  bias = d_out if use_bias else 0
+  if kind == 'dense':
+    return d_in * d_out + bias
+  if kind == 'fastfood':
+    n, k = _fastfood_shape(d_in, d_out)
+    return 3 * n * k + bias
+  if kind == 'blockdiag':
+    return d_in * d_out // num_blocks + bias
+  raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
+
+
+def dense_flops(kind: str, d_in: int, d_out: int, num_blocks: int = 4) -> int:
+  """Algorithmic forward FLOPs per token (no bias): multiply-adds count 2, a Hadamard n·log2(n) adds."""
+  if kind == 'dense':
+    return 2 * d_in * d_out
+  if kind == 'fastfood':
+    n, k = _fastfood_shape(d_in, d_out)
+    return k * (3 * n + 2 * n * int(math.log2(n)))
+  if kind == 'blockdiag':
+    return 2 * d_in * d_out // num_blocks + d_out * (int(math.log2(num_blocks)) + 1)
+  raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
+
+
+def emulated_params(d_in: int, d_out: int, use_bias: bool = True) -> int:
+  """Parameters of the dense layer a structured layer stands in for."""
+  return d_in * d_out + (d_out if use_bias else 0)

@@ -1,0 +1,55 @@
+"""Model-config checks: every incompatible setting stops with one line naming the value and what is valid."""
+from __future__ import annotations
+
+from effjax.errors import EffjaxError
+
+CHOICES = {
+    'pos_emb': ('learned', 'rotary', 'none'),
+    'norm': ('layernorm', 'rmsnorm'),
+    'norm_position': ('pre', 'post'),
+    'remat': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'),
+    'share_layers': ('none', 'all', 'groups'),
+    'mlp_kind': ('dense', 'fastfood', 'blockdiag'),
+    'attn_kind': ('dense', 'fastfood', 'blockdiag'),
+    'attention_impl': ('xla', 'cudnn'),
+    'param_dtype': ('float32', 'bfloat16', 'float16'),
+    'dtype': ('float32', 'bfloat16', 'float16'),
+    'branch_input': ('split', 'project'),
+}
+
+
+def _positive(m, key):
+  value = m[key]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise EffjaxError(f'model.{key}={value!r} is invalid; it must be a positive integer')
+
+
+def check_model_config(m, families) -> None:
+  if m.family not in families:
+    raise EffjaxError(f'model.family={m.family!r} is unknown; valid families: {", ".join(families)}')
+  for key, valid in CHOICES.items():
+    if key in m and m[key] not in valid:
+      raise EffjaxError(f'model.{key}={m[key]!r} is invalid; valid values: {", ".join(valid)}')
+  for key in ('num_layers', 'd_model', 'num_heads', 'vocab_size', 'max_len', 'mlp_ratio'):
+    _positive(m, key)
+  if m.d_model % m.num_heads:
+    raise EffjaxError(f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; '
+                      'choose heads that divide the width')
+  if m.pos_emb == 'rotary' and (m.d_model // m.num_heads) % 2:
+    raise EffjaxError(f'rotary positions need an even head dim, got d_model/num_heads='
+                      f'{m.d_model}/{m.num_heads}={m.d_model // m.num_heads}')
+  for key in ('dropout', 'attn_dropout'):
+    if not 0.0 <= m[key] < 1.0:
+      raise EffjaxError(f'model.{key}={m[key]!r} is invalid; it must be in [0, 1)')
+  if m.share_layers == 'groups':
+    _positive(m, 'num_groups')
+    if m.num_layers % m.num_groups:
+      raise EffjaxError(f'model.num_groups={m.num_groups} does not divide model.num_layers={m.num_layers}; '
+                        'with share_layers=groups each of the G blocks is applied L/G times')
+  if m.embed_dim:
+    if not isinstance(m.embed_dim, int) or m.embed_dim < 0 or m.embed_dim > m.d_model:
+      raise EffjaxError(f'model.embed_dim={m.embed_dim!r} is invalid; use 0 (no factorization) or '
+                        f'1..d_model={m.d_model}')
+  if m.embed_dim < 0:
+    raise EffjaxError(f'model.embed_dim={m.embed_dim!r} is invalid; use 0 (no factorization) or '
+                      f'1..d_model={m.d_model}')

@@ -1,0 +1,78 @@
+"""Device mesh, logical-axis rules and the shardings of the train state and batches.
+
+One device is a 1x1x1 mesh: there is no unsharded code path.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from effjax.errors import EffjaxError
+
+AXES = ('data', 'fsdp', 'tensor')
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the (data, fsdp, tensor) sizes; one of them may be -1 (= the remaining devices)."""
+  sizes = [int(mesh_config[a]) for a in AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise EffjaxError(f'mesh (data, fsdp, tensor)={tuple(sizes)} is invalid; use positive sizes and at most '
+                      'one -1 (= the remaining devices)')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise EffjaxError(f'mesh (data, fsdp, tensor)={tuple(sizes)} does not divide the {num_devices} devices')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise EffjaxError(f'mesh (data, fsdp, tensor)={tuple(sizes)} uses {math.prod(sizes)} devices but '
+                      f'{num_devices} are available; make the product equal or use -1 for one axis')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def rules(mesh_config) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_config.rules)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (e.g. a char vocabulary of 97 over tensor=2):
+  those dimensions are replicated instead of failing."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if size > 1 and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def logical_shardings(abstract_boxed, mesh: Mesh, logical_rules):
+  """Shardings for a pytree whose leaves may be flax LogicallyPartitioned boxes (from an eval_shape'd init)."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), logical_rules)
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_boxed))
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit(spec, shape, mesh)), specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, logical_rules) -> NamedSharding:
+  spec = nn.logical_to_mesh(P('batch', None), logical_rules)
+  return NamedSharding(mesh, spec)
+
+
+def batch_divisor(mesh: Mesh, logical_rules) -> int:
+  spec = batch_sharding(mesh, logical_rules).spec[0]
+  names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """Assembles each process's local numpy batch into one global, sharded jax.Array."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

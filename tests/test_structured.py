@@ -1,0 +1,204 @@
+"""Claims about effjax.models.structured: exact transforms, explicit matrices, param counts, init scale."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from effjax.models import structured as st
+
+
+def _init(module, d_in, seed=0, batch=(3,)):
+  x = jax.random.normal(jax.random.key(seed + 1), (*batch, d_in))
+  return nn.unbox(module.init(jax.random.key(seed), x)), x
+
+
+def _n_params(variables):
+  return sum(p.size for p in jax.tree.leaves(variables['params']))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('n', [2 ** k for k in range(14)])
+def test_fwht_matches_scipy(n, dtype):
+  batch = 4 if n <= 1024 else 2
+  x = jax.random.normal(jax.random.key(n), (batch, n)).astype(dtype)
+  want = np.asarray(x, np.float64) @ scipy.linalg.hadamard(n)
+  got = st.fwht(x)
+  assert got.dtype == dtype and got.shape == x.shape
+  err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+  assert err < (1e-6 if dtype == jnp.float32 else 1e-2), err
+
+
+def test_fwht_jit_batched_leading_axes():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 64))
+  np.testing.assert_allclose(jax.jit(st.fwht)(x), x @ scipy.linalg.hadamard(64), rtol=1e-5, atol=1e-4)
+
+
+def test_fwht_grad_is_transform():
+  n = 256
+  x = jax.random.normal(jax.random.key(0), (3, n))
+  g = jax.random.normal(jax.random.key(1), (3, n))
+  h = scipy.linalg.hadamard(n).astype(np.float32)
+  _, vjp = jax.vjp(st.fwht, x)
+  np.testing.assert_allclose(vjp(g)[0], g @ h.T, rtol=1e-5, atol=1e-3)
+  grad = jax.grad(lambda x: jnp.sum(st.fwht(x) * g))(x)
+  np.testing.assert_allclose(grad, g @ h, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize('n', [0, 3, 6, 100])
+def test_fwht_rejects_non_power_of_two(n):
+  with pytest.raises(ValueError, match=f'n={n}'):
+    st.fwht(jnp.ones((2, n)))
+
+
+@pytest.mark.parametrize('d_in,d_out', [(48, 200), (64, 64)])
+def test_fastfood_equals_its_dense_matrix(d_in, d_out):
+  layer = st.AdaptiveFastFood(d_out)
+  variables, x = _init(layer, d_in)
+  variables['params']['bias'] = jax.random.normal(jax.random.key(5), (d_out,))
+  w = st.fastfood_dense_matrix(layer, variables, d_in)
+  assert w.shape == (d_in, d_out)
+  np.testing.assert_allclose(layer.apply(variables, x), x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
+
+
+def test_fastfood_matrix_matches_formula():
+  """S H G Π H B for each block, stacked and truncated: 48 -> 200 pads to n=64 and stacks 4 blocks."""
+  layer = st.AdaptiveFastFood(200, use_bias=False)
+  variables, _ = _init(layer, 48)
+  p, perm = variables['params'], np.asarray(variables['constants']['perm'])
+  h = scipy.linalg.hadamard(64)
+  blocks = [np.diag(p['b'][i]) @ h @ np.eye(64)[:, perm[i]] @ np.diag(p['g'][i]) @ h @ np.diag(p['s'][i])
+            for i in range(4)]
+  want = np.concatenate(blocks, axis=1)[:48, :200] / np.sqrt(64 * 48)
+  np.testing.assert_allclose(st.dense_matrix(layer, variables, 48), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('d_in,d_out,bias', [(48, 200, True), (1024, 4096, True), (1000, 64, False)])
+def test_fastfood_params_are_linear_and_match_dense_params(d_in, d_out, bias):
+  layer = st.AdaptiveFastFood(d_out, use_bias=bias)
+  variables = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, d_in)))
+  count = _n_params(variables)
+  assert count == st.dense_params('fastfood', d_in, d_out, use_bias=bias)
+  assert count <= 3 * 2 * max(d_in, d_out) + 2 * d_out + 3 * 2 * d_in  # O(n), far below d_in * d_out
+  assert st.emulated_params(d_in, d_out, bias) == d_in * d_out + bias * d_out
+
+
+def test_fastfood_permutation_is_constant_and_differs_between_layers():
+  class Two(nn.Module):
+    perm_seed: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+      return [st.AdaptiveFastFood(64, perm_seed=self.perm_seed, name=name)(x) for name in 'ab']
+
+  variables, x = _init(Two(), 64)
+  assert set(variables['params']['a']) == {'b', 'g', 's', 'bias'}
+  perm_a, perm_b = variables['constants']['a']['perm'], variables['constants']['b']['perm']
+  assert perm_a.dtype == jnp.int32 and perm_a.shape == (1, 64)
+  assert sorted(np.asarray(perm_a[0]).tolist()) == list(range(64))
+  assert not np.array_equal(perm_a, perm_b)
+  # perm_seed: reproducible whatever the rng, still different per layer path.
+  seeded = [Two(perm_seed=3).init(jax.random.key(k), x)['constants'] for k in (0, 1)]
+  assert np.array_equal(seeded[0]['a']['perm'], seeded[1]['a']['perm'])
+  assert not np.array_equal(seeded[0]['a']['perm'], seeded[0]['b']['perm'])
+
+
+@pytest.mark.parametrize('d_in,d_out', [(64, 64), (48, 200), (256, 1024), (1024, 256)])
+def test_fastfood_init_keeps_unit_activation_scale(d_in, d_out):
+  layer = st.AdaptiveFastFood(d_out)
+  variables, x = _init(layer, d_in, batch=(256,))
+  std = float(jnp.std(layer.apply(variables, x)))
+  assert 0.5 <= std <= 2.0, std
+
+
+def test_block_diagonal_dense_equals_block_diag_matrix():
+  layer = st.BlockDiagonalDense(24, num_blocks=4)
+  variables, x = _init(layer, 16)
+  kernel = np.asarray(variables['params']['kernel'])
+  assert kernel.shape == (4, 4, 6)
+  want = x @ scipy.linalg.block_diag(*kernel) + variables['params']['bias']
+  np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+  assert _n_params(variables) == st.dense_params('blockdiag', 16, 24, num_blocks=4)
+
+
+@pytest.mark.parametrize('d_in,d_out', [(18, 24), (16, 26)])
+def test_block_diagonal_dense_rejects_indivisible_widths(d_in, d_out):
+  with pytest.raises(ValueError, match=f'in={d_in}.*features={d_out}.*num_blocks=4'):
+    st.BlockDiagonalDense(d_out, num_blocks=4).init(jax.random.key(0), jnp.ones((1, d_in)))
+
+
+@pytest.mark.parametrize('nb,d', [(4, 12), (8, 64), (2, 6)])
+def test_block_hadamard_equals_explicit_orthogonal_matrix(nb, d):
+  layer = st.BlockHadamard(num_blocks=nb)
+  variables, x = _init(layer, d)
+  want_mat = np.kron(scipy.linalg.hadamard(nb), np.eye(d // nb)) / np.sqrt(nb)
+  np.testing.assert_allclose(st.dense_matrix(layer, variables, d), want_mat, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(layer.apply(variables, x), x @ want_mat, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='num_blocks'):
+    st.BlockHadamard(num_blocks=3).init(jax.random.key(0), jnp.ones((1, 12)))
+
+
+def test_blockdiag_kind_is_block_diag_then_hadamard_and_counts_match():
+  layer = st.make_dense('blockdiag', num_blocks=4)(features=32, name='fc')
+  variables, x = _init(layer, 16)
+  kernel = np.asarray(variables['params']['block']['kernel'])
+  want = scipy.linalg.block_diag(*kernel) @ np.kron(scipy.linalg.hadamard(4), np.eye(8)) / 2
+  np.testing.assert_allclose(st.dense_matrix(layer, variables, 16), want, rtol=1e-5, atol=1e-5)
+  assert _n_params(variables) == st.dense_params('blockdiag', 16, 32)
+
+
+def test_make_dense_rejects_unknown_kind():
+  for fn in (lambda: st.make_dense('bogus'), lambda: st.dense_params('bogus', 4, 4),
+             lambda: st.dense_flops('bogus', 4, 4)):
+    with pytest.raises(ValueError, match="'bogus'.*dense, fastfood, blockdiag"):
+      fn()
+
+
+def test_make_dense_dense_kind_annotates_axes_and_counts_match():
+  layer = st.make_dense('dense')(features=8, use_bias=True, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                 kernel_axes=('embed', 'heads'), name='q')
+  x = jnp.ones((2, 4))
+  boxed = layer.init(jax.random.key(0), x)
+  specs = nn.get_partition_spec(boxed)['params']
+  assert tuple(specs['kernel']) == ('embed', 'heads') and tuple(specs['bias']) == ('heads',)
+  assert layer.apply(boxed, x).dtype == jnp.bfloat16
+  assert _n_params(nn.unbox(boxed)) == st.dense_params('dense', 4, 8)
+  std = float(jnp.std(nn.unbox(boxed)['params']['kernel']))
+  assert 0.005 < std < 0.04
+  custom = st.make_dense('dense')(features=8, kernel_init=nn.initializers.ones)
+  assert np.all(nn.unbox(custom.init(jax.random.key(0), x))['params']['kernel'] == 1)
+
+
+def test_structured_params_carry_logical_axes():
+  ff = st.make_dense('fastfood')(features=32, kernel_axes=('embed', 'mlp'))
+  specs = nn.get_partition_spec(ff.init(jax.random.key(0), jnp.ones((1, 16))))['params']
+  assert tuple(specs['bias']) == ('mlp',) and tuple(specs['g']) == (None, None)
+  bd = st.make_dense('blockdiag')(features=32, kernel_axes=('mlp', 'embed'))
+  specs = nn.get_partition_spec(bd.init(jax.random.key(0), jnp.ones((1, 16))))['params']
+  assert tuple(specs['block']['kernel']) == (None, 'mlp', 'embed') and tuple(specs['block']['bias']) == ('embed',)
+
+
+def test_flops_accounting():
+  assert st.dense_flops('dense', 1024, 4096) == 2 * 1024 * 4096
+  assert st.dense_flops('fastfood', 1024, 4096) == 4 * (3 * 1024 + 2 * 1024 * 10)
+  assert st.dense_flops('blockdiag', 1024, 4096, num_blocks=4) == 2 * 1024 * 4096 // 4 + 4096 * 3
+
+
+@pytest.mark.parametrize('kind', st.KINDS)
+def test_jit_and_grad_work_through_every_layer(kind):
+  layer = st.make_dense(kind)(features=24, dtype=jnp.bfloat16)
+  variables, x = _init(layer, 16, batch=(2, 3))
+  loss = jax.jit(lambda p, x: jnp.sum(layer.apply({**variables, 'params': p}, x).astype(jnp.float32) ** 2))
+  grads = jax.jit(jax.grad(loss))(variables['params'], x)
+  assert layer.apply(variables, x).shape == (2, 3, 24)
+  leaves = jax.tree.leaves(grads)
+  assert leaves and all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in leaves)
+
+
+def test_block_diagonal_mlp_runs_with_grad():
+  mlp = st.BlockDiagonalMLP(hidden=64, features=16)
+  variables, x = _init(mlp, 16)
+  grads = jax.grad(lambda p: jnp.sum(mlp.apply({'params': p}, x) ** 2))(variables['params'])
+  assert mlp.apply(variables, x).shape == (3, 16) and set(grads) == {'fc', 'proj'}
+  assert _n_params(variables) == st.dense_params('blockdiag', 16, 64) + st.dense_params('blockdiag', 64, 16)
