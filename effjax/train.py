@@ -59,7 +59,7 @@ def make_train_step(setup: state_lib.Setup, config):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, None), donate_argnums=0)
@@ -188,17 +188,20 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
   return setup.init_fn(jax.random.key(config.seed)), None
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics.
+
+  `devices` restricts the mesh to a subset of jax.devices() (default: all of them).
+  """
   check_train_config(config)
   prepare_workdir(workdir)
   with workdir_lock(workdir):
-    return _train(config, workdir)
+    return _train(config, workdir, devices)
 
 
-def _train(config, workdir: str) -> dict:
+def _train(config, workdir: str, devices) -> dict:
   bundle, config = load_data(config, workdir)
-  setup = state_lib.make_setup(config)
+  setup = state_lib.make_setup(config, devices=devices)
   t = config.train
   nproc = jax.process_count()
   divisor = sharding.batch_divisor(setup.mesh, setup.rules)

@@ -1,4 +1,6 @@
 """Claims about effjax.models.structured: exact transforms, explicit matrices, param counts, init scale."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,12 @@ from effjax.models import structured as st
 
 def _init(module, d_in, seed=0, batch=(3,)):
   x = jax.random.normal(jax.random.key(seed + 1), (*batch, d_in))
-  return nn.unbox(module.init(jax.random.key(seed), x)), x
+  return nn.unbox(jax.jit(module.init)(jax.random.key(seed), x)), x
+
+
+@functools.lru_cache
+def _hadamard(n):
+  return scipy.linalg.hadamard(n, dtype=np.int8).astype(np.float32)
 
 
 def _n_params(variables):
@@ -23,11 +30,11 @@ def _n_params(variables):
 def test_fwht_matches_scipy(n, dtype):
   batch = 4 if n <= 1024 else 2
   x = jax.random.normal(jax.random.key(n), (batch, n)).astype(dtype)
-  want = np.asarray(x, np.float64) @ scipy.linalg.hadamard(n)
-  got = st.fwht(x)
+  want = np.asarray(x, np.float32) @ _hadamard(n)
+  got = jax.jit(st.fwht)(x)
   assert got.dtype == dtype and got.shape == x.shape
   err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
-  assert err < (1e-6 if dtype == jnp.float32 else 1e-2), err
+  assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
 
 
 def test_fwht_jit_batched_leading_axes():
@@ -59,7 +66,7 @@ def test_fastfood_equals_its_dense_matrix(d_in, d_out):
   variables['params']['bias'] = jax.random.normal(jax.random.key(5), (d_out,))
   w = st.fastfood_dense_matrix(layer, variables, d_in)
   assert w.shape == (d_in, d_out)
-  np.testing.assert_allclose(layer.apply(variables, x), x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
 
 
 def test_fastfood_matrix_matches_formula():
@@ -99,7 +106,7 @@ def test_fastfood_permutation_is_constant_and_differs_between_layers():
   assert sorted(np.asarray(perm_a[0]).tolist()) == list(range(64))
   assert not np.array_equal(perm_a, perm_b)
   # perm_seed: reproducible whatever the rng, still different per layer path.
-  seeded = [Two(perm_seed=3).init(jax.random.key(k), x)['constants'] for k in (0, 1)]
+  seeded = [jax.jit(Two(perm_seed=3).init)(jax.random.key(k), x)['constants'] for k in (0, 1)]
   assert np.array_equal(seeded[0]['a']['perm'], seeded[1]['a']['perm'])
   assert not np.array_equal(seeded[0]['a']['perm'], seeded[0]['b']['perm'])
 
@@ -108,7 +115,7 @@ def test_fastfood_permutation_is_constant_and_differs_between_layers():
 def test_fastfood_init_keeps_unit_activation_scale(d_in, d_out):
   layer = st.AdaptiveFastFood(d_out)
   variables, x = _init(layer, d_in, batch=(256,))
-  std = float(jnp.std(layer.apply(variables, x)))
+  std = float(jnp.std(jax.jit(layer.apply)(variables, x)))
   assert 0.5 <= std <= 2.0, std
 
 
@@ -118,7 +125,7 @@ def test_block_diagonal_dense_equals_block_diag_matrix():
   kernel = np.asarray(variables['params']['kernel'])
   assert kernel.shape == (4, 4, 6)
   want = x @ scipy.linalg.block_diag(*kernel) + variables['params']['bias']
-  np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), want, rtol=1e-5, atol=1e-5)
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 24, num_blocks=4)
 
 
@@ -134,7 +141,7 @@ def test_block_hadamard_equals_explicit_orthogonal_matrix(nb, d):
   variables, x = _init(layer, d)
   want_mat = np.kron(scipy.linalg.hadamard(nb), np.eye(d // nb)) / np.sqrt(nb)
   np.testing.assert_allclose(st.dense_matrix(layer, variables, d), want_mat, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(layer.apply(variables, x), x @ want_mat, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), x @ want_mat, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='num_blocks'):
     st.BlockHadamard(num_blocks=3).init(jax.random.key(0), jnp.ones((1, 12)))
 
@@ -172,10 +179,10 @@ def test_make_dense_dense_kind_annotates_axes_and_counts_match():
 
 def test_structured_params_carry_logical_axes():
   ff = st.make_dense('fastfood')(features=32, kernel_axes=('embed', 'mlp'))
-  specs = nn.get_partition_spec(ff.init(jax.random.key(0), jnp.ones((1, 16))))['params']
+  specs = nn.get_partition_spec(jax.eval_shape(ff.init, jax.random.key(0), jnp.ones((1, 16))))['params']
   assert tuple(specs['bias']) == ('mlp',) and tuple(specs['g']) == (None, None)
   bd = st.make_dense('blockdiag')(features=32, kernel_axes=('mlp', 'embed'))
-  specs = nn.get_partition_spec(bd.init(jax.random.key(0), jnp.ones((1, 16))))['params']
+  specs = nn.get_partition_spec(jax.eval_shape(bd.init, jax.random.key(0), jnp.ones((1, 16))))['params']
   assert tuple(specs['block']['kernel']) == (None, 'mlp', 'embed') and tuple(specs['block']['bias']) == ('embed',)
 
 
@@ -191,7 +198,7 @@ def test_jit_and_grad_work_through_every_layer(kind):
   variables, x = _init(layer, 16, batch=(2, 3))
   loss = jax.jit(lambda p, x: jnp.sum(layer.apply({**variables, 'params': p}, x).astype(jnp.float32) ** 2))
   grads = jax.jit(jax.grad(loss))(variables['params'], x)
-  assert layer.apply(variables, x).shape == (2, 3, 24)
+  assert jax.jit(layer.apply)(variables, x).shape == (2, 3, 24)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in leaves)
 
@@ -199,6 +206,6 @@ def test_jit_and_grad_work_through_every_layer(kind):
 def test_block_diagonal_mlp_runs_with_grad():
   mlp = st.BlockDiagonalMLP(hidden=64, features=16)
   variables, x = _init(mlp, 16)
-  grads = jax.grad(lambda p: jnp.sum(mlp.apply({'params': p}, x) ** 2))(variables['params'])
-  assert mlp.apply(variables, x).shape == (3, 16) and set(grads) == {'fc', 'proj'}
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(mlp.apply({'params': p}, x) ** 2)))(variables['params'])
+  assert jax.jit(mlp.apply)(variables, x).shape == (3, 16) and set(grads) == {'fc', 'proj'}
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 64) + st.dense_params('blockdiag', 64, 16)

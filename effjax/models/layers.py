@@ -100,8 +100,8 @@ class Attention(nn.Module):
   def _update_cache(self, k_BxTxNxK, v_BxTxNxK, positions_T):
     b, _, n, k = k_BxTxNxK.shape
     shape, dt = (b, self.cfg.max_len, n, k), k_BxTxNxK.dtype
-    cached_k = self.variable('cache', 'key', jnp.zeros, shape, dt)
-    cached_v = self.variable('cache', 'value', jnp.zeros, shape, dt)
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, shape, dt)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, shape, dt)
     start = positions_T[0]
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxNxK, (0, start, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxNxK, (0, start, 0, 0))

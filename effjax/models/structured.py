@@ -83,6 +83,23 @@ def fwht(x: jax.Array) -> jax.Array:
 fwht.defvjp(lambda x: (_fwht(x), None), lambda _, g: (_fwht(g),))
 
 
+@jax.custom_vjp
+def _permute(x_BxM: jax.Array, idx_M: jax.Array, inv_M: jax.Array) -> jax.Array:
+  """x[..., idx]; the VJP gathers with the inverse permutation instead of XLA's slow scatter-add."""
+  return jnp.take(x_BxM, idx_M, axis=-1, mode='clip', unique_indices=True)
+
+
+def _permute_fwd(x_BxM, idx_M, inv_M):
+  return _permute(x_BxM, idx_M, inv_M), inv_M
+
+
+def _permute_bwd(inv_M, g_BxM):
+  return jnp.take(g_BxM, inv_M, axis=-1, mode='clip', unique_indices=True), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
 def _next_pow2(d: int) -> int:
   return 1 << max(d - 1, 0).bit_length()
 
@@ -153,7 +170,7 @@ class AdaptiveFastFood(nn.Module):
     x_BxN = jnp.pad(x_BxI, [(0, 0)] * len(lead) + [(0, n - d_in)])
     h_BxKxN = fwht(x_BxN[..., None, :] * b_KxN)
     idx_KN = (perm_KxN + n * jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(k * n)
-    h_BxKN = jnp.take(h_BxKxN.reshape(*lead, k * n), idx_KN, axis=-1, mode='clip', unique_indices=True)
+    h_BxKN = _permute(h_BxKxN.reshape(*lead, k * n), idx_KN, jnp.argsort(idx_KN).astype(jnp.int32))
     h_BxKxN = fwht((h_BxKN * g_KxN.reshape(k * n)).reshape(*lead, k, n))
     y_BxO = (h_BxKxN * (s_KxN / math.sqrt(n * d_in))).reshape(*lead, k * n)[..., :self.features]
     if self.use_bias:
@@ -272,8 +289,9 @@ def make_dense(kind: str, *, num_blocks: int = 4) -> Callable[..., nn.Module]:
 
 def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Array:
   """The explicit [in, features] matrix a (linear) layer computes: f(I) - f(0), i.e. without the bias."""
-  eye_IxI = jnp.eye(in_features, dtype=jnp.float32)
-  return module.apply(variables, eye_IxI) - module.apply(variables, jnp.zeros_like(eye_IxI))
+  x_2IxI = jnp.concatenate([jnp.eye(in_features), jnp.zeros((in_features, in_features))])
+  y_2IxO = jax.jit(module.apply)(variables, x_2IxI)
+  return y_2IxO[:in_features] - y_2IxO[in_features:]
 
 
 fastfood_dense_matrix = dense_matrix

@@ -1,0 +1,143 @@
+"""The baseline GPT: shapes, causality, scan == unrolled, learning, and the KV cache."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import gpt as gpt_config
+from effjax import accounting, sample
+from effjax.models import build_model
+
+
+def model_config(**overrides):
+  m = gpt_config.get_config('tiny').model
+  m.vocab_size = 50
+  m.update(overrides)
+  return m
+
+
+def init(m, seed=0, length=16):
+  model = build_model(m)
+  return model, nn.unbox(model.init(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
+
+
+def unstack(params):
+  """Scanned layout (stack/layers/... with a leading L axis) -> unrolled layout (stack/layer_i/...)."""
+  stacked = params['stack']['layers']
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  out = dict(params)
+  out['stack'] = {f'layer_{i}': jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+  return out
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'rotary'])
+def test_forward_shapes_and_dtype(pos_emb):
+  model, variables = init(model_config(pos_emb=pos_emb))
+  logits = model.apply(variables, jnp.ones((3, 16), jnp.int32))
+  assert logits.shape == (3, 16, 50) and logits.dtype == jnp.float32
+
+
+def test_gpt2_small_param_count():
+  c = gpt_config.get_config('paper')
+  assert accounting.param_counts(c.model)['total_params'] == 124_439_808
+
+
+@pytest.mark.parametrize('pos_emb,norm_position', [('learned', 'pre'), ('rotary', 'pre'), ('learned', 'post')])
+def test_causality_via_gradients(pos_emb, norm_position):
+  """d logits[t] / d input[t'] is exactly zero for every t' > t and non-zero for t' <= t.
+
+  Every position gets a distinct token and the head is untied, so the gradient wrt a token's embedding row is
+  the gradient wrt that position's input.
+  """
+  model, variables = init(model_config(pos_emb=pos_emb, norm_position=norm_position, tie_embeddings=False))
+  tokens = jnp.arange(12, dtype=jnp.int32)[None] + 3
+  emb = variables['params']['embed']['embedding']
+  for t in (0, 5, 11):
+    def logits_at_t(table, t=t):
+      params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
+      return model.apply({'params': params}, tokens)[0, t].sum()
+
+    norms = np.asarray(jnp.abs(jax.grad(logits_at_t)(emb)[tokens[0]]).sum(-1))
+    assert np.all(norms[t + 1:] == 0.0), (t, norms)
+    assert np.all(norms[:t + 1] > 0.0), (t, norms)
+
+
+def test_scanned_equals_unrolled():
+  m = model_config(num_layers=3)
+  model, variables = init(m)
+  m_unrolled = ml_collections.ConfigDict(m.to_dict())
+  m_unrolled.scan_layers = False
+  unrolled = build_model(m_unrolled)
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 50)
+  a = model.apply(variables, tokens)
+  b = unrolled.apply({'params': unstack(variables['params'])}, tokens)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+  expected = jax.eval_shape(lambda: unrolled.init(jax.random.key(0), tokens))['params']
+  assert jax.tree.structure(nn.unbox(expected)) == jax.tree.structure(unstack(variables['params']))
+
+
+def test_tiny_model_overfits_one_batch():
+  model, variables = init(model_config(), length=16)
+  tokens = jax.random.randint(jax.random.key(3), (4, 17), 0, 50)
+  opt = optax.adam(3e-3)
+  params = variables['params']
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    def loss_fn(p):
+      logits = model.apply({'params': p}, tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  first = None
+  for _ in range(150):
+    params, state, loss = step(params, state)
+    first = float(loss) if first is None else first
+  assert first > 3.5 and float(loss) < 0.1, (first, float(loss))
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'rotary'])
+def test_kv_cache_matches_full_recompute(pos_emb):
+  m = model_config(pos_emb=pos_emb)
+  model, variables = init(m)
+  prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, 50)
+  kw = dict(max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0)
+  cached = sample.generate_cached(model, variables, prompt, jax.random.key(0), **kw)
+  uncached = sample.generate_uncached(model, variables, prompt, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+  # and the cached logits equal the full forward pass at every position
+  seq = jnp.concatenate([prompt, cached], axis=1)
+  full = model.apply(variables, seq)
+  cache = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), seq[:, :1], decode=True)['cache'])
+  step_logits = []
+  for i in range(seq.shape[1]):
+    logits, mutated = model.apply({**variables, 'cache': cache}, seq[:, i:i + 1], decode=True, mutable=['cache'])
+    cache = mutated['cache']
+    step_logits.append(logits[:, 0])
+  np.testing.assert_allclose(np.asarray(jnp.stack(step_logits, 1)), np.asarray(full), atol=2e-5, rtol=1e-4)
+
+
+def test_sampling_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  top2 = sample.filter_logits(logits, 1.0, 2, 1.0)
+  assert np.isfinite(np.asarray(top2)).tolist() == [[True, True, False, False]]
+  nucleus = sample.filter_logits(logits, 1.0, 0, 0.7)
+  assert np.isfinite(np.asarray(nucleus)).tolist() == [[True, True, False, False]]
+
+
+def test_bf16_compute_runs_and_stays_close():
+  m32 = model_config()
+  model32, variables = init(m32)
+  m16 = ml_collections.ConfigDict(m32.to_dict())
+  m16.dtype = 'bfloat16'
+  tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, 50)
+  a = model32.apply(variables, tokens)
+  b = build_model(m16).apply(variables, tokens)
+  assert b.dtype == jnp.float32
+  assert float(jnp.abs(jax.nn.softmax(a) - jax.nn.softmax(b)).max()) < 0.05

@@ -1,0 +1,104 @@
+"""The training loop: exact resume, equality across meshes, the files a run writes, and the CLI modes."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from effjax import metrics, train
+from effjax.errors import EffjaxError
+from tests.helpers import one_device, run_cli, tiny_config
+
+
+def train_losses(workdir):
+  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
+
+
+def test_resume_is_bit_identical(tmp_path, corpus_dir):
+  """N straight steps == k steps, stop, resume to N: identical losses (dropout and grad accumulation on)."""
+  overrides = {'train.steps': 16, 'train.log_every': 1, 'checkpoint.every': 4, 'model.dropout': 0.1,
+               'train.grad_accum': 2, 'mesh.fsdp': 2}
+  train.train_and_evaluate(tiny_config(corpus_dir, **overrides), str(tmp_path / 'straight'))
+  interrupted = tiny_config(corpus_dir, **overrides, **{'train.stop_at': 6})
+  train.train_and_evaluate(interrupted, str(tmp_path / 'resumed'))
+  assert max(train_losses(tmp_path / 'resumed')) == 6
+  train.train_and_evaluate(tiny_config(corpus_dir, **overrides), str(tmp_path / 'resumed'))
+  straight, resumed = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'resumed')
+  assert sorted(straight) == list(range(1, 17))
+  assert [straight[s] for s in range(1, 17)] == [resumed[s] for s in range(1, 17)]
+
+
+def test_one_device_equals_eight_device_mesh(tmp_path, corpus_dir):
+  """The same run on a 1x1x1 mesh and on data=2 x fsdp=4 gives the same losses (tol 1e-5)."""
+  overrides = {'train.steps': 8, 'train.log_every': 1}
+  train.train_and_evaluate(tiny_config(corpus_dir, **overrides, **{'mesh.data': 1}), str(tmp_path / 'one'),
+                           devices=one_device())
+  train.train_and_evaluate(tiny_config(corpus_dir, **overrides, **{'mesh.data': 2, 'mesh.fsdp': 4}),
+                           str(tmp_path / 'eight'))
+  one, eight = train_losses(tmp_path / 'one'), train_losses(tmp_path / 'eight')
+  np.testing.assert_allclose([one[s] for s in range(1, 9)], [eight[s] for s in range(1, 9)], atol=1e-5)
+
+
+def test_run_writes_documented_files(tmp_path, corpus_dir):
+  workdir = tmp_path / 'run'
+  result = train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 10, 'train.eval_every': 5,
+                                                               'train.log_every': 5}), str(workdir))
+  assert {'loss', 'ppl', 'bpb'} <= set(result)
+  for name in ('config.json', 'metrics.jsonl', 'summary.json', 'tb', 'checkpoints', 'data/tokenizer.json'):
+    assert (workdir / name).exists(), name
+  lines = metrics.read_metrics(workdir)
+  train_lines = [m for m in lines if m['split'] == 'train']
+  eval_lines = [m for m in lines if m['split'] == 'eval']
+  assert [m['step'] for m in train_lines] == [5, 10] and [m['step'] for m in eval_lines] == [5, 10]
+  assert all({'loss', 'lr', 'tokens_per_sec', 'tokens_seen'} <= set(m) for m in train_lines)
+  assert all({'loss', 'ppl'} <= set(m) for m in eval_lines)
+  assert train_lines[-1]['tokens_seen'] == 10 * 8 * 32
+  assert np.isclose(eval_lines[-1]['ppl'], np.exp(eval_lines[-1]['loss']))
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir / 'tb'))
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['total_params'] == summary['trainable_params'] > 0
+  assert json.loads((workdir / 'config.json').read_text())['model']['vocab_size'] > 0
+
+
+def test_loss_decreases_on_corpus(tmp_path, corpus_dir):
+  train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 40, 'train.log_every': 10}),
+                           str(tmp_path / 'run'))
+  losses = train_losses(tmp_path / 'run')
+  assert losses[40] < losses[10] - 0.5, losses
+
+
+def test_nan_loss_stops_with_step(tmp_path, corpus_dir):
+  cfg = tiny_config(corpus_dir, **{'train.steps': 20, 'train.lr': 1e6, 'train.grad_clip': 0.0,
+                                   'train.warmup_steps': 0, 'train.log_every': 1, 'checkpoint.every': 1})
+  with pytest.raises(EffjaxError, match=r'loss became (nan|inf) at step \d+'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+
+
+def test_cli_modes_on_tiny(tmp_path, corpus_dir):
+  """train (with a CLI override), summary, eval, sample and export, each through the real entry point."""
+  workdir = str(tmp_path / 'run')
+  common = ['--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}']
+  result = run_cli(*common, '--config.train.steps=12', '--config.model.num_layers=3', '--progress=false')
+  assert result.returncode == 0, result.stderr[-2000:]
+  config = json.load(open(os.path.join(workdir, 'config.json')))
+  assert config['train']['steps'] == 12 and config['model']['num_layers'] == 3
+  assert max(train_losses(workdir)) == 12
+  result = run_cli(*common, '--mode=summary', '--config.model.num_layers=3')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'trainable_params' in result.stdout
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))
+  assert summary['total_params'] == summary['trainable_params']
+  result = run_cli(*common, '--mode=eval', '--config.model.num_layers=3')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert {'loss', 'ppl', 'bpb'} <= set(json.load(open(os.path.join(workdir, 'eval.json'))))
+  result = run_cli(*common, '--mode=sample', '--config.model.num_layers=3', '--prompt=def ',
+                   '--max_new_tokens=20', '--temperature=0')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('def ') and len(result.stdout.rstrip('\n')) >= 5
+  export_dir = str(tmp_path / 'export')
+  result = run_cli(*common, '--mode=export', '--config.model.num_layers=3', f'--export_dir={export_dir}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = run_cli(f'--from_export={export_dir}', '--mode=sample', '--prompt=def ', '--max_new_tokens=20',
+                   '--temperature=0')
+  assert result.returncode == 0, result.stderr[-2000:]
