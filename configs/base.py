@@ -5,17 +5,46 @@ samples recognisable Python) and `paper` (the seed paper's own configuration; us
 """
 import ml_collections
 
-# Logical axis name -> mesh axes. Changing the parallelism strategy touches only this table.
-DEFAULT_RULES = (
+# Logical axis name -> mesh axes, in priority order. Changing the parallelism strategy touches only this table.
+# flax gives each dimension the first rule of its name whose mesh axes are still free in that array, so a name
+# may have fallbacks: the (mlp,) bias alone takes ('tensor', 'fsdp'), the (embed, mlp) kernel, whose embed dim
+# took fsdp first, falls back to 'tensor'. Mesh axes of size 1, or that do not divide a dimension, are dropped
+# (effjax.sharding._fit), so one table serves every mesh: the mesh sizes choose the strategy.
+#   FSDP_TP_RULES (default)  data x fsdp x tensor: batch over data*fsdp; every parameter sharded over fsdp
+#                            (ZeRO-3: params, grads and Adam moments), heads/mlp/vocab dims over tensor (Megatron).
+#                            mesh data=-1 alone is pure data parallel, fsdp=-1 pure FSDP.
+#   FSDP_RULES               no tensor parallelism: every parameter sharded over fsdp, batch over all axes.
+#   DP_RULES                 pure data parallel on any mesh: params replicated, batch over all axes.
+# Pick one in a config with `c.mesh.rules = base.RULE_SETS['dp']`, or on the command line with
+# --config.mesh.rules="(('batch', ('data', 'fsdp', 'tensor')),)" (a name without a rule is replicated).
+FSDP_TP_RULES = (
     ('batch', ('data', 'fsdp')),
-    ('vocab', 'tensor'),
     ('embed', 'fsdp'),
+    ('factor', 'fsdp'),               # the E axis of a factorized V x E table
+    ('mlp', ('tensor', 'fsdp')),
     ('mlp', 'tensor'),
+    ('heads', ('tensor', 'fsdp')),
     ('heads', 'tensor'),
+    ('vocab', ('tensor', 'fsdp')),
+    ('vocab', 'tensor'),
     ('branch', None),
     ('layers', None),
-    ('factor', None),
 )
+FSDP_RULES = (
+    ('batch', ('data', 'fsdp', 'tensor')),
+    ('embed', 'fsdp'),
+    ('factor', 'fsdp'),
+    ('mlp', 'fsdp'),
+    ('heads', 'fsdp'),
+    ('vocab', 'fsdp'),
+    ('branch', None),
+    ('layers', None),
+)
+DP_RULES = (
+    ('batch', ('data', 'fsdp', 'tensor')),
+)
+RULE_SETS = {'fsdp_tp': FSDP_TP_RULES, 'fsdp': FSDP_RULES, 'dp': DP_RULES}
+DEFAULT_RULES = FSDP_TP_RULES
 
 
 def get_base() -> ml_collections.ConfigDict:

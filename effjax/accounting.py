@@ -6,7 +6,8 @@ embedding's projection, and an untied output head; N is the trainable non-embedd
 C = (6·N_trainable + 4·N_frozen)·B·S (a frozen weight needs no weight gradient: 2/3 of the cost), and the second
 accounting treats frozen params as free: C = 6·N_trainable·B·S. `flops_per_token` is the real forward cost of
 the network as built (attention over the full context, structured layers at their true O(n log n) cost, a shared
-block counted once per application).
+block counted once per application). `train_flops_per_token` = 3·forward − 2·N_frozen, the same 2/3 rule applied
+to the real forward cost (each frozen weight is used once per token, as in a doped model's frozen MLPs).
 """
 from __future__ import annotations
 
@@ -65,19 +66,20 @@ def flops_per_token(model_config, seq_len: int) -> int:
   return int(type(model).forward_flops_per_token(model.cfg, seq_len))
 
 
-def step_compute(config, model=None, tokens_per_step: int | None = None) -> dict:  # pylint: disable=unused-argument
-  """Training compute of one step under both accountings."""
+def step_compute(config) -> dict:
+  """Training compute of one step (B·S tokens) under both accountings."""
   counts = param_counts(config.model)
-  tokens = tokens_per_step or config.train.batch_size * config.data.seq_len
+  tokens = config.train.batch_size * config.data.seq_len
   n_train = counts['non_embedding_trainable_params']
   return {'compute': (6 * n_train + 4 * counts['frozen_params']) * tokens,
           'compute_frozen_free': 6 * n_train * tokens}
 
 
-def summarize(config, setup=None) -> dict:  # pylint: disable=unused-argument
+def summarize(config) -> dict:
   """Everything `--mode=summary` reports; families may add their own keys (`summary_extras`)."""
   m = config.model
   counts = param_counts(m)
+  compute = step_compute(config)
   fwd = flops_per_token(m, config.data.seq_len)
   summary = {
       'family': m.family,
@@ -85,11 +87,12 @@ def summarize(config, setup=None) -> dict:  # pylint: disable=unused-argument
       'param_mb': round(counts['total_params'] * 4 / 2**20, 2),
       'emulated_params': emulated_params(m),
       'flops_per_token': fwd,
-      'train_flops_per_token': 3 * fwd,
+      # forward + backward; a frozen weight needs no weight gradient: 4 FLOPs per token instead of 6
+      'train_flops_per_token': 3 * fwd - 2 * counts['frozen_params'],
       'seq_len': config.data.seq_len,
-      **{f'step_{k}': v for k, v in step_compute(config).items()},
-      'compute_total': step_compute(config)['compute'] * config.train.steps,
-      'compute_frozen_free_total': step_compute(config)['compute_frozen_free'] * config.train.steps,
+      **{f'step_{k}': v for k, v in compute.items()},
+      'compute_total': compute['compute'] * config.train.steps,
+      'compute_frozen_free_total': compute['compute_frozen_free'] * config.train.steps,
   }
   model = build_model(m)
   extras = getattr(type(model), 'summary_extras', None)

@@ -12,6 +12,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from effjax.errors import EffjaxError
 
@@ -24,10 +25,13 @@ def architecture(model_config) -> dict:
 
 
 class Checkpointer:
-  def __init__(self, directory: str, keep: int):
+  """`read_only=True` for eval, sample and export: nothing is created, cleaned up or saved in the workdir."""
+
+  def __init__(self, directory: str, keep: int, read_only: bool = False):
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
     self._mgr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                                             read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -39,21 +43,62 @@ class Checkpointer:
     args = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._mgr.save(step, args=ocp.args.Composite(**args))
+    if not self._mgr.save(step, args=ocp.args.Composite(**args)):
+      logging.warning('checkpoint step %d was not saved (orbax declined: a step >= %d already exists in %s)',
+                      step, step, self.directory)
 
   def restore_meta(self, step: int) -> dict:
     return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    args = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    # The state first, on its own: restoring it together with the data iterator makes a corrupt state file
+    # spray asyncio "Event loop is closed" tracebacks (tensorstore callbacks into the aborted composite restore).
+    restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                               meta=ocp.args.JsonRestore()))
     if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._mgr.restore(step, args=ocp.args.Composite(**args))
+      self._mgr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored['state'], restored['meta']
+
+  def quarantine(self, step: int) -> str:
+    """Moves an unrestorable step aside (to DIR.corrupt/STEP), so it is neither retried on every start nor
+    blocks saving that step again (orbax silently skips saving a step <= its newest one). Returns the new path."""
+    self._mgr.wait_until_finished()
+    target_root = f'{self.directory}.corrupt'
+    os.makedirs(target_root, exist_ok=True)
+    target = os.path.join(target_root, str(step))
+    n = 1
+    while os.path.exists(target):
+      target, n = os.path.join(target_root, f'{step}.{n}'), n + 1
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self._mgr.reload()
+    return target
 
   def close(self) -> None:
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+_QUIET_HOOK_INSTALLED = False
+
+
+def quiet_aborted_restore_callbacks() -> None:
+  """After a failed restore, tensorstore completes the remaining reads and calls back into the asyncio loop that
+  orbax already closed: each callback reports "RuntimeError: Event loop is closed" through sys.unraisablehook
+  (a screen of tracebacks that hides the real one-line warning). Drops exactly those reports, for this process."""
+  global _QUIET_HOOK_INSTALLED  # pylint: disable=global-statement
+  if _QUIET_HOOK_INSTALLED:
+    return
+  import sys  # pylint: disable=import-outside-toplevel
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  _QUIET_HOOK_INSTALLED = True
 
 
 def check_compatible(meta: dict, model_config, where: str) -> None:
@@ -83,54 +128,175 @@ def is_primary() -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Inference exports: params (+ frozen/constant collections) only, with the config, tokenizer and metadata.
+#
+#   E/variables/      Orbax StandardCheckpointer tree {'params': ..., 'frozen'?: ..., 'constants'?: ...}
+#   E/config.json     the resolved config (model.param_dtype = the export dtype, model.scan_layers = the layout)
+#   E/tokenizer.json  the run's tokenizer
+#   E/metadata.json   format, family, effjax version, step, tokens seen, parameter counts, layout, dtype
 
 EXPORT_FILES = ('config.json', 'metadata.json', 'tokenizer.json')
+EXPORT_FORMAT = 'effjax-export-v1'
+EXPORT_DTYPES = ('float32', 'bfloat16')
+LAYOUTS = ('as_trained', 'scanned', 'unscanned')
+
+
+def relayout(variables: dict, model_config, layout: str):
+  """(variables, model_config) with the layer stack scanned (stacked on a leading axis) or unscanned
+  (`stack/layer_i`); the weights are the same. Refuses stacks it cannot map (checked against the model)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  from effjax.models import layers  # pylint: disable=import-outside-toplevel
+  if layout not in LAYOUTS:
+    raise EffjaxError(f'export layout {layout!r} is unknown; valid: {", ".join(LAYOUTS)}')
+  scan = {'scanned': True, 'unscanned': False}.get(layout, bool(model_config.scan_layers))
+  if scan == bool(model_config.scan_layers):
+    return variables, model_config
+  fn = layers.stack_layers if scan else layers.unstack_layers
+  out = {c: fn(tree) if isinstance(tree, dict) and 'stack' in tree else tree for c, tree in variables.items()}
+  new_config = ml_collections.ConfigDict(model_config.to_dict())
+  new_config.scan_layers = scan
+  want = accounting.abstract_variables(new_config)
+  want.pop('cache', None)
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+  if shapes(out) != shapes(want):
+    raise EffjaxError(f'cannot convert this {model_config.family} model to the {layout} layout; export it '
+                      'with --export_layout=as_trained')
+  return out, new_config
+
+
+def check_new_dir(path: str, what: str) -> str:
+  path = os.path.abspath(path)
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise EffjaxError(f'{what} {path!r} already exists and is not empty; choose a new directory (nothing is '
+                      'overwritten)')
+  return path
+
+
+def _publish(tmp: str, final: str) -> None:
+  """Atomically puts a fully written directory in place: a crash never leaves a half export under `final`."""
+  if os.path.isdir(final):
+    os.rmdir(final)  # empty (checked by check_new_dir)
+  os.rename(tmp, final)
 
 
 def export(export_dir: str, variables: dict, config, tokenizer_path: str, metadata: dict,
-           dtype: str = 'float32') -> None:
+           dtype: str = 'float32', layout: str = 'as_trained') -> str:
+  """Writes an inference export; returns its absolute path. Written to a temporary sibling and renamed into place."""
   import shutil  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  export_dir = os.path.abspath(export_dir)
-  if os.path.exists(os.path.join(export_dir, 'metadata.json')):
-    raise EffjaxError(f'export_dir {export_dir!r} already holds an export; choose a new directory')
+  export_dir = check_new_dir(export_dir, 'export_dir')
+  if dtype not in EXPORT_DTYPES:
+    raise EffjaxError(f'export dtype {dtype!r} is invalid; valid: {", ".join(EXPORT_DTYPES)}')
+  if not os.path.isfile(tokenizer_path):
+    raise EffjaxError(f'tokenizer {tokenizer_path!r} does not exist; the export needs the run\'s tokenizer')
+  variables, model_config = relayout(variables, config.model, layout)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = model_config
+  tmp = f'{export_dir}.tmp-{os.getpid()}'
   try:
-    os.makedirs(export_dir, exist_ok=True)
+    os.makedirs(tmp)
   except OSError as e:
     raise EffjaxError(f'export_dir {export_dir!r} is not writable ({e.strerror})') from None
-  cast = jnp.dtype(dtype)
-  variables = jax.tree.map(lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(export_dir, 'variables'), variables)
-  config_dict = config.to_dict()
-  config_dict['model']['param_dtype'] = dtype
-  write_json_atomic(os.path.join(export_dir, 'config.json'), config_dict)
-  shutil.copyfile(tokenizer_path, os.path.join(export_dir, 'tokenizer.json'))
-  write_json_atomic(os.path.join(export_dir, 'metadata.json'),
-                    {**metadata, 'scanned_layers': bool(config.model.scan_layers), 'dtype': dtype})
+  try:
+    cast = jnp.dtype(dtype)
+    variables = jax.tree.map(lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                             jax.device_get(variables))
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, 'variables'), variables)
+    config_dict = config.to_dict()
+    config_dict['model']['param_dtype'] = dtype
+    write_json_atomic(os.path.join(tmp, 'config.json'), config_dict)
+    shutil.copyfile(tokenizer_path, os.path.join(tmp, 'tokenizer.json'))
+    write_json_atomic(os.path.join(tmp, 'metadata.json'), {
+        'format': EXPORT_FORMAT, **metadata, 'family': config.model.family,
+        'scanned_layers': bool(config.model.scan_layers),
+        'layout': 'scanned' if config.model.scan_layers else 'unscanned',
+        'share_layers': config.model.get('share_layers', 'none'), 'dtype': dtype})
+    _publish(tmp, export_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return export_dir
 
 
-def load_export(export_dir: str):
-  """(model, variables, config) from an export directory; clear errors for missing or corrupt exports."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
-  from effjax import accounting  # pylint: disable=import-outside-toplevel
+def _short(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else type(e).__name__
+  return text if len(text) <= 200 else text[:197] + '...'
+
+
+def read_export_metadata(export_dir: str) -> dict:
+  """metadata.json of an export (after checking the directory is one)."""
+  if not os.path.exists(export_dir):
+    raise EffjaxError(f'export {export_dir!r} does not exist; create one with --mode=export --export_dir=DIR')
+  if not os.path.isdir(export_dir):
+    raise EffjaxError(f'export {export_dir!r} is not a directory; pass the directory written by --mode=export')
   missing = [f for f in (*EXPORT_FILES, 'variables') if not os.path.exists(os.path.join(export_dir, f))]
   if missing:
     raise EffjaxError(f'{export_dir!r} is not an effjax export (missing {", ".join(missing)}); create one with '
                       '--mode=export --export_dir=DIR')
   try:
-    with open(os.path.join(export_dir, 'config.json'), encoding='utf-8') as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(export_dir, 'metadata.json'), encoding='utf-8') as f:
+      metadata = json.load(f)
+    if not isinstance(metadata, dict):
+      raise ValueError('not a JSON object')
   except (OSError, ValueError) as e:
-    raise EffjaxError(f'export config {export_dir}/config.json is unreadable ({e})') from None
-  model = build_model(config.model)
-  abstract = accounting.abstract_variables(config.model)
+    raise EffjaxError(f'export metadata {export_dir}/metadata.json is unreadable ({_short(e)})') from None
+  return metadata
+
+
+def _export_config(export_dir: str):
+  """The export's config over today's defaults (so an export from an older effjax gains new keys)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  try:
+    with open(os.path.join(export_dir, 'config.json'), encoding='utf-8') as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
+      raise ValueError('no "model" section')
+  except (OSError, ValueError) as e:
+    raise EffjaxError(f'export config {export_dir}/config.json is unreadable ({_short(e)})') from None
+  try:
+    from configs import base  # pylint: disable=import-outside-toplevel
+    config = base.get_base()
+  except ImportError:  # effjax installed without the repository's configs/
+    return ml_collections.ConfigDict(saved)
+  try:
+    with config.unlocked():
+      for section, values in saved.items():
+        if isinstance(values, dict) and isinstance(config.get(section), ml_collections.ConfigDict):
+          for key, value in values.items():
+            if isinstance(config[section].get(key), tuple) and isinstance(value, list):
+              value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            config[section][key] = value
+        else:
+          config[section] = values
+  except (TypeError, ValueError, KeyError):  # a value of another type than today's default: keep it as saved
+    return ml_collections.ConfigDict(saved)
+  return config
+
+
+def load_export(export_dir: str):
+  """(model, variables, config) from an export directory; clear errors for missing or corrupt exports."""
+  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  read_export_metadata(export_dir)
+  config = _export_config(export_dir)
+  try:
+    model = build_model(config.model)
+    abstract = accounting.abstract_variables(config.model)
+  except EffjaxError as e:
+    raise EffjaxError(f'export config {export_dir}/config.json is invalid: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise EffjaxError(f'export config {export_dir}/config.json is invalid ({type(e).__name__}: {_short(e)})') from None
   abstract.pop('cache', None)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       variables = ckptr.restore(os.path.join(os.path.abspath(export_dir), 'variables'), abstract)
   except Exception as e:  # pylint: disable=broad-except
+    quiet_aborted_restore_callbacks()
     raise EffjaxError(f'export variables in {export_dir!r} are unreadable or do not match its config '
-                      f'({type(e).__name__})') from None
+                      f'({type(e).__name__}: {_short(e)})') from None
   return model, variables, config

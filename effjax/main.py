@@ -1,6 +1,7 @@
 """effjax command line: `python -m effjax.main --config=configs/<variant>.py[:<preset>] --workdir=DIR [--mode=MODE]`.
 
-Modes: train (default; resumes from DIR/checkpoints), eval, sample, summary, export. Every user mistake ends
+Modes: train (default; resumes from DIR/checkpoints), eval, sample, summary, export, memory (per-device
+bytes of a planned run: --accelerator=v4-8 / --devices=N; no devices needed). Every user mistake ends
 with one line on stderr and exit code 2; nothing already in the workdir is touched by a failed run.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 
 from effjax.errors import EffjaxError
 
-MODES = ('train', 'eval', 'sample', 'summary', 'export')
+MODES = ('train', 'eval', 'sample', 'summary', 'export', 'memory')
 
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/gpt.py:tiny', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, tokenizer, summary).')
@@ -28,12 +29,22 @@ flags.DEFINE_integer('num_samples', 1, 'sample: number of continuations.')
 flags.DEFINE_string('export_dir', None, 'export: where to write the inference export.')
 flags.DEFINE_string('from_export', None, 'sample/eval: load the model from an export instead of a workdir.')
 flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'bfloat16'], 'export: parameter dtype.')
-flags.DEFINE_list('tasks', [], 'eval: task files (JSONL) or names to score besides validation loss.')
+flags.DEFINE_enum('export_layout', 'as_trained', ['as_trained', 'scanned', 'unscanned'],
+                  'export: layer layout of the exported params (stacked on a leading axis, or layer_i).')
+flags.DEFINE_list('tasks', [], 'eval: tasks to score besides validation loss: KIND:PATH.jsonl with KIND in text, '
+                  'cloze, choice, qa, humaneval (see effjax/evaluate.py), or humaneval (the packaged problems).')
 flags.DEFINE_integer('num_shots', 0, 'eval: few-shot examples per task prompt.')
+flags.DEFINE_integer('max_examples', 0, 'eval: score at most this many examples (problems) per task; 0 = all.')
+flags.DEFINE_list('pass_k', ['1'], 'eval (humaneval): the k of pass@k; needs --num_samples >= k.')
+flags.DEFINE_float('exec_timeout', 5.0, 'eval (humaneval): seconds each candidate program may run.')
 flags.DEFINE_string('coordinator_address', None, 'multi-process: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'multi-process: number of processes.')
 flags.DEFINE_integer('process_id', None, 'multi-process: this process\'s index.')
 flags.DEFINE_bool('progress', True, 'train: show a progress bar.')
+flags.DEFINE_string('accelerator', None, 'memory: plan for this accelerator (v4-8, v5litepod-16, v6e-8, h100, '
+                    '8xh100, ...): its device count and HBM per device.')
+flags.DEFINE_integer('devices', None, 'memory: plan for this many devices (default: the accelerator\'s, else '
+                     'the devices this process sees).')
 FLAGS = flags.FLAGS
 
 
@@ -45,8 +56,11 @@ def fail(message: str) -> None:
 def parse_flags(argv):
   """Flag parsing that turns config-override mistakes (unknown key, wrong type) into one line."""
   try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, EffjaxError) as e:
+    remaining = FLAGS(argv)
+    if FLAGS['config'].value is not None:
+      FLAGS.config.to_dict()  # a config file that failed to load reports it only on first use: report it now
+    return remaining
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, EffjaxError) as e:
     fail(_one_line(e))
   except SystemExit:
     raise
@@ -88,14 +102,36 @@ def run(argv) -> None:
   config = FLAGS.config
   if config is None and not (FLAGS.from_export and FLAGS.mode in ('sample', 'eval')):
     raise EffjaxError('--config is required, e.g. --config=configs/gpt.py:tiny')
-  if FLAGS.workdir is None and FLAGS.mode != 'summary' and not FLAGS.from_export:
+  if FLAGS.from_export is not None and FLAGS.mode not in ('sample', 'eval'):
+    raise EffjaxError(f'--from_export is for --mode=sample and --mode=eval, not --mode={FLAGS.mode}')
+  if FLAGS.workdir is None and FLAGS.mode not in ('summary', 'memory') and not FLAGS.from_export:
     raise EffjaxError(f'--workdir is required for --mode={FLAGS.mode}')
+  if FLAGS.mode == 'sample' and FLAGS['prompt'].present and not FLAGS.prompt:
+    raise EffjaxError('--prompt is empty; give the text to continue (or leave out --prompt to start from a '
+                      'newline)')
   init_distributed()
   modes.dispatch(FLAGS.mode, config, FLAGS)
 
 
+class _QuietLibraries:
+  """Keeps effjax's INFO lines but drops the orbax/grain INFO chatter (dozens of lines per checkpoint) and
+  orbax's notes about read-only managers (eval/sample/export open the checkpoints read-only on purpose)."""
+  NOISY = ('/orbax/', '/grain/')
+  READ_ONLY_NOTES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+  def filter(self, record) -> bool:
+    if any(part in record.pathname for part in self.NOISY):
+      if record.levelno < logging.converter.STANDARD_WARNING:
+        return False
+      return not str(record.msg).startswith(self.READ_ONLY_NOTES)
+    return True
+
+
 def main(argv) -> None:
   logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
   try:
     run(argv)
   except EffjaxError as e:

@@ -14,11 +14,11 @@ from effjax.errors import EffjaxError
 
 def dispatch(mode: str, config, flags) -> None:
   {'train': run_train, 'eval': run_eval, 'sample': run_sample, 'summary': run_summary,
-   'export': run_export}[mode](config, flags)
+   'export': run_export, 'memory': run_memory}[mode](config, flags)
 
 
 def run_train(config, flags) -> None:
-  result = train.train_and_evaluate(config, flags.workdir)
+  result = train.train_and_evaluate(config, flags.workdir, progress=flags.progress)
   if jax.process_index() == 0 and result:
     print(json.dumps({k: round(v, 4) for k, v in result.items()}))
 
@@ -32,6 +32,26 @@ def run_summary(config, flags) -> None:
   if flags.workdir:
     train.prepare_workdir(flags.workdir)
     checkpoint.write_json_atomic(os.path.join(flags.workdir, 'summary.json'), summary)
+
+
+def run_memory(config, flags) -> None:
+  """Per-device bytes of params, grads, optimizer state and activations on --accelerator / --devices, from the
+  abstract model (effjax/memory.py documents the formula); writes DIR/memory.json when --workdir is given."""
+  from effjax import memory  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = _vocab_without_corpus(config, flags.workdir)
+  devices, hbm, kind = (memory.parse_accelerator(flags.accelerator) if flags.accelerator
+                        else (jax.device_count(), None, ''))
+  if flags.devices is not None:
+    if flags.devices < 1:
+      raise EffjaxError(f'--devices={flags.devices} is invalid; it must be a positive integer')
+    devices = flags.devices
+  result = memory.plan(config, devices, hbm, kind)
+  print(memory.format_plan(result, flags.accelerator or ''))
+  if flags.workdir:
+    train.prepare_workdir(flags.workdir)
+    checkpoint.write_json_atomic(os.path.join(flags.workdir, 'memory.json'), result)
 
 
 def _vocab_without_corpus(config, workdir) -> int:
@@ -49,17 +69,23 @@ def _vocab_without_corpus(config, workdir) -> int:
 
 def restore_trained(config, workdir: str):
   """(setup, state, config, tokenizer) of the newest checkpoint in `workdir`."""
+  if not os.path.isdir(workdir):
+    raise EffjaxError(f'workdir {workdir!r} does not exist; train first with --mode=train')
   tokenizer_dir = os.path.join(workdir, 'data')
   if not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer.json')):
     raise EffjaxError(f'no trained run in {workdir!r} (no data/tokenizer.json); train first with --mode=train')
   tokenizer = tokenizers.load_tokenizer(tokenizer_dir)
   config = train.resolve_vocab(config, tokenizer)
+  train.check_backend(config.model)
   setup = state_lib.make_setup(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep)
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise EffjaxError(f'no checkpoint in {workdir}/checkpoints; train first with --mode=train')
+  # Read-only: eval/sample/export never create, clean up or move anything in the workdir.
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep, read_only=True)
   try:
     if ckpt.latest_step() is None:
       raise EffjaxError(f'no checkpoint in {workdir}/checkpoints; train first with --mode=train')
-    state, meta = train.restore_or_init(setup, config, ckpt, None, workdir)
+    state, meta = train.restore_or_init(setup, config, ckpt, None, workdir, quarantine=False)
     if meta is None:
       raise EffjaxError(f'no readable checkpoint in {workdir}/checkpoints')
   finally:
@@ -87,9 +113,47 @@ def run_sample(config, flags) -> None:
     print(flags.prompt + text)
 
 
+def eval_options(flags) -> dict:
+  """run_tasks keyword arguments from the eval flags (checked: one line per mistake)."""
+  from effjax import evaluate  # pylint: disable=import-outside-toplevel
+  try:
+    pass_k = tuple(int(k) for k in getattr(flags, 'pass_k', ['1']))
+  except ValueError:
+    raise EffjaxError(f'--pass_k={",".join(flags.pass_k)} is invalid; give positive integers, e.g. 1,10') from None
+  opts = dict(num_shots=flags.num_shots, max_examples=getattr(flags, 'max_examples', 0),
+              num_samples=flags.num_samples, pass_k=pass_k, temperature=flags.temperature, top_k=flags.top_k,
+              top_p=flags.top_p, max_new_tokens=flags.max_new_tokens,
+              exec_timeout=getattr(flags, 'exec_timeout', 5.0), seed=flags.seed)
+  evaluate.check_options(opts['num_shots'], opts['max_examples'], opts['num_samples'], pass_k,
+                         opts['exec_timeout'], opts['max_new_tokens'])
+  if opts['temperature'] < 0 or opts['top_k'] < 0 or not 0 < opts['top_p'] <= 1:
+    raise EffjaxError(f'--temperature={opts["temperature"]}, --top_k={opts["top_k"]}, --top_p={opts["top_p"]} '
+                      'are invalid; need temperature >= 0, top_k >= 0, 0 < top_p <= 1')
+  return opts
+
+
 def run_eval(config, flags) -> None:
+  """Validation loss / perplexity / bits per byte of a workdir's newest checkpoint (-> DIR/eval.json) and the
+  --tasks scores (effjax/evaluate.py). With --from_export only the tasks are scored (the validation split lives
+  in a training workdir); eval.json is then written only if --workdir is given too."""
+  from effjax import evaluate  # pylint: disable=import-outside-toplevel
+  tasks, opts = None, None
+  if flags.tasks:  # read and check every task file before any model work
+    opts = eval_options(flags)
+    tasks = evaluate.load_tasks(flags.tasks)
   if flags.from_export:
-    raise EffjaxError('--mode=eval reads the validation data of a workdir; pass --workdir (not --from_export)')
+    if not tasks:
+      raise EffjaxError('--mode=eval --from_export scores --tasks only (validation loss needs the training '
+                        'workdir); pass --tasks=KIND:PATH or use --workdir without --from_export')
+    model, variables, _, tokenizer = _model_and_variables(config, flags)
+    metadata = checkpoint.read_export_metadata(flags.from_export)
+    result = {'export': os.path.abspath(flags.from_export), 'step': metadata.get('step'),
+              'tasks': evaluate.run_tasks(model, variables, tokenizer, flags.tasks, tasks=tasks, **opts)}
+    if flags.workdir and jax.process_index() == 0:
+      train.prepare_workdir(flags.workdir)
+      checkpoint.write_json_atomic(os.path.join(flags.workdir, 'eval.json'), result)
+    print(json.dumps(result))
+    return
   setup, state, config, _, meta = restore_trained(config, flags.workdir)
   bundle = pipeline.prepare_data(config.data, os.path.join(flags.workdir, 'data'))
   batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
@@ -98,10 +162,9 @@ def run_eval(config, flags) -> None:
   divisor = sharding.batch_divisor(setup.mesh, setup.rules)
   loss = train.evaluate_loss(setup, state, [train.eval_rows(b, divisor) for b in batches])
   result = {'step': meta['step'], **train.eval_metrics(loss, bundle.val_bytes_per_token)}
-  if flags.tasks:
-    from effjax import evaluate  # pylint: disable=import-outside-toplevel
+  if tasks:
     result['tasks'] = evaluate.run_tasks(setup.model, state.variables(), bundle.tokenizer, flags.tasks,
-                                         num_shots=flags.num_shots)
+                                         tasks=tasks, **opts)
   if jax.process_index() == 0:
     checkpoint.write_json_atomic(os.path.join(flags.workdir, 'eval.json'), result)
   print(json.dumps(result))
@@ -110,11 +173,15 @@ def run_eval(config, flags) -> None:
 def run_export(config, flags) -> None:
   if not flags.export_dir:
     raise EffjaxError('--mode=export needs --export_dir=DIR')
-  setup, state, config, _, meta = restore_trained(config, flags.workdir)
+  checkpoint.check_new_dir(flags.export_dir, 'export_dir')  # before the (slow) restore
+  setup, state, config, tokenizer, meta = restore_trained(config, flags.workdir)
+  del setup
   counts = accounting.param_counts(config.model)
   import effjax  # pylint: disable=import-outside-toplevel
   metadata = {'family': config.model.family, 'effjax_version': effjax.__version__, 'step': meta['step'],
-              'tokens_seen': meta['tokens_seen'], **counts}
-  checkpoint.export(flags.export_dir, jax.device_get(state.variables()), config,
-                    os.path.join(flags.workdir, 'data', 'tokenizer.json'), metadata, flags.export_dtype)
-  print(f'exported step {meta["step"]} to {flags.export_dir}')
+              'tokens_seen': meta['tokens_seen'], 'tokenizer': tokenizer.kind,
+              'data_fingerprint': meta.get('fingerprint'), 'source': os.path.abspath(flags.workdir), **counts}
+  path = checkpoint.export(flags.export_dir, jax.device_get(state.variables()), config,
+                           os.path.join(flags.workdir, 'data', 'tokenizer.json'), metadata, flags.export_dtype,
+                           layout=getattr(flags, 'export_layout', 'as_trained'))
+  print(f'exported step {meta["step"]} to {path}')

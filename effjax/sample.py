@@ -33,15 +33,11 @@ def _choose(logits_BxV, key, temperature, top_k, top_p):
   return jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
 
 
-def check_request(prompt_len: int, max_new_tokens: int, max_len: int, temperature: float, top_k: int,
-                  top_p: float) -> None:
+def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
   if prompt_len == 0:
     raise EffjaxError('--prompt is empty after tokenization; give at least one character')
   if max_new_tokens <= 0:
     raise EffjaxError(f'--max_new_tokens={max_new_tokens} is invalid; it must be a positive integer')
-  if prompt_len + max_new_tokens > max_len:
-    raise EffjaxError(f'prompt ({prompt_len} tokens) + --max_new_tokens={max_new_tokens} exceeds the model '
-                      f'context model.max_len={max_len}; shorten one of them')
   if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
     raise EffjaxError(f'--temperature={temperature}, --top_k={top_k}, --top_p={top_p} are invalid; need '
                       'temperature >= 0, top_k >= 0, 0 < top_p <= 1')
@@ -81,12 +77,33 @@ def generate_uncached(model, variables, prompt_BxP, key, *, max_new_tokens, temp
   return buffer[:, p:]
 
 
+def generate(model, variables, prompt_BxP, key, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+  """KV-cached generation of any length. Within the context it is one cached pass; past model.max_len the
+  cache is refilled from the last max_len/2 tokens (a sliding window, as nanoGPT crops its context)."""
+  max_len = model.cfg.max_len
+  keep = max(max_len // 2, 1)
+  tokens_BxL = np.asarray(prompt_BxP, np.int32)
+  if tokens_BxL.shape[1] >= max_len:
+    tokens_BxL = tokens_BxL[:, -keep:]
+  context, new, chunk = tokens_BxL, [], 0
+  remaining = max_new_tokens
+  while remaining > 0:
+    n = min(remaining, max_len - context.shape[1])
+    out = generate_cached(model, variables, jnp.asarray(context), jax.random.fold_in(key, chunk),
+                          max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p)
+    new.append(np.asarray(out))
+    remaining -= n
+    chunk += 1
+    context = np.concatenate([context, new[-1]], axis=1)[:, -keep:]
+  return np.concatenate(new, axis=1)
+
+
 def sample_text(model, variables, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float,
-                top_k: int, top_p: float, seed: int, num_samples: int = 1, use_cache: bool = True) -> list[str]:
+                top_k: int, top_p: float, seed: int, num_samples: int = 1) -> list[str]:
   ids = np.asarray(tokenizer.encode(prompt), np.int32)
-  check_request(len(ids), max_new_tokens, model.cfg.max_len, temperature, top_k, top_p)
-  prompt_BxP = jnp.asarray(np.tile(ids[None], (num_samples, 1)))
-  fn = generate_cached if use_cache else generate_uncached
-  out = fn(model, variables, prompt_BxP, jax.random.key(seed), max_new_tokens=max_new_tokens,
-           temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-  return [tokenizer.decode(np.asarray(row)) for row in out]
+  check_request(len(ids), max_new_tokens, temperature, top_k, top_p)
+  out = generate(model, variables, np.tile(ids[None], (num_samples, 1)), jax.random.key(seed),
+                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                 top_p=float(top_p))
+  return [tokenizer.decode(row) for row in out]

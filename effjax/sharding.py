@@ -44,22 +44,43 @@ def rules(mesh_config) -> tuple:
 
 
 def _fit(spec: P, shape, mesh: Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (e.g. a char vocabulary of 97 over tensor=2):
-  those dimensions are replicated instead of failing."""
+  """Keeps, for each dimension, the mesh axes (in rule order) that divide it: a dimension they do not divide
+  (e.g. a char vocabulary of 97 over tensor=2) is replicated over them instead of failing. Size-1 axes are
+  dropped, so specs read the same on any mesh. (flax's logical_to_mesh already gave each mesh axis to at most
+  one dimension, trying a name's rules in order: see configs/base.py for the fallbacks that make FSDP cover
+  every parameter.)"""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[a] for a in names)
-    fitted.append(axes if size > 1 and dim % size == 0 else None)
+    kept = []
+    for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+      if mesh.shape[a] > 1 and dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+        kept.append(a)
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*fitted)
+
+
+def logical_specs(abstract_boxed, mesh, logical_rules):
+  """Mesh PartitionSpecs for a pytree whose leaves may be flax LogicallyPartitioned boxes (from an eval_shape'd
+  init). `mesh` may be a jax.sharding.AbstractMesh: only its axis sizes are read (memory planning, no devices)."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), logical_rules)
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_boxed))
+  return jax.tree.map(lambda spec, shape: _fit(spec, shape, mesh), specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, logical_rules):
   """Shardings for a pytree whose leaves may be flax LogicallyPartitioned boxes (from an eval_shape'd init)."""
-  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), logical_rules)
-  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_boxed))
-  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit(spec, shape, mesh)), specs, shapes,
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), logical_specs(abstract_boxed, mesh, logical_rules),
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_shape(shape, spec: P, mesh) -> tuple[int, ...]:
+  """The per-device block shape of an array of `shape` laid out by `spec` (axes in spec divide their dims)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(dim // math.prod(mesh.shape[a] for a in names))
+  return tuple(out)
 
 
 def batch_sharding(mesh: Mesh, logical_rules) -> NamedSharding:

@@ -11,6 +11,7 @@ import fcntl
 import math
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from effjax import accounting, checkpoint, metrics as metrics_lib, optim, sharding, state as state_lib
 from effjax.data import pipeline
@@ -32,6 +34,7 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
 
 def make_train_step(setup: state_lib.Setup, config):
   model, optimizer, accum = setup.model, setup.optimizer, config.train.grad_accum
+  param_shardings = setup.state_shardings.params
   base_key = jax.random.key(config.seed)
 
   def loss_fn(params, extra, batch, key):
@@ -53,9 +56,11 @@ def make_train_step(setup: state_lib.Setup, config):
         loss, grads = grad_fn(state.params, state.extra, mb, jax.random.fold_in(key, i))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), param_shardings)
       (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+    # Gradients are laid out like their params: with FSDP they are reduce-scattered, never whole on a device.
+    grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
@@ -105,6 +110,24 @@ def check_train_config(config) -> None:
   if config.data.seq_len <= 0 or config.data.seq_len > config.model.max_len:
     raise EffjaxError(f'data.seq_len={config.data.seq_len} is invalid; it must be in 1..model.max_len='
                       f'{config.model.max_len}')
+  check_backend(config.model)
+
+
+def check_backend(model_config) -> None:
+  """model.attention_impl='cudnn' (cuDNN flash attention via jax.nn.dot_product_attention) needs an NVIDIA GPU
+  and a 16-bit compute dtype: refuse other setups in one line instead of failing deep inside XLA."""
+  if model_config.get('attention_impl', 'xla') != 'cudnn':
+    return
+  backend = jax.default_backend()
+  if backend != 'gpu':
+    raise EffjaxError(f"model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but this run's backend is "
+                      f"{backend!r}; use model.attention_impl='xla' (the default; it runs everywhere)")
+  if model_config.dtype not in ('bfloat16', 'float16'):
+    raise EffjaxError(f"model.attention_impl='cudnn' computes in 16 bits but model.dtype={model_config.dtype!r}; "
+                      "set model.dtype='bfloat16' or use model.attention_impl='xla'")
+  if model_config.get('attn_dropout', 0.0) > 0:
+    logging.warning("model.attn_dropout=%s: training attention uses the XLA path (cuDNN only where there is no "
+                    'attention dropout: evaluation)', model_config.attn_dropout)
 
 
 def resolve_vocab(config, tokenizer) -> ml_collections.ConfigDict:
@@ -135,12 +158,16 @@ def workdir_lock(workdir: str):
   if jax.process_index() != 0:
     yield
     return
-  with open(os.path.join(workdir, '.lock'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(workdir, '.lock'), 'a+', encoding='utf-8') as f:  # 'a+': a refused run erases nothing
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise EffjaxError(f'workdir {workdir!r} is in use by another effjax run (pid lock held); wait for it or '
-                        'use another workdir') from None
+      f.seek(0)
+      holder = f.read().strip() or '?'
+      raise EffjaxError(f'workdir {workdir!r} is in use by another effjax run (pid {holder}); wait for it to '
+                        'finish or use another workdir') from None
+    f.seek(0)
+    f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     yield
@@ -154,52 +181,127 @@ class _StopRequest:
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.requested:  # a second signal: stop now, without the checkpoint
+      self.__exit__()
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      raise SystemExit(128 + signum)
     self.requested = True
+    logging.warning('received signal %d: saving a checkpoint at the end of this step, then exiting', signum)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
 
 def load_data(config, workdir: str):
-  bundle = pipeline.prepare_data(config.data, os.path.join(workdir, 'data'))
+  """The token cache of the run. With several processes, process 0 builds it (corpus, tokenizer, tokens) while
+  the others wait at a barrier, then they read it; a process whose workdir does not hold process 0's cache
+  (host-local paths on a multi-host slice) builds the same one itself."""
+  cache_dir = os.path.join(workdir, 'data')
+  if jax.process_count() == 1:
+    bundle = pipeline.prepare_data(config.data, cache_dir)
+  elif jax.process_index() == 0:
+    try:
+      bundle = pipeline.prepare_data(config.data, cache_dir)
+    finally:  # also on failure: the others then fail with the same one-line error instead of hanging
+      multihost_utils.sync_global_devices('effjax.data_prepared')
+  else:
+    multihost_utils.sync_global_devices('effjax.data_prepared')
+    bundle = pipeline.prepare_data(config.data, cache_dir)
   return bundle, resolve_vocab(config, bundle.tokenizer)
 
 
-def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str):
-  """Restores the newest checkpoint that loads, falling back to older ones with a warning."""
+@jax.jit
+def _finite(leaves):
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _all_finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(_finite(leaves)) if leaves else True
+
+
+def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str,
+                    quarantine: bool = True):
+  """Restores the newest checkpoint that loads, falling back to older ones with a warning.
+
+  A step that cannot be read (partial write, corrupt files, non-finite values) is reported and, when an older
+  step restores and `quarantine` is set (training), moved to checkpoints.corrupt/ so it is neither retried on
+  every start nor silently kept as "the latest". If checkpoints exist but none restores, that is an error (never
+  a silent restart from scratch). Returns (state, meta), meta None for a fresh start.
+  """
+  bad = []
   for step in sorted(ckpt.all_steps(), reverse=True):
     try:
       meta = ckpt.restore_meta(step)
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('checkpoint step %d in %s is unreadable (%s); trying an older one', step, where, e)
+      bad.append((step, f'unreadable metadata: {_first_line(e)}'))
+      logging.warning('checkpoint step %d in %s is unreadable (%s); trying an older one', step, where, bad[-1][1])
       continue
     checkpoint.check_compatible(meta, config.model, where)
     try:
       state, meta = ckpt.restore(step, setup.abstract_state, data_iterator)
-      return state, meta
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('checkpoint step %d in %s failed to restore (%s); trying an older one', step, where, e)
+      checkpoint.quiet_aborted_restore_callbacks()
+      bad.append((step, _first_line(e)))
+      logging.warning('checkpoint step %d in %s failed to restore (%s); trying an older one', step, where,
+                      bad[-1][1])
+      continue
+    if not _all_finite((state.params, state.extra)):
+      bad.append((step, 'non-finite parameters'))
+      logging.warning('checkpoint step %d in %s holds non-finite parameters; trying an older one', step, where)
+      continue
+    if bad and quarantine and jax.process_index() == 0:
+      for bad_step, _ in bad:
+        moved = ckpt.quarantine(bad_step)
+        logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved,
+                        step)
+    return state, meta
+  if bad:
+    steps = ', '.join(f'step {s}: {why}' for s, why in bad)
+    raise EffjaxError(f'no checkpoint in {where} restores ({steps}); move {ckpt.directory} aside to start over')
   return setup.init_fn(jax.random.key(config.seed)), None
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else type(e).__name__
+  return text if len(text) <= 240 else text[:237] + '...'
+
+
+def train_and_evaluate(config, workdir: str, devices=None, progress: bool = True) -> dict:
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics.
 
   `devices` restricts the mesh to a subset of jax.devices() (default: all of them).
   """
   check_train_config(config)
+  check_model_and_optimizer(config, devices)
   prepare_workdir(workdir)
-  with workdir_lock(workdir):
-    return _train(config, workdir, devices)
+  # The signal handlers cover setup too: a SIGTERM while the data is prepared ends the run cleanly (exit 0).
+  with workdir_lock(workdir), _StopRequest() as stop:
+    return _train(config, workdir, devices, progress, stop)
 
 
-def _train(config, workdir: str, devices) -> dict:
+def check_model_and_optimizer(config, devices=None) -> None:
+  """Config mistakes that would otherwise surface after the data cache is written (nothing is created first)."""
+  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+  model_config = ml_collections.ConfigDict(config.model.to_dict())
+  if model_config.vocab_size == 0:  # filled from the tokenizer later; any positive size validates the rest
+    model_config.vocab_size = 256
+  build_model(model_config)
+  optim.make_optimizer(config.train)
+  sharding.make_mesh(config.mesh, devices)
+
+
+def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
   bundle, config = load_data(config, workdir)
   setup = state_lib.make_setup(config, devices=devices)
   t = config.train
@@ -219,15 +321,15 @@ def _train(config, workdir: str, devices) -> dict:
   start = int(state.step)
   if jax.process_index() == 0:
     checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
-    summary = accounting.summarize(config, setup=setup)
+    summary = accounting.summarize(config)
     checkpoint.write_json_atomic(os.path.join(workdir, 'summary.json'), summary)
   logging.info('data fingerprint %s; %d train / %d val tokens; start at step %d', bundle.fingerprint,
                len(bundle.train_tokens), len(bundle.val_tokens), start)
   tokens_per_step = t.batch_size * config.data.seq_len
-  step_compute = accounting.step_compute(config, setup.model, tokens_per_step)
+  step_compute = accounting.step_compute(config)
   train_step = make_train_step(setup, config)
   schedule = optim.learning_rate_schedule(config.train)
-  writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=jax.process_index() == 0)
+  writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress)
 
   def meta(step):
     return {'step': step, 'tokens_seen': step * tokens_per_step, 'family': config.model.family,
@@ -236,22 +338,23 @@ def _train(config, workdir: str, devices) -> dict:
   last_eval = {}
   pending, tick = [], time.time()
   try:
-    with _StopRequest() as stop:
+    with contextlib.nullcontext(stop) if stop is not None else _StopRequest() as stop:
       step = start
       last = min(t.steps, t.stop_at) if t.stop_at else t.steps
       while step < last and not stop.requested:
         batch = _shard(setup, next(train_iter))
         state, step_metrics = train_step(state, batch)
         step += 1
-        pending.append(step_metrics['loss'])
+        pending.append((step_metrics['loss'], step_metrics['grad_norm']))
         writer.advance()
         boundary = step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
         if boundary or stop.requested:
-          losses = np.asarray(jax.device_get(pending), np.float64)
-          bad = np.flatnonzero(~np.isfinite(losses))
-          if bad.size:
-            raise EffjaxError(f'loss became {losses[bad[0]]} at step {step - len(losses) + bad[0] + 1}; '
-                              'stopping (the last good checkpoint is kept); lower train.lr or check the data')
+          losses, grad_norms = np.asarray(jax.device_get(pending), np.float64).reshape(-1, 2).T
+          for name, values in (('loss', losses), ('gradient norm', grad_norms)):
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+              raise EffjaxError(f'{name} became {values[bad[0]]} at step {step - len(values) + bad[0] + 1}; '
+                                'stopping (the last good checkpoint is kept); lower train.lr or check the data')
           elapsed = time.time() - tick
           if step % t.log_every == 0 or step == t.steps:
             writer.write(step, 'train', {
@@ -265,9 +368,14 @@ def _train(config, workdir: str, devices) -> dict:
           last_eval = eval_metrics(evaluate_loss(setup, state, val_batches), bundle.val_bytes_per_token)
           writer.write(step, 'eval', last_eval)
         if step % config.checkpoint.every == 0 or step == last or stop.requested:
+          if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
+            raise EffjaxError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
+                              'is kept); lower train.lr or check the data')
           ckpt.save(step, state, train_iter, meta(step))
-      if stop.requested:
+      if stop.requested and step > start:
         logging.warning('stop requested: saved a checkpoint at step %d; rerun to resume', step)
+      elif stop.requested:
+        logging.warning('stop requested before the first step (at step %d); nothing new to save', step)
   finally:
     ckpt.close()
     writer.close()

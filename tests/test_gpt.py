@@ -141,3 +141,14 @@ def test_bf16_compute_runs_and_stays_close():
   b = build_model(m16).apply(variables, tokens)
   assert b.dtype == jnp.float32
   assert float(jnp.abs(jax.nn.softmax(a) - jax.nn.softmax(b)).max()) < 0.05
+
+
+def test_generation_longer_than_context_slides_the_window():
+  m = model_config(max_len=16)
+  model, variables = init(m)
+  prompt = jax.random.randint(jax.random.key(6), (2, 5), 0, 50)
+  out = sample.generate(model, variables, prompt, jax.random.key(0), max_new_tokens=40, temperature=0.0)
+  assert out.shape == (2, 40)
+  # the first chunk (inside the context) is exactly the cached greedy continuation
+  first = sample.generate_cached(model, variables, prompt, jax.random.key(0), max_new_tokens=11, temperature=0.0)
+  np.testing.assert_array_equal(out[:, :11], np.asarray(first))

@@ -103,14 +103,16 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
   """Endless, seeded, per-process-sharded batches of {"inputs", "targets"} (int32[b, seq_len]).
 
   The tokens are cut into non-overlapping chunks of seq_len; each epoch shuffles the chunks (reshuffled every
-  epoch), gives process p every process_count-th of them, and starts each window at a seeded random jitter
-  inside its chunk. A window is a slice view of `tokens` (a memmap is fine), copied only as seq_len+1 ints.
+  epoch) and starts each window at a seeded random jitter inside its chunk. That global stream of windows does
+  not depend on the number of processes: process p takes its elements p, p+n, p+2n, ... (n = process_count), so
+  global batch k is the same set of windows on 1 process as on n (each process reads only its own windows), and
+  a multi-process run gives the losses of a single-process run. A window is a slice view of `tokens` (a memmap
+  is fine), copied only as seq_len+1 ints.
   """
   if batch_size % process_count:
     raise EffjaxError(f"batch_size={batch_size} is not divisible by the number of processes ({process_count})")
   n_tokens = len(tokens)
   num_chunks = (n_tokens - 1) // seq_len
-  num_chunks -= num_chunks % process_count  # equal epochs on every process
   if num_chunks < 1:
     raise EffjaxError(f"{n_tokens} training tokens are too few for data.seq_len={seq_len} on {process_count} "
                       f"process(es)")
@@ -121,8 +123,10 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
     w = np.asarray(tokens[start:start + seq_len + 1], dtype=np.int32)
     return {"inputs": w[:-1], "targets": w[1:]}
 
-  ds = (grain.MapDataset.range(num_chunks).seed(seed).shuffle()[process_index::process_count]
-        .repeat().random_map(window).batch(batch_size // process_count, drop_remainder=True))
+  # The window jitter is seeded by (seed, global element index): random_map comes before the per-process slice
+  # and has an explicit seed (a default one would depend on the pipeline's depth).
+  ds = (grain.MapDataset.range(num_chunks).seed(seed).shuffle().repeat().random_map(window, seed=seed)
+        [process_index::process_count].batch(batch_size // process_count, drop_remainder=True))
   # One prefetch thread overlaps data with the (GIL-releasing) step without crowding small machines.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 

@@ -26,15 +26,11 @@ def families() -> list[str]:
 def _load_families():
   if _FAMILIES:
     return
-  from effjax.models import gpt  # pylint: disable=import-outside-toplevel
+  from effjax.models import compressed, gpt, parallel  # pylint: disable=import-outside-toplevel
   _FAMILIES['gpt'] = gpt.GPT
-  try:
-    from effjax.models import parallel, compressed  # pylint: disable=import-outside-toplevel
-    _FAMILIES['pgpt'] = parallel.ParallelGPT
-    _FAMILIES['lcgpt'] = compressed.LinearlyCompressedGPT
-    _FAMILIES['ccgpt'] = compressed.ConvCompressedGPT
-  except ImportError:
-    pass
+  _FAMILIES['pgpt'] = parallel.ParallelGPT
+  _FAMILIES['lcgpt'] = compressed.LinearlyCompressedGPT
+  _FAMILIES['ccgpt'] = compressed.ConvCompressedGPT
 
 
 def build_model(model_config: ml_collections.ConfigDict):

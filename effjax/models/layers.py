@@ -247,6 +247,37 @@ class LayerStack(nn.Module):
     return nn.remat(block_cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
 
 
+def unstack_layers(params: dict) -> dict:
+  """A scanned LayerStack's variables in the unrolled (scan_layers=False) layout, same weights:
+  stack/layers/X[L,...] -> stack/layer_i/X; stack/groups/shared/X[G,...] -> stack/group_g/X; stack/shared as is.
+
+  Takes a model's variable tree (one with a 'stack' entry) or a LayerStack's own; any collection works.
+  """
+  if 'stack' in params:
+    return {**params, 'stack': unstack_layers(params['stack'])}
+  if 'layers' in params:
+    stacked, prefix = params['layers'], 'layer'
+  elif 'groups' in params:
+    stacked, prefix = params['groups']['shared'], 'group'
+  else:
+    return dict(params)
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return {f'{prefix}_{i}': jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+
+
+def stack_layers(params: dict) -> dict:
+  """The inverse of `unstack_layers`: unrolled layer_i / group_g entries -> the scanned layout."""
+  if 'stack' in params:
+    return {**params, 'stack': stack_layers(params['stack'])}
+  for prefix in ('layer', 'group'):
+    names = sorted((k for k in params if k.startswith(f'{prefix}_') and k[len(prefix) + 1:].isdigit()),
+                   key=lambda k: int(k[len(prefix) + 1:]))
+    if names:
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+      return {'layers': stacked} if prefix == 'layer' else {'groups': {'shared': stacked}}
+  return dict(params)
+
+
 class Embedder(nn.Module):
   """Token (+ learned position) embedding, optionally factorized: a V×E table then an E×D projection.
 
@@ -258,11 +289,12 @@ class Embedder(nn.Module):
   def setup(self):
     cfg = self.cfg
     pdt = dtype_of(cfg.param_dtype)
-    width = cfg.embed_dim or self.d_model
-    self.embedding = self.param('embedding', normal_init(INIT_STD, ('vocab', 'embed')),
-                                (cfg.vocab_size, width), pdt)
+    # A factorized table is V×E: its second axis is the factor width E, not the model width.
+    width, table_axes = (cfg.embed_dim, ('vocab', 'factor')) if cfg.embed_dim else (self.d_model, ('vocab', 'embed'))
+    self.embedding = self.param('embedding', normal_init(INIT_STD, table_axes), (cfg.vocab_size, width), pdt)
     if cfg.embed_dim:
-      self.projection = self.param('projection', normal_init(INIT_STD, ('factor', 'embed')),
+      # std 1/sqrt(E): the product W·P (and the tied logits h·Pᵀ·Wᵀ) start at the scale of an unfactorized table.
+      self.projection = self.param('projection', normal_init(cfg.embed_dim ** -0.5, ('factor', 'embed')),
                                    (cfg.embed_dim, self.d_model), pdt)
     if cfg.pos_emb == 'learned':
       self.pos_embedding = self.param('pos_embedding', normal_init(INIT_STD / 2, (None, 'embed')),

@@ -84,20 +84,13 @@ fwht.defvjp(lambda x: (_fwht(x), None), lambda _, g: (_fwht(g),))
 
 
 @jax.custom_vjp
-def _permute(x_BxM: jax.Array, idx_M: jax.Array, inv_M: jax.Array) -> jax.Array:
-  """x[..., idx]; the VJP gathers with the inverse permutation instead of XLA's slow scatter-add."""
-  return jnp.take(x_BxM, idx_M, axis=-1, mode='clip', unique_indices=True)
+def _permute(x_BxN: jax.Array, perm_N: jax.Array, inv_N: jax.Array) -> jax.Array:
+  """x[..., perm]; the VJP gathers with the inverse permutation (XLA's scatter-add is slow on CPU)."""
+  return jnp.take_along_axis(x_BxN, jnp.broadcast_to(perm_N, x_BxN.shape), axis=-1, mode='clip')
 
 
-def _permute_fwd(x_BxM, idx_M, inv_M):
-  return _permute(x_BxM, idx_M, inv_M), inv_M
-
-
-def _permute_bwd(inv_M, g_BxM):
-  return jnp.take(g_BxM, inv_M, axis=-1, mode='clip', unique_indices=True), None, None
-
-
-_permute.defvjp(_permute_fwd, _permute_bwd)
+_permute.defvjp(lambda x, perm, inv: (_permute(x, perm, inv), (perm, inv)),
+                lambda res, g: (_permute(g, res[1], res[0]), None, None))
 
 
 def _next_pow2(d: int) -> int:
@@ -163,16 +156,21 @@ class AdaptiveFastFood(nn.Module):
     k = -(-self.features // n)
     diag = lambda name, init: self.param(name, nn.with_logical_partitioning(init, (None, None)), (k, n),
                                          self.param_dtype)
-    b_KxN, g_KxN, s_KxN = diag('b', _rademacher), diag('g', nn.initializers.normal(1.0)), diag('s', nn.initializers.ones)
+    b_KxN, g_KxN = diag('b', _rademacher), diag('g', nn.initializers.normal(1.0))
+    s_KxN = diag('s', nn.initializers.ones)
     perm_KxN = self.variable('constants', 'perm', self._perm, k, n).value
     x_BxI, b_KxN, g_KxN, s_KxN = nn.dtypes.promote_dtype(x_BxI, b_KxN, g_KxN, s_KxN, dtype=self.dtype)
 
     x_BxN = jnp.pad(x_BxI, [(0, 0)] * len(lead) + [(0, n - d_in)])
-    h_BxKxN = fwht(x_BxN[..., None, :] * b_KxN)
-    idx_KN = (perm_KxN + n * jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(k * n)
-    h_BxKN = _permute(h_BxKxN.reshape(*lead, k * n), idx_KN, jnp.argsort(idx_KN).astype(jnp.int32))
-    h_BxKxN = fwht((h_BxKN * g_KxN.reshape(k * n)).reshape(*lead, k, n))
-    y_BxO = (h_BxKxN * (s_KxN / math.sqrt(n * d_in))).reshape(*lead, k * n)[..., :self.features]
+
+    def block(args):
+      b_N, g_N, s_N, perm_N = args
+      h_BxN = _permute(fwht(x_BxN * b_N), perm_N, jnp.argsort(perm_N).astype(jnp.int32))
+      return fwht(h_BxN * g_N) * s_N
+
+    # Blocks one after another: the working set stays [tokens, n] (on CPU ~20% less time, fewer page faults).
+    y_KxBxN = jax.lax.map(block, (b_KxN, g_KxN, s_KxN / math.sqrt(n * d_in), perm_KxN))
+    y_BxO = jnp.moveaxis(y_KxBxN, 0, -2).reshape(*lead, k * n)[..., :self.features]
     if self.use_bias:
       bias_O = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
                           (self.features,), self.param_dtype)
@@ -183,7 +181,9 @@ class AdaptiveFastFood(nn.Module):
 class BlockDiagonalDense(nn.Module):
   """Block-diagonal linear map: in and out split into num_blocks contiguous blocks, kernel [nb, in/nb, out/nb].
 
-  Params and FLOPs are 1/num_blocks of a Dense; LeCun-normal init on the block fan-in in/nb.
+  Params and FLOPs are 1/num_blocks of a Dense; LeCun-normal init on the block fan-in in/nb. With `mix=True` the
+  output blocks are then mixed by BlockHadamard (applied while blocks are the leading axis: on CPU, XLA fuses a
+  transposed dot output into the mixing very badly otherwise).
   """
   features: int
   num_blocks: int = 4
@@ -192,6 +192,7 @@ class BlockDiagonalDense(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_axes: Axes = ('embed', 'mlp')
   kernel_init: Callable = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+  mix: bool = False
 
   @nn.compact
   def __call__(self, x_BxI: jax.Array) -> jax.Array:
@@ -205,15 +206,29 @@ class BlockDiagonalDense(nn.Module):
     bias_O = (self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
                          (self.features,), self.param_dtype) if self.use_bias else None)
     x_BxI, kernel_KxIxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_KxIxO, bias_O, dtype=self.dtype)
-    y_BxKxO = jnp.einsum('...ki,kio->...ko', x_BxI.reshape(*lead, nb, d_in // nb), kernel_KxIxO)
-    y_BxO = y_BxKxO.reshape(*lead, self.features)
+    x_KxMxI = jnp.swapaxes(x_BxI.reshape(-1, nb, d_in // nb), 0, 1)  # blocks leading: plain batched matmuls
+    y_KxMxO = jnp.einsum('kmi,kio->kmo', x_KxMxI, kernel_KxIxO)
+    if self.mix:
+      y_KxMxO = block_hadamard(y_KxMxO.reshape(-1), nb).reshape(y_KxMxO.shape)
+    y_BxO = jnp.swapaxes(y_KxMxO, 0, 1).reshape(*lead, self.features)
     return y_BxO + bias_O if self.use_bias else y_BxO
 
 
+def block_hadamard(x_BxD: jax.Array, num_blocks: int) -> jax.Array:
+  """(H_nb / sqrt(nb)) (x) I_{D/nb} along the last axis: output block j = sum_i H[i, j] x_i / sqrt(nb)."""
+  d = x_BxD.shape[-1]
+  _check_pow2(num_blocks, 'BlockHadamard num_blocks')
+  if d % num_blocks:
+    raise ValueError(f'BlockHadamard: width {d} must be divisible by num_blocks={num_blocks}')
+  return _butterfly(x_BxD, d // num_blocks) * (1 / math.sqrt(num_blocks))
+
+
 class BlockHadamard(nn.Module):
-  """Mixes num_blocks contiguous feature blocks with H_nb / sqrt(nb) (orthogonal, so scale-preserving):
-  block j of the output is sum_i H[i, j] x_i / sqrt(nb). It brings the long-range correlations that block-diagonal
-  maps lack; log2(nb) adds per feature. Optional learned per-feature scale (`use_scale`, init 1)."""
+  """Mixes num_blocks contiguous feature blocks with H_nb / sqrt(nb) (orthogonal, so scale-preserving).
+
+  Brings the long-range correlations block-diagonal maps lack; log2(nb) adds per feature, no params unless
+  `use_scale` (a learned per-feature scale, init 1).
+  """
   num_blocks: int = 4
   use_scale: bool = False
   dtype: Any = None
@@ -222,44 +237,21 @@ class BlockHadamard(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
-    nb, d = self.num_blocks, x_BxD.shape[-1]
-    _check_pow2(nb, 'BlockHadamard num_blocks')
-    if d % nb:
-      raise ValueError(f'BlockHadamard: width {d} must be divisible by num_blocks={nb}')
     x_BxD, = nn.dtypes.promote_dtype(x_BxD, dtype=self.dtype)
-    y_BxD = _butterfly(x_BxD, d // nb) * (1 / math.sqrt(nb))
+    y_BxD = block_hadamard(x_BxD, self.num_blocks)
     if self.use_scale:
       scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.kernel_axes[1],)),
-                           (d,), self.param_dtype)
+                           (x_BxD.shape[-1],), self.param_dtype)
       y_BxD = y_BxD * scale_D.astype(y_BxD.dtype)
     return y_BxD
 
 
-class BlockDiagonalMixedDense(nn.Module):
-  """Dense replacement for make_dense('blockdiag'): BlockDiagonalDense then (if `mix`) BlockHadamard.
-
-  Seed §4 replaces the MLP by block-diag -> block-Hadamard -> block-diag (one mixing per MLP); as a drop-in for
-  every Dense we mix after each layer so no stack of them stays block-separable. The extra mixing costs
-  log2(nb)+1 FLOPs per output, no params. `BlockDiagonalMLP` is the seed's exact MLP.
-  """
-  features: int
-  num_blocks: int = 4
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_axes: Axes = ('embed', 'mlp')
-  mix: bool = True
-
-  @nn.compact
-  def __call__(self, x_BxI: jax.Array) -> jax.Array:
-    kw = dict(num_blocks=self.num_blocks, dtype=self.dtype, param_dtype=self.param_dtype,
-              kernel_axes=self.kernel_axes)
-    y_BxO = BlockDiagonalDense(self.features, use_bias=self.use_bias, name='block', **kw)(x_BxI)
-    return BlockHadamard(name='mix', **kw)(y_BxO) if self.mix else y_BxO
-
-
 class BlockDiagonalMLP(nn.Module):
-  """The seed's structured MLP: BlockDiagonalDense(hidden) -> BlockHadamard -> activation -> BlockDiagonalDense."""
+  """The seed's structured MLP (Fig. 5): block-diag -> block-Hadamard -> activation -> block-diag.
+
+  make_dense('blockdiag') instead mixes after every block-diagonal layer (mix=True), so that any stack of them,
+  attention projections included, is not block-separable; that costs log2(nb)+1 FLOPs per output and no params.
+  """
   hidden: int
   features: int
   num_blocks: int = 4
@@ -271,9 +263,8 @@ class BlockDiagonalMLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
     kw = dict(num_blocks=self.num_blocks, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-    h_BxF = BlockDiagonalMixedDense(self.hidden, kernel_axes=('embed', 'mlp'), mix=True, name='fc', **kw)(x_BxD)
-    return BlockDiagonalMixedDense(self.features, kernel_axes=('mlp', 'embed'), mix=False, name='proj',
-                                   **kw)(self.activation(h_BxF))
+    h_BxF = BlockDiagonalDense(self.hidden, kernel_axes=('embed', 'mlp'), mix=True, name='fc', **kw)(x_BxD)
+    return BlockDiagonalDense(self.features, kernel_axes=('mlp', 'embed'), name='proj', **kw)(self.activation(h_BxF))
 
 
 def make_dense(kind: str, *, num_blocks: int = 4) -> Callable[..., nn.Module]:
@@ -283,7 +274,7 @@ def make_dense(kind: str, *, num_blocks: int = 4) -> Callable[..., nn.Module]:
   if kind == 'fastfood':
     return AdaptiveFastFood
   if kind == 'blockdiag':
-    return functools.partial(BlockDiagonalMixedDense, num_blocks=num_blocks)
+    return functools.partial(BlockDiagonalDense, num_blocks=num_blocks, mix=True)
   raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
 
 

@@ -1,0 +1,506 @@
+"""The effjax benchmark suite: `python -m experiments.bench [--only train,torch,compile,structured,sample,memory]`.
+
+Sub-benchmarks (each runs in its own subprocess, so its peak RSS is its own and XLA state never leaks between them):
+  train       training tokens/s and MFU of every family (gpt, efficio, pgpt, lcgpt, ccgpt, doped, fastfood,
+              blockdiag) at two sizes, all candidates timed in interleaved rounds together with the peak matmul.
+  torch       effjax's GPT vs the PyTorch reference (experiments/torch_gpt.py: same config, same batch, AdamW step
+              included, torch.set_num_threads(cores)) at the same two sizes, interleaved step by step, with the
+              jitted peak matmul timed in the same rounds; ratios come from one run. torch.compile is added
+              unless --no-torch_compile.
+  compile     experiments/bench_compile.py (scanned / unrolled, shared 4 vs 48 layers).
+  structured  experiments/bench_structured.py (FWHT, Adaptive FastFood and block-diagonal vs dense).
+  sample      KV-cache vs no-cache sampling (effjax.sample.generate_cached / generate_uncached), tokens/s.
+  memory      per family at the large size: peak RSS of a fresh process that compiles and runs two train steps,
+              XLA's compiled memory analysis of the step, and effjax.memory.plan's estimate.
+
+MFU = model FLOPs/s (3 x accounting.flops_per_token x tokens/s) / peak, where peak is the best jitted f32 2048^2
+matmul FLOP/s measured in the same process in the same rounds. Two readings: `median` (median step / median peak)
+and `best` (fastest step / fastest peak). The machine this was written on is a 2-core CPU shared with other jobs:
+interleaving makes contention hit every candidate alike; the load average is recorded with every result.
+
+Writes experiments/results/bench.json (sub-benchmarks run earlier are kept, so `--only` updates a part) and
+bench.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SUBS = ('train', 'torch', 'compile', 'structured', 'sample', 'memory')
+SIZES = {  # name: (layers, d_model, heads, seq_len, batch)  -- experiments/bench_train.py's two sizes
+    '4L-128d-ctx64-b12': (4, 128, 4, 64, 12),
+    '6L-384d-ctx256-b16': (6, 384, 6, 256, 16),
+}
+QUICK_SIZES = {'2L-32d-ctx16-b4': (2, 32, 4, 16, 4)}  # --quick: tests and smoke runs
+TARGET_SIZE = '6L-384d-ctx256-b16'
+
+
+def family_overrides(family: str, d_model: int) -> dict:
+  """model.* changes that turn the bench GPT into each family, at the same depth / width / context."""
+  return {
+      'gpt': {},
+      'efficio': dict(share_layers='all', embed_dim=max(d_model // 4, 8)),
+      'pgpt': dict(family='pgpt', num_branches=2, branch_input='split', tie_embeddings=False, head_bias=True),
+      'lcgpt': dict(family='lcgpt', compress_every=2, compress_factor=2, tie_embeddings=False, head_bias=True),
+      'ccgpt': dict(family='ccgpt', compress_every=2, compress_factor=2, conv_kernel=3, tie_embeddings=False,
+                    head_bias=True),
+      'doped': dict(doping='interleave', frozen_mlp_ratio=6),
+      'fastfood': dict(mlp_kind='fastfood'),
+      'blockdiag': dict(mlp_kind='blockdiag', num_blocks=4),
+  }[family]
+
+
+FAMILIES = ('gpt', 'efficio', 'pgpt', 'lcgpt', 'ccgpt', 'doped', 'fastfood', 'blockdiag')
+
+
+def bench_config(family: str, size, **model_overrides):
+  from experiments import bench_train  # pylint: disable=import-outside-toplevel
+  layers, d, heads, seq, batch = size
+  return bench_train.gpt_bench_config(layers, d, heads, seq, batch,
+                                      **{**family_overrides(family, d), **model_overrides})
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def sizes_of(args) -> dict:
+  return QUICK_SIZES if args.quick else SIZES
+
+
+# ------------------------------------------------------------------------------------------ timing helpers
+def make_effjax_step(config):
+  """(run-one-step callable, forward FLOPs per token, compile seconds) for the real jitted train step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from effjax import accounting, state as state_lib, train  # pylint: disable=import-outside-toplevel
+  setup = state_lib.make_setup(config, devices=jax.devices()[:1])
+  state = setup.init_fn(jax.random.key(0))
+  b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+  tokens = np.random.default_rng(0).integers(0, v, size=(b, t + 1), dtype=np.int32)
+  batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, setup.batch_sharding)
+  t0 = time.perf_counter()
+  compiled = train.make_train_step(setup, config).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  box = [state]
+
+  def run():
+    box[0], metrics = compiled(box[0], batch)
+    jax.block_until_ready(metrics)
+
+  return run, accounting.flops_per_token(config.model, t), compile_s
+
+
+def make_peak(n: int = 2048):
+  """A callable returning the FLOP/s of one jitted n x n f32 matmul (best of 3 calls)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+
+  def measure():
+    best = float('inf')
+    for _ in range(3):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+  return measure
+
+
+def interleave(cands: dict, rounds: int, warmup: int, peak=None, progress: str = '') -> tuple[dict, list]:
+  """cands: name -> callable (one step). Returns name -> list of seconds per round, and peak FLOP/s per round."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  for fn in cands.values():
+    for _ in range(warmup):
+      fn()
+  times, peaks = {k: [] for k in cands}, []
+  start = time.time()
+  for r in range(rounds):
+    if peak is not None:
+      peaks.append(peak())
+    for name, fn in cands.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+    done = time.time() - start
+    print(f'  {progress}round {r + 1}/{rounds}  {done:.0f}s elapsed, ETA {done / (r + 1) * (rounds - r - 1):.0f}s, '
+          f'load {load_average()[0]}', flush=True)
+  del np
+  return times, peaks
+
+
+def _med(xs):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return float(np.median(xs))
+
+
+# -------------------------------------------------------------------------------------------- sub-benchmarks
+def run_train(args) -> dict:
+  cands, meta = {}, {}
+  families = args.families.split(',') if args.families else FAMILIES
+  for size_name, size in sizes_of(args).items():
+    for fam in families:
+      config = bench_config(fam, size)
+      name = f'{fam} {size_name}'
+      print(f'compiling {name}', flush=True)
+      run, fwd, compile_s = make_effjax_step(config)
+      tokens = config.train.batch_size * config.data.seq_len
+      cands[name] = run
+      meta[name] = dict(family=fam, size=size_name, tokens_per_step=tokens, flops_per_token_fwd=fwd,
+                        compile_s=compile_s)
+  peak = make_peak(256 if args.quick else 2048)
+  times, peaks = interleave(cands, args.rounds, args.warmup, peak)
+  rows = []
+  for name, m in meta.items():
+    ts = times[name]
+    row = dict(name=name, **m, step_ms=_med(ts) * 1e3, step_ms_best=min(ts) * 1e3,
+               tokens_per_sec=m['tokens_per_step'] / _med(ts))
+    row['model_flops_per_sec'] = 3 * m['flops_per_token_fwd'] * row['tokens_per_sec']
+    row['mfu'] = row['model_flops_per_sec'] / _med(peaks)
+    row['mfu_best'] = 3 * m['flops_per_token_fwd'] * m['tokens_per_step'] / min(ts) / max(peaks)
+    rows.append(row)
+  return dict(rows=rows, peak_flops_median=_med(peaks), peak_flops_best=max(peaks))
+
+
+def run_torch(args) -> dict:
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
+  threads = torch_gpt.set_threads()
+  results = []
+  peak = make_peak(256 if args.quick else 2048)
+  for size_name, size in sizes_of(args).items():
+    config = bench_config('gpt', size)
+    b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+    cands, compile_s = {}, {}
+    print(f'compiling effjax {size_name}', flush=True)
+    cands['effjax'], fwd, compile_s['effjax'] = make_effjax_step(config)
+    if args.unrolled:
+      unrolled = bench_config('gpt', size, scan_layers=False)
+      cands['effjax (unrolled)'], _, compile_s['effjax (unrolled)'] = make_effjax_step(unrolled)
+    torch.manual_seed(0)
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, v, size=(b, t + 1)))
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    for compiled in ((False, True) if args.torch_compile else (False,)):
+      model = torch_gpt.TorchGPT(config.model)
+      opt = torch_gpt.make_optimizer(model, config.train)
+      name = 'torch.compile' if compiled else 'torch eager'
+      if compiled:
+        model = torch.compile(model)
+      step = torch_gpt.make_train_step(model, opt, config.train.grad_clip)
+      t0 = time.perf_counter()
+      step(inputs, targets)  # eager: warm-up; compiled: compilation happens here
+      compile_s[name] = time.perf_counter() - t0 if compiled else 0.0
+      cands[name] = lambda step=step: step(inputs, targets)
+    times, peaks = interleave(cands, args.rounds, args.warmup, peak, progress=f'{size_name} ')
+    flops_per_step = 3 * fwd * b * t
+    rows = []
+    for name, ts in times.items():
+      rows.append(dict(impl=name, step_ms=_med(ts) * 1e3, step_ms_best=min(ts) * 1e3,
+                       tokens_per_sec=b * t / _med(ts), mfu=flops_per_step / _med(ts) / _med(peaks),
+                       mfu_best=flops_per_step / min(ts) / max(peaks), compile_s=compile_s[name],
+                       # per-round paired ratio: contention that varies over time cancels within a round
+                       speedup_of_effjax=_med([a / e for a, e in zip(ts, times['effjax'])]),
+                       speedup_of_effjax_best=min(ts) / min(times['effjax'])))
+    results.append(dict(size=size_name, batch=b, seq_len=t, flops_per_token_fwd=fwd, rows=rows,
+                        peak_flops_median=_med(peaks), peak_flops_best=max(peaks),
+                        times_s={k: list(v) for k, v in times.items()}))
+  return dict(sizes=results, torch=torch.__version__, torch_threads=threads)
+
+
+def run_compile(args) -> dict:
+  from experiments import bench_compile  # pylint: disable=import-outside-toplevel
+  if args.quick:
+    bench_compile.ROUNDS = 1
+    bench_compile.CASES = {k: v for k, v in bench_compile.CASES.items() if v[0] == 4}
+    bench_compile.RATIOS = {}
+    bench_compile.OUT = _quick_out(args)
+  bench_compile.main()
+  with open(os.path.join(bench_compile.OUT, 'bench_compile.json'), encoding='utf-8') as f:
+    return json.load(f)
+
+
+def run_structured(args) -> dict:
+  from experiments import bench_structured  # pylint: disable=import-outside-toplevel
+  if args.quick:
+    bench_structured.ROUNDS, bench_structured.BATCH = 1, 16
+    bench_structured.OUT = _quick_out(args)
+    rows = bench_structured.bench_fwht(64) + bench_structured.bench_layer(64, 256)
+    return dict(rows=rows, meta={})
+  bench_structured.main()
+  with open(os.path.join(bench_structured.OUT, 'bench_structured.json'), encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _quick_out(args):
+  import pathlib  # pylint: disable=import-outside-toplevel
+  return pathlib.Path(os.path.dirname(args.out) or '.') / 'quick'
+
+
+def run_sample(args) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from effjax import sample  # pylint: disable=import-outside-toplevel
+  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+  rows = []
+  for size_name, size in sizes_of(args).items():
+    config = bench_config('gpt', size)
+    m = config.model
+    model = build_model(m)
+    variables = {'params': nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']}
+    for batch in (1, 8):
+      prompt_len = min(16, m.max_len // 4)
+      new = m.max_len - prompt_len
+      prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, m.vocab_size, jnp.int32)
+      fns = {}
+      for name, fn in (('kv cache', sample.generate_cached), ('no cache', sample.generate_uncached)):
+        kw = dict(max_new_tokens=new, temperature=0.0)
+        t0 = time.perf_counter()
+        fn(model, variables, prompt, jax.random.key(2), **kw).block_until_ready()
+        fns[name] = (lambda fn=fn, kw=kw: fn(model, variables, prompt, jax.random.key(2), **kw).block_until_ready(),
+                     time.perf_counter() - t0)
+      out_c = sample.generate_cached(model, variables, prompt, jax.random.key(2), max_new_tokens=new,
+                                     temperature=0.0)
+      out_u = sample.generate_uncached(model, variables, prompt, jax.random.key(2), max_new_tokens=new,
+                                       temperature=0.0)
+      same = float((out_c == out_u).mean())
+      times, _ = interleave({k: v[0] for k, v in fns.items()}, max(args.rounds // 2, 1), 0,
+                            progress=f'{size_name} b{batch} ')
+      base = _med(times['no cache'])
+      for name, ts in times.items():
+        rows.append(dict(size=size_name, batch=batch, impl=name, prompt=prompt_len, new_tokens=new,
+                         ms=_med(ts) * 1e3, tokens_per_sec=batch * new / _med(ts),
+                         first_call_s=fns[name][1], speedup=base / _med(ts), greedy_agreement=same))
+  return dict(rows=rows)
+
+
+def run_memory(args) -> dict:
+  """One fresh subprocess per family (large size): RSS of compiling + two steps, XLA's analysis, the plan."""
+  rows = []
+  families = args.families.split(',') if args.families else FAMILIES
+  size_name, _ = list(sizes_of(args).items())[-1]
+  for fam in families:
+    with tempfile.NamedTemporaryFile('r', suffix='.json') as tmp:
+      cmd = [sys.executable, '-m', 'experiments.bench', '--_memory_child', fam, '--_child_out', tmp.name,
+             *(['--quick'] if args.quick else [])]
+      print(f'memory: {fam} {size_name}', flush=True)
+      subprocess.run(cmd, check=True)
+      rows.append(json.load(open(tmp.name, encoding='utf-8')))
+  return dict(rows=rows, size=size_name)
+
+
+def _memory_child(family: str, args) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  size_name, size = list(sizes_of(args).items())[-1]
+  config = bench_config(family, size)
+  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from effjax import state as state_lib, train  # pylint: disable=import-outside-toplevel
+  setup = state_lib.make_setup(config, devices=jax.devices()[:1])
+  state = setup.init_fn(jax.random.key(0))
+  b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+  tokens = np.random.default_rng(0).integers(0, v, size=(b, t + 1), dtype=np.int32)
+  batch = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, setup.batch_sharding)
+  compiled = train.make_train_step(setup, config).lower(state, batch).compile()
+  analysis = {}
+  try:
+    ma = compiled.memory_analysis()
+    analysis = {k: int(getattr(ma, k)) for k in ('temp_size_in_bytes', 'argument_size_in_bytes',
+                                                  'output_size_in_bytes', 'generated_code_size_in_bytes')
+                if hasattr(ma, k)}
+  except Exception as e:  # pylint: disable=broad-except
+    analysis = {'error': str(e)}
+  for _ in range(2):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  counts = accounting.param_counts(config.model)
+  row = dict(family=family, size=size_name, maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             rss_before_model_mb=rss0 / 1024, total_params=counts['total_params'],
+             trainable_params=counts['trainable_params'], xla=analysis)
+  try:
+    from effjax import memory  # pylint: disable=import-outside-toplevel
+    p = memory.plan(config, num_devices=1)
+    row['plan'] = {k: p[k] for k in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes',
+                                     'activation_bytes', 'total_bytes')}
+  except Exception as e:  # pylint: disable=broad-except
+    row['plan'] = {'error': str(e)}
+  return row
+
+
+RUNNERS = {'train': run_train, 'torch': run_torch, 'compile': run_compile, 'structured': run_structured,
+           'sample': run_sample, 'memory': run_memory}
+
+
+# ------------------------------------------------------------------------------------------------- markdown
+def _gf(x):
+  return f'{x / 1e9:.1f}'
+
+
+def markdown(results: dict) -> str:
+  out = ['# effjax benchmark suite', '',
+         'Generated by `python -m experiments.bench` (experiments/bench.py). 2-core CPU shared with other jobs: '
+         'candidates of one table were timed in interleaved rounds (contention hits them alike); `median` uses '
+         'the median step and the median peak of the same rounds, `best` the fastest of each.', '']
+  r = results.get('torch')
+  if r:
+    out += ['## effjax vs the PyTorch reference (same GPT, same batch, AdamW step included)', '',
+            f"torch {r['result']['torch']} with {r['result']['torch_threads']} threads; {r['meta']}", '',
+            '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
+            'effjax speedup over it (paired median) | (best/best) | compile s |',
+            '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for s in r['result']['sizes']:
+      for row in s['rows']:
+        out.append(f"| {s['size']} | {row['impl']} | {row['step_ms']:.1f} | {row['step_ms_best']:.1f} | "
+                   f"{row['tokens_per_sec']:,.0f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_best']:.1f}% | "
+                   f"{row['speedup_of_effjax']:.2f}x | {row['speedup_of_effjax_best']:.2f}x | "
+                   f"{row['compile_s']:.1f} |")
+      out.append(f"| {s['size']} | peak jitted f32 2048² matmul | | | | {_gf(s['peak_flops_median'])} GFLOP/s "
+                 f"(median) | {_gf(s['peak_flops_best'])} GFLOP/s (best) | | | |")
+    out.append('')
+  r = results.get('train')
+  if r:
+    res = r['result']
+    out += ['## Training throughput and MFU by family', '', f"{r['meta']}; peak matmul "
+            f"{_gf(res['peak_flops_median'])} GFLOP/s median, {_gf(res['peak_flops_best'])} best", '',
+            '| family | size | step ms (median) | tokens/s | model GFLOP/s | MFU (median) | MFU (best) | compile s |',
+            '|---|---|---:|---:|---:|---:|---:|---:|']
+    for row in res['rows']:
+      out.append(f"| {row['family']} | {row['size']} | {row['step_ms']:.1f} | {row['tokens_per_sec']:,.0f} | "
+                 f"{_gf(row['model_flops_per_sec'])} | {100 * row['mfu']:.1f}% | {100 * row['mfu_best']:.1f}% | "
+                 f"{row['compile_s']:.1f} |")
+    out += ['', 'Model FLOPs are each family\'s own forward FLOPs x 3 (structured layers at their true '
+            'O(n log n) cost, so FastFood\'s MFU is low by construction).', '']
+  r = results.get('sample')
+  if r:
+    out += ['## Sampling: KV cache vs no cache (greedy)', '', r['meta'], '',
+            '| size | batch | impl | prompt | new tokens | ms (median) | tokens/s | cache speedup | first call s | '
+            'greedy agreement |', '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
+    for row in r['result']['rows']:
+      out.append(f"| {row['size']} | {row['batch']} | {row['impl']} | {row['prompt']} | {row['new_tokens']} | "
+                 f"{row['ms']:.1f} | {row['tokens_per_sec']:,.0f} | {row['speedup']:.2f}x | "
+                 f"{row['first_call_s']:.1f} | {row['greedy_agreement']:.3f} |")
+    out.append('')
+  r = results.get('compile')
+  if r:
+    res = r['result']
+    out += ['## Compile times (experiments/bench_compile.py)', '', r['meta'], '',
+            '| stack | layers | lower s | compile s | StableHLO chars |', '|---|---:|---:|---:|---:|']
+    out += [f"| {x['case']} | {x['num_layers']} | {x['lower_s']:.2f} | {x['compile_s']:.2f} | {x['hlo_chars']:,} |"
+            for x in res.get('rows', [])]
+    if res.get('ratios'):
+      out += ['', '| ratio | compile | lower+compile |', '|---|---:|---:|']
+      out += [f"| {k} | {v['compile']:.2f}x | {v['lower+compile']:.2f}x |" for k, v in res['ratios'].items()]
+    out.append('')
+  r = results.get('structured')
+  if r:
+    out += ['## Structured layers vs dense (experiments/bench_structured.py)', '', r['meta'], '',
+            '| benchmark | shape | impl | ms | params | speedup vs dense |', '|---|---|---|---:|---:|---:|']
+    out += [f"| {x['bench']} | {x['shape']} | {x['impl']} | {x['ms']:.2f} | {x['params']:,} | {x['speedup']:.1f}x |"
+            for x in r['result']['rows']]
+    out.append('')
+  r = results.get('memory')
+  if r:
+    mb = lambda b: f'{b / 2**20:.0f}'
+    out += [f"## Peak memory of one training process ({r['result']['size']})", '', r['meta'], '',
+            '| family | params | peak RSS MB | XLA temp MB | XLA args MB | plan: params+grads+opt MB | '
+            'plan: activations MB |', '|---|---:|---:|---:|---:|---:|---:|']
+    for x in r['result']['rows']:
+      p, xla = x.get('plan', {}), x.get('xla', {})
+      pgo = sum(p.get(k, 0) for k in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes'))
+      out.append(f"| {x['family']} | {x['total_params']:,} | {x['maxrss_mb']:.0f} | "
+                 f"{mb(xla.get('temp_size_in_bytes', 0))} | {mb(xla.get('argument_size_in_bytes', 0))} | "
+                 f"{mb(pgo)} | {mb(p.get('activation_bytes', 0))} |")
+    out.append('')
+  rss = [(k, v['maxrss_mb'], v['wall_s']) for k, v in results.items() if 'maxrss_mb' in v]
+  if rss:
+    out += ['## Peak RSS and wall time of each sub-benchmark process', '', '| sub-benchmark | peak RSS MB | wall s |',
+            '|---|---:|---:|']
+    out += [f'| {k} | {m:.0f} | {w:.0f} |' for k, m, w in rss]
+    out.append('')
+  return '\n'.join(out)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def parse(argv):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--only', default=','.join(SUBS), help=f'comma-separated subset of {",".join(SUBS)}')
+  p.add_argument('--rounds', type=int, default=6, help='interleaved timing rounds')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--families', default='', help='train/memory: comma-separated subset of families')
+  p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument('--unrolled', action=argparse.BooleanOptionalAction, default=True,
+                 help='torch: also time effjax with scan_layers=False')
+  p.add_argument('--quick', action='store_true', help='tiny sizes (tests, smoke runs)')
+  p.add_argument('--out', default='experiments/results/bench', help='output prefix (.json / .md)')
+  p.add_argument('--_child', default='', help=argparse.SUPPRESS)
+  p.add_argument('--_memory_child', default='', help=argparse.SUPPRESS)
+  p.add_argument('--_child_out', default='', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  bad = [s for s in args.only.split(',') if s not in SUBS]
+  if bad:
+    p.error(f'--only: unknown sub-benchmark(s) {bad}; valid: {",".join(SUBS)}')
+  return args
+
+
+def _child_argv(args, name, out):
+  argv = [sys.executable, '-m', 'experiments.bench', '--_child', name, '--_child_out', out,
+          '--rounds', str(args.rounds), '--warmup', str(args.warmup), '--out', args.out]
+  if args.families:
+    argv += ['--families', args.families]
+  argv += ['--torch_compile' if args.torch_compile else '--no-torch_compile',
+           '--unrolled' if args.unrolled else '--no-unrolled']
+  return argv + (['--quick'] if args.quick else [])
+
+
+def main(argv=None) -> dict:
+  args = parse(argv)
+  if args._child or args._memory_child:
+    result = RUNNERS[args._child](args) if args._child else _memory_child(args._memory_child, args)
+    result['maxrss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(args._child_out, 'w', encoding='utf-8') as f:
+      json.dump(result, f, default=float)
+    return result
+  path = args.out + '.json'
+  results = {}
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      results = json.load(f)
+  selected = args.only.split(',')
+  for i, name in enumerate(selected):
+    print(f'== [{i + 1}/{len(selected)}] {name}  (load {load_average()})', flush=True)
+    before, t0 = load_average(), time.time()
+    with tempfile.NamedTemporaryFile('r', suffix='.json', delete=False) as tmp:
+      out = tmp.name
+    try:
+      subprocess.run(_child_argv(args, name, out), check=True)
+      with open(out, encoding='utf-8') as f:
+        result = json.load(f)
+    finally:
+      os.unlink(out)
+    results[name] = dict(result=result, wall_s=time.time() - t0, maxrss_mb=result.pop('maxrss_mb'),
+                         meta=f'load average {before[0]:.2f} before, {load_average()[0]:.2f} after; '
+                              f'{os.cpu_count()} CPUs; {time.strftime("%Y-%m-%d %H:%M")}',
+                         quick=args.quick)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(results, f, indent=1, default=float)
+    with open(args.out + '.md', 'w', encoding='utf-8') as f:
+      f.write(markdown(results))
+  print(markdown({k: results[k] for k in selected if k in results}))
+  return results
+
+
+if __name__ == '__main__':
+  main()

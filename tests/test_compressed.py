@@ -1,0 +1,189 @@
+"""lc-gpt and cc-gpt: the paper's parameter counts, widths, causality (cc-gpt with kernel 3 too), kernel-1 conv ==
+linear, the KV (and conv-state) cache, width errors, resume and the 8-device mesh."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import ccgpt, lcgpt
+from effjax import accounting, metrics, sample, train
+from effjax.errors import EffjaxError
+from effjax.models import build_model, compressed
+from tests.helpers import one_device
+
+V = 50
+CONFIGS = {'lcgpt': lcgpt, 'ccgpt': ccgpt}
+
+
+def model_config(family='lcgpt', **overrides):
+  m = CONFIGS[family].get_config('tiny').model
+  m.vocab_size = V
+  m.update(overrides)
+  return m
+
+
+def init(m, seed=0, length=16):
+  model = build_model(m)
+  return model, nn.unbox(model.init(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
+
+
+def run_config(family, corpus, **overrides):
+  c = CONFIGS[family].get_config('tiny')
+  c.data.corpus = corpus
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def close(a, b, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+def train_losses(workdir):
+  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# configs and counts
+
+def test_presets_build_and_unknown_preset_is_an_error():
+  for module, presets in ((lcgpt, ('', 'tiny', 'paper')), (ccgpt, ('', 'tiny', 'paper', 'k3'))):
+    for preset in presets:
+      c = module.get_config(preset)
+      c.model.vocab_size = c.model.vocab_size or 100
+      build_model(c.model)
+  assert ccgpt.get_config('k3').model.conv_kernel == 3
+  with pytest.raises(EffjaxError, match="unknown preset 'nope' for configs/ccgpt.py"):
+    ccgpt.get_config('nope')
+
+
+@pytest.mark.parametrize('module', [lcgpt, ccgpt])
+def test_paper_param_counts_exact(module):
+  """5.65 M / 21.54 MB for both: widths 384 → 192 → 96, a compressor after every 2 blocks, head 96 → V."""
+  s = accounting.summarize(module.get_config('paper'))
+  assert (s['total_params'], s['param_mb']) == (5_647_204, 21.54)
+  assert s['widths'] == [384, 192, 96] and s['head_width'] == 96
+  assert s['segment_params'] == [2 * 1_774_464, 2 * 444_864]
+  assert s['compressor_params'] == [384 * 192 + 192, 192 * 96 + 96]
+
+
+def test_segments_when_depth_is_not_a_multiple_of_n():
+  m = model_config(num_layers=5, d_model=64, compress_every=2)
+  assert compressed.segments(m) == [(64, 2), (32, 2), (16, 1)]
+  assert compressed.compressions(m) == [(64, 32), (32, 16)] and compressed.final_width(m) == 16
+  _, variables = init(m)
+  assert variables['params']['head']['head']['kernel'].shape == (16, V)
+  assert jax.tree.leaves(variables['params']['stack_2'])[0].shape[0] == 1
+
+
+def test_conv_kernel_scales_compressor_params_and_flops():
+  k1, k3 = model_config('ccgpt', conv_kernel=1), model_config('ccgpt', conv_kernel=3)
+  weights = sum(a * b for a, b in compressed.compressions(k1))
+  assert accounting.param_counts(k3)['total_params'] - accounting.param_counts(k1)['total_params'] == 2 * weights
+  assert accounting.flops_per_token(k3, 32) - accounting.flops_per_token(k1, 32) == 4 * weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# numerics
+
+@pytest.mark.parametrize('family,kernel,norm_position', [('lcgpt', 1, 'post'), ('ccgpt', 1, 'post'),
+                                                         ('ccgpt', 3, 'post'), ('ccgpt', 3, 'pre')])
+def test_causality_via_gradients(family, kernel, norm_position):
+  """d logits[t] / d input-embedding[t'] == 0 for t' > t; with kernel 3 the causal padding keeps it so."""
+  model, variables = init(model_config(family, conv_kernel=kernel, norm_position=norm_position))
+  tokens = jnp.arange(12, dtype=jnp.int32)[None] + 3
+  emb = variables['params']['embed']['embedding']
+  for t in (0, 5, 11):
+    def logits_at_t(table, t=t):
+      params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
+      return model.apply({'params': params}, tokens)[0, t].sum()
+
+    norms = np.asarray(jnp.abs(jax.grad(logits_at_t)(emb)[tokens[0]]).sum(-1))
+    assert np.all(norms[t + 1:] == 0.0), (t, norms)
+    assert np.all(norms[:t + 1] > 0.0), (t, norms)
+
+
+def test_causal_conv_sees_exactly_the_last_k_positions():
+  cfg = ml_collections.FrozenConfigDict(model_config('ccgpt'))
+  conv = compressed.CausalConv1d(cfg, features=4, kernel=3)
+  x = jax.random.normal(jax.random.key(0), (1, 10, 8))
+  params = conv.init(jax.random.key(1), x)
+  jac = jax.grad(lambda x: conv.apply(params, x)[0, 6, 0])(x)  # output position 6, channel 0
+  seen = np.flatnonzero(np.abs(np.asarray(jac[0])).sum(-1) > 0)
+  assert seen.tolist() == [4, 5, 6]
+
+
+def test_kernel1_conv_equals_linear_with_the_same_weights():
+  lc, cc = model_config('lcgpt'), model_config('ccgpt', conv_kernel=1)
+  lc_model, variables = init(lc)
+  params = dict(variables['params'])
+  for name in ('compress_0', 'compress_1'):
+    dense = params.pop(name)
+    params[name] = {'conv': {'kernel': dense['kernel'][None], 'bias': dense['bias']}}
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, V)
+  close(build_model(cc).apply({'params': params}, tokens), lc_model.apply(variables, tokens))
+
+
+@pytest.mark.parametrize('family,kernel', [('lcgpt', 1), ('ccgpt', 3)])
+def test_kv_cache_matches_full_recompute(family, kernel):
+  m = model_config(family, conv_kernel=kernel)
+  model, variables = init(m)
+  prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, V)
+  kw = dict(max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0)
+  cached = sample.generate_cached(model, variables, prompt, jax.random.key(0), **kw)
+  uncached = sample.generate_uncached(model, variables, prompt, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+  seq = jnp.concatenate([prompt, cached], axis=1)
+  full = model.apply(variables, seq)
+  cache = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), seq[:, :1], decode=True)['cache'])
+  steps = []
+  for i in range(seq.shape[1]):
+    logits, mutated = model.apply({**variables, 'cache': cache}, seq[:, i:i + 1], decode=True, mutable=['cache'])
+    cache = mutated['cache']
+    steps.append(logits[:, 0])
+  close(jnp.stack(steps, 1), full, atol=2e-5)
+
+
+@pytest.mark.parametrize('overrides,pattern', [
+    ({'d_model': 48, 'num_heads': 4, 'num_layers': 6}, r'model.compress_factor=2 does not divide the width 12'),
+    ({'d_model': 64, 'num_heads': 8, 'num_layers': 6}, r'model.num_heads=8 does not divide the compressed width 4'),
+    ({'compress_factor': 1}, r'model.compress_factor=1 is invalid'),
+    ({'compress_every': 0}, r'model.compress_every=0 is invalid'),
+    ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit lcgpt'),
+])
+def test_bad_widths_are_one_line_errors(overrides, pattern):
+  with pytest.raises(EffjaxError, match=pattern):
+    build_model(model_config('lcgpt', **overrides))
+
+
+def test_bad_conv_kernel_is_an_error():
+  with pytest.raises(EffjaxError, match=r'model.conv_kernel=0 is invalid'):
+    build_model(model_config('ccgpt', conv_kernel=0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training loop
+
+@pytest.mark.parametrize('family,kernel', [('lcgpt', 1), ('ccgpt', 3)])
+def test_resume_and_8_device_mesh(tmp_path, corpus_dir, family, kernel):
+  """stop_at + resume == straight (dropout on), and a 1x1x1 mesh == data=2 x fsdp=4 (tol 1e-5)."""
+  overrides = {'train.steps': 8, 'train.log_every': 1, 'checkpoint.every': 4, 'model.dropout': 0.1,
+               'model.conv_kernel': kernel}
+  mesh8 = {'mesh.data': 2, 'mesh.fsdp': 4}
+  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8), str(tmp_path / 'straight'))
+  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8, **{'train.stop_at': 3}),
+                           str(tmp_path / 'resumed'))
+  assert max(train_losses(tmp_path / 'resumed')) == 3
+  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8), str(tmp_path / 'resumed'))
+  straight, resumed = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'resumed')
+  assert [straight[s] for s in range(1, 9)] == [resumed[s] for s in range(1, 9)]
+  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **{'mesh.data': 1}),
+                           str(tmp_path / 'one'), devices=one_device())
+  one = train_losses(tmp_path / 'one')
+  np.testing.assert_allclose([one[s] for s in range(1, 9)], [straight[s] for s in range(1, 9)], atol=1e-5)
