@@ -28,6 +28,7 @@ class Checkpointer:
   """`read_only=True` for eval, sample and export: nothing is created, cleaned up or saved in the workdir."""
 
   def __init__(self, directory: str, keep: int, read_only: bool = False):
+    quiet_aborted_restore_callbacks()
     self.directory = os.path.abspath(directory) if '://' not in directory else directory
     self._mgr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -82,9 +83,10 @@ _QUIET_HOOK_INSTALLED = False
 
 
 def quiet_aborted_restore_callbacks() -> None:
-  """After a failed restore, tensorstore completes the remaining reads and calls back into the asyncio loop that
-  orbax already closed: each callback reports "RuntimeError: Event loop is closed" through sys.unraisablehook
-  (a screen of tracebacks that hides the real one-line warning). Drops exactly those reports, for this process."""
+  """When a restore fails (a corrupt file), tensorstore completes the remaining reads and calls back into the
+  asyncio loop that orbax already closed: each callback reports "RuntimeError: Event loop is closed" through
+  sys.unraisablehook (a screen of tracebacks that hides the real one-line message). Installed before any
+  restore, this drops exactly those reports (nothing else) for the rest of the process."""
   global _QUIET_HOOK_INSTALLED  # pylint: disable=global-statement
   if _QUIET_HOOK_INSTALLED:
     return
@@ -292,11 +294,11 @@ def load_export(export_dir: str):
   abstract.pop('cache', None)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  quiet_aborted_restore_callbacks()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       variables = ckptr.restore(os.path.join(os.path.abspath(export_dir), 'variables'), abstract)
   except Exception as e:  # pylint: disable=broad-except
-    quiet_aborted_restore_callbacks()
     raise EffjaxError(f'export variables in {export_dir!r} are unreadable or do not match its config '
                       f'({type(e).__name__}: {_short(e)})') from None
   return model, variables, config

@@ -61,9 +61,45 @@ def parse_flags(argv):
       FLAGS.config.to_dict()  # a config file that failed to load reports it only on first use: report it now
     return remaining
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, EffjaxError) as e:
-    fail(_one_line(e))
+    if isinstance(e, OSError):
+      fail(f'--config could not be loaded ({_one_line(e).strip()})')
+    detail = _unknown_override(argv) if isinstance(e, (AttributeError, KeyError)) else None
+    fail(detail or _one_line(e))
   except SystemExit:
     raise
+  return None
+
+
+def _unknown_override(argv) -> str | None:
+  """For an unknown --config.a.b override: which key does not exist, and the valid keys at that level."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith(('--config=', '-config='))), None)
+  if not spec:
+    return None
+  path, _, preset = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location('_effjax_config_probe', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    match = re.match(r'^--?(?:no)?config\.([^=]+)', arg)
+    if not match:
+      continue
+    node, parts = config, match.group(1).split('.')
+    for i, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      where = '.'.join(['config', *parts[:i]])
+      if isinstance(node, ml_collections.ConfigDict):
+        return (f'--config.{match.group(1)} is unknown: {where} has no key {part!r}; valid keys: '
+                f'{", ".join(sorted(node.keys()))}')
+      return f'--config.{match.group(1)} is unknown: {where} is a {type(node).__name__} value, not a section'
   return None
 
 

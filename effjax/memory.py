@@ -239,7 +239,7 @@ def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, k
 
 
 def format_plan(p: dict, accelerator: str = '') -> str:
-  g = lambda b: f'{b / GiB:9.3f} GiB'
+  g = lambda b: f'{b / GiB:9.3f} GiB' if b >= GiB / 10 else f'{b / 2**20:9.3f} MiB'
   mesh = ' x '.join(f'{k}={v}' for k, v in p['mesh'].items())
   where = f' ({accelerator})' if accelerator else ''
   lines = [f'per-device memory on {p["devices"]} device(s){where}, mesh {mesh}; {p["rows_per_device"]:g} rows '

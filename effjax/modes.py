@@ -28,9 +28,10 @@ def run_summary(config, flags) -> None:
   if config.model.vocab_size == 0:
     config.model.vocab_size = _vocab_without_corpus(config, flags.workdir)
   summary = accounting.summarize(config)
+  if flags.workdir:  # an unwritable workdir fails before anything is printed
+    train.prepare_workdir(flags.workdir)
   print(accounting.format_table(summary))
   if flags.workdir:
-    train.prepare_workdir(flags.workdir)
     checkpoint.write_json_atomic(os.path.join(flags.workdir, 'summary.json'), summary)
 
 
@@ -48,9 +49,10 @@ def run_memory(config, flags) -> None:
       raise EffjaxError(f'--devices={flags.devices} is invalid; it must be a positive integer')
     devices = flags.devices
   result = memory.plan(config, devices, hbm, kind)
+  if flags.workdir:  # an unwritable workdir fails before anything is printed
+    train.prepare_workdir(flags.workdir)
   print(memory.format_plan(result, flags.accelerator or ''))
   if flags.workdir:
-    train.prepare_workdir(flags.workdir)
     checkpoint.write_json_atomic(os.path.join(flags.workdir, 'memory.json'), result)
 
 

@@ -250,7 +250,6 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
     try:
       state, meta = ckpt.restore(step, setup.abstract_state, data_iterator)
     except Exception as e:  # pylint: disable=broad-except
-      checkpoint.quiet_aborted_restore_callbacks()
       bad.append((step, _first_line(e)))
       logging.warning('checkpoint step %d in %s failed to restore (%s); trying an older one', step, where,
                       bad[-1][1])

@@ -414,12 +414,13 @@ def markdown(results: dict) -> str:
   if r:
     mb = lambda b: f'{b / 2**20:.0f}'
     out += [f"## Peak memory of one training process ({r['result']['size']})", '', r['meta'], '',
-            '| family | params | peak RSS MB | XLA temp MB | XLA args MB | plan: params+grads+opt MB | '
-            'plan: activations MB |', '|---|---:|---:|---:|---:|---:|---:|']
+            '| family | params | peak RSS MB | RSS growth after imports MB | XLA temp MB | XLA args MB | '
+            'plan: params+grads+opt MB | plan: activations MB |', '|---|---:|---:|---:|---:|---:|---:|---:|']
     for x in r['result']['rows']:
       p, xla = x.get('plan', {}), x.get('xla', {})
       pgo = sum(p.get(k, 0) for k in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes'))
       out.append(f"| {x['family']} | {x['total_params']:,} | {x['maxrss_mb']:.0f} | "
+                 f"{x['maxrss_mb'] - x['rss_before_model_mb']:.0f} | "
                  f"{mb(xla.get('temp_size_in_bytes', 0))} | {mb(xla.get('argument_size_in_bytes', 0))} | "
                  f"{mb(pgo)} | {mb(p.get('activation_bytes', 0))} |")
     out.append('')

@@ -87,7 +87,8 @@ def main():
     rows.append(dict(case=name, num_layers=layers, share_layers=share, num_groups=groups, scan=scan, **med,
                      total_s=med['lower_s'] + med['compile_s'], hlo_chars=runs[name][0]['hlo_chars']))
   by = {r['case']: r for r in rows}
-  ratios = {k: {'compile': by[a]['compile_s'] / by[b]['compile_s'], 'lower+compile': by[a]['total_s'] / by[b]['total_s'],
+  ratios = {k: {'compile': by[a]['compile_s'] / by[b]['compile_s'],
+                'lower+compile': by[a]['total_s'] / by[b]['total_s'],
                 'hlo_size': by[a]['hlo_chars'] / by[b]['hlo_chars']} for k, (a, b) in RATIOS.items()}
   meta = dict(jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(), rounds=ROUNDS,
               loadavg_before=load_before, loadavg_after=load_after,

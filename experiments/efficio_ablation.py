@@ -1,9 +1,9 @@
 """GPT-Efficio ablation on the embedded Python corpus: `python -m experiments.efficio_ablation`.
 
-Cross-layer sharing {all, none} × embedding factorization {E=64, off}, plus sharing in G=2 / 4 groups and a small
-sweep of E, all at one CPU-sized scale (8 layer applications, d_model 96, ctx 64, BPE 2048, batch 16) and equal
-steps, same seed and same batches. Every run is the standard `train.train_and_evaluate` on a configs/efficio.py
-preset with the same scale overrides. Writes experiments/results/efficio_ablation.{md,json,png}.
+Cross-layer sharing {all, none} × embedding factorization {E=64, off}, plus sharing in G=2 / 4 groups (and
+with --sweep_e E=16, 32), all at one CPU-sized scale (8 layer applications, d_model 96, ctx 64, BPE 2048,
+batch 16) and equal steps, same seed and same batches. Every run is the standard `train.train_and_evaluate`
+on a configs/efficio.py preset with the same scale overrides. Writes experiments/results/efficio_ablation.{md,json,png}.
 """
 import argparse
 import json
@@ -35,6 +35,8 @@ RUNS = {
     'neither (baseline)': ('baseline', {}),
     'groups G=2 + E=64': ('groups2', {}),
     'groups G=4 + E=64': ('groups4', {}),
+}
+SWEEP_E = {  # --sweep_e
     'share all + E=16': ('', {'embed_dim': 16}),
     'share all + E=32': ('', {'embed_dim': 32}),
 }
@@ -88,7 +90,8 @@ def write_outputs(rows: list[dict], meta: dict) -> str:
                  f"{r['trainable_params']:,} | {r['embedding_params']:,} | {r['flops_per_token'] / 1e6:.2f} M | "
                  f"{r['final_val_loss']:.4f} | {r['final_val_bpb']:.3f} | {r['tokens_per_sec']:,.0f} | "
                  f"{r['wall_s']:.0f} |")
-  lines += ['', f"{meta['steps']} steps × {meta['tokens_per_step']:,} tokens, seed 0, same batches for every run; "
+  lines += ['', f"`{meta['command']}`: {meta['steps']} steps × {meta['tokens_per_step']:,} tokens, seed 0, "
+            'same batches for every run; '
             f"{meta['scale']}. jax {meta['jax']} on {meta['device']} ({meta['cpus']} CPUs); total "
             f"{meta['total_wall_s'] / 60:.1f} min; load average before/after {meta['loadavg_before'][0]:.2f}/"
             f"{meta['loadavg_after'][0]:.2f} (shared machine: other jobs were running, so tokens/s and wall "
@@ -126,9 +129,11 @@ def plot(rows, path):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=300)
+  parser.add_argument('--sweep_e', action='store_true', help='also E=16 and E=32 with sharing (2 more runs)')
   parser.add_argument('--runs', default='', help='comma-separated labels (default: all)')
   args = parser.parse_args()
-  runs = {k: v for k, v in RUNS.items() if not args.runs or k in args.runs.split(',')}
+  candidates = {**RUNS, **(SWEEP_E if args.sweep_e else {})}
+  runs = {k: v for k, v in candidates.items() if not args.runs or k in args.runs.split(',')}
   load_before, t0 = os.getloadavg(), time.time()
   rows = []
   with tempfile.TemporaryDirectory(prefix='efficio_ablation_') as root:
@@ -140,7 +145,10 @@ def main():
       rows.append(run_one(label, make_config(preset, overrides, args.steps), data_cache, root))
       print(f"   val loss {rows[-1]['final_val_loss']:.4f}, {rows[-1]['total_params']:,} params, "
             f"{rows[-1]['wall_s']:.0f} s", flush=True)
-  meta = dict(steps=args.steps, tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+  command = ('python -m experiments.efficio_ablation' + (' --sweep_e' if args.sweep_e else '')
+             + (f' --steps={args.steps}' if args.steps != 300 else ''))
+  meta = dict(command=command, steps=args.steps,
+              tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
               scale=('8 layer applications, d_model 96, 4 heads, ctx 64, BPE vocab 2048 on the embedded corpus '
                      '(2 MB), batch 16, AdamW lr 2e-3 cosine'),
               jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),

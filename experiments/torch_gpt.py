@@ -195,7 +195,7 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_cli
     if grad_clip:
       torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss
+    return loss.detach()
   return step
 
 

@@ -26,7 +26,7 @@ def model_config(family='lcgpt', **overrides):
 
 def init(m, seed=0, length=16):
   model = build_model(m)
-  return model, nn.unbox(model.init(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
 
 
 def run_config(family, corpus, **overrides):
@@ -43,6 +43,23 @@ def run_config(family, corpus, **overrides):
 
 def close(a, b, atol=1e-5):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+def assert_causal(model, variables, tokens_1xT, positions=(0, 5, 11)):
+  """|d logits[t] / d embedding-row(token at t')| summed: zero for every t' > t, non-zero for t' <= t.
+
+  Every position holds a distinct token, so a row of the token table is one position's input."""
+  emb = variables['params']['embed']['embedding']
+
+  def logits_at(table, t):
+    params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
+    return model.apply({**variables, 'params': params}, tokens_1xT)[0, t].sum()
+
+  grads = jax.jit(jax.vmap(jax.grad(logits_at), in_axes=(None, 0)))(emb, jnp.asarray(positions))
+  norms = np.asarray(jnp.abs(grads[:, tokens_1xT[0]]).sum(-1))
+  for t, row in zip(positions, norms):
+    assert np.all(row[t + 1:] == 0.0), (t, row)
+    assert np.all(row[:t + 1] > 0.0), (t, row)
 
 
 def train_losses(workdir):
@@ -77,9 +94,9 @@ def test_segments_when_depth_is_not_a_multiple_of_n():
   m = model_config(num_layers=5, d_model=64, compress_every=2)
   assert compressed.segments(m) == [(64, 2), (32, 2), (16, 1)]
   assert compressed.compressions(m) == [(64, 32), (32, 16)] and compressed.final_width(m) == 16
-  _, variables = init(m)
-  assert variables['params']['head']['head']['kernel'].shape == (16, V)
-  assert jax.tree.leaves(variables['params']['stack_2'])[0].shape[0] == 1
+  shapes = jax.eval_shape(build_model(m).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  assert nn.unbox(shapes)['head']['head']['kernel'].shape == (16, V)
+  assert jax.tree.leaves(nn.unbox(shapes)['stack_2'])[0].shape[0] == 1  # one block at width 16
 
 
 def test_conv_kernel_scales_compressor_params_and_flops():
@@ -98,15 +115,7 @@ def test_causality_via_gradients(family, kernel, norm_position):
   """d logits[t] / d input-embedding[t'] == 0 for t' > t; with kernel 3 the causal padding keeps it so."""
   model, variables = init(model_config(family, conv_kernel=kernel, norm_position=norm_position))
   tokens = jnp.arange(12, dtype=jnp.int32)[None] + 3
-  emb = variables['params']['embed']['embedding']
-  for t in (0, 5, 11):
-    def logits_at_t(table, t=t):
-      params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
-      return model.apply({'params': params}, tokens)[0, t].sum()
-
-    norms = np.asarray(jnp.abs(jax.grad(logits_at_t)(emb)[tokens[0]]).sum(-1))
-    assert np.all(norms[t + 1:] == 0.0), (t, norms)
-    assert np.all(norms[:t + 1] > 0.0), (t, norms)
+  assert_causal(model, variables, tokens)
 
 
 def test_causal_conv_sees_exactly_the_last_k_positions():
@@ -141,18 +150,21 @@ def test_kv_cache_matches_full_recompute(family, kernel):
   np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
   seq = jnp.concatenate([prompt, cached], axis=1)
   full = model.apply(variables, seq)
-  cache = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), seq[:, :1], decode=True)['cache'])
+  cache = jax.eval_shape(lambda: model.init(jax.random.key(0), seq[:, :1], decode=True))['cache']
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
+  one_token = jax.jit(lambda cache, tok: model.apply({**variables, 'cache': cache}, tok, decode=True,
+                                                     mutable=['cache']))
   steps = []
-  for i in range(seq.shape[1]):
-    logits, mutated = model.apply({**variables, 'cache': cache}, seq[:, i:i + 1], decode=True, mutable=['cache'])
+  for i in range(seq.shape[1]):  # one token at a time through the KV cache and the conv state
+    logits, mutated = one_token(cache, seq[:, i:i + 1])
     cache = mutated['cache']
     steps.append(logits[:, 0])
   close(jnp.stack(steps, 1), full, atol=2e-5)
 
 
 @pytest.mark.parametrize('overrides,pattern', [
-    ({'d_model': 48, 'num_heads': 4, 'num_layers': 6}, r'model.compress_factor=2 does not divide the width 12'),
-    ({'d_model': 64, 'num_heads': 8, 'num_layers': 6}, r'model.num_heads=8 does not divide the compressed width 4'),
+    ({'d_model': 12, 'num_heads': 3, 'num_layers': 6}, r'model.compress_factor=2 does not divide the width 3 '),
+    ({'d_model': 48, 'num_heads': 8, 'num_layers': 6}, r'model.num_heads=8 does not divide the compressed width 12'),
     ({'compress_factor': 1}, r'model.compress_factor=1 is invalid'),
     ({'compress_every': 0}, r'model.compress_every=0 is invalid'),
     ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit lcgpt'),

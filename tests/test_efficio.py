@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from configs import efficio
 from effjax import accounting, checkpoint, metrics, modes, sample, state as state_lib, train
@@ -223,9 +222,10 @@ def test_groups_and_factorization_on_8_device_mesh_resume_and_export(tmp_path, c
                'model.num_groups': 2, 'model.embed_dim': 16, 'model.dropout': 0.1}
   setup = state_lib.make_setup(run_config(corpus_dir, **overrides, **mesh, **{'model.vocab_size': 64}))
   shardings = setup.state_shardings.params
-  assert shardings['stack']['groups']['shared']['mlp']['fc']['kernel'].spec == P(None, 'fsdp', 'tensor')
-  assert shardings['embed']['projection'].spec == P(None, 'fsdp')
-  assert shardings['embed']['embedding'].spec == P('tensor', None)
+  sharded = lambda spec: any(axis is not None for axis in spec)
+  group_kernel = shardings['stack']['groups']['shared']['mlp']['fc']['kernel'].spec
+  assert group_kernel[0] is None and sharded(group_kernel)  # the G axis ('layers') stays whole, the block shards
+  assert all(sharded(shardings['embed'][k].spec) for k in ('embedding', 'projection')), shardings['embed']
 
   train.train_and_evaluate(run_config(corpus_dir, **overrides, **mesh), str(tmp_path / 'straight'))
   train.train_and_evaluate(run_config(corpus_dir, **overrides, **mesh, **{'train.stop_at': 5}),

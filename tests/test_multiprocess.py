@@ -56,9 +56,12 @@ def finished_checkpoints(workdir) -> list[int]:
 def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir):
   workdir = str(tmp_path / 'mp')
   args = cli_args(workdir, corpus_dir)
+  # The resumed run compiles the same programs as the killed one: a persistent compilation cache skips that.
+  env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
   # 1. Start 2 processes; SIGKILL both mid-run, once a checkpoint is final and training has gone past it.
-  procs = start_local(args, num_processes=2, devices_per_process=4, cwd=ROOT, sink=None)
+  procs = start_local(args, num_processes=2, devices_per_process=4, env=env, cwd=ROOT, sink=None)
   try:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
@@ -78,8 +81,10 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
   assert saved and killed_at < STEPS, (saved, killed_at)
 
   # 2. Resume: the same command picks up the newest complete checkpoint and runs to the end.
-  procs = start_local(args, num_processes=2, devices_per_process=4, cwd=ROOT, sink=None)
+  started = time.monotonic()
+  procs = start_local(args, num_processes=2, devices_per_process=4, env=env, cwd=ROOT, sink=None)
   codes = wait_all(procs, timeout=300)
+  print(f'resumed run: {time.monotonic() - started:.1f} s')
   output = '\n'.join(p.output[-3000:] for p in procs)
   assert codes == [0, 0], output
   resumed_from = [int(line.split('start at step ')[1].split()[0]) for line in procs[0].lines

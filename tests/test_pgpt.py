@@ -12,7 +12,7 @@ import pytest
 
 from configs import gpt as gpt_config
 from configs import pgpt
-from effjax import accounting, metrics, modes, sample, sharding, train
+from effjax import accounting, metrics, modes, sample, train
 from effjax.data import pipeline
 from effjax.errors import EffjaxError
 from effjax.models import build_model, layers, parallel
@@ -36,7 +36,7 @@ def variant(m, **overrides):
 
 def init(m, seed=0, length=16):
   model = build_model(m)
-  variables = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
+  variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
   # distinct mixing weights, so a wrong renormalisation cannot pass by symmetry
   logits = jnp.linspace(-0.7, 0.9, m.num_branches)
   return model, {**variables, 'params': {**variables['params'], 'branch_logits': logits}}
@@ -56,6 +56,23 @@ def run_config(corpus, **overrides):
 
 def close(a, b, atol=1e-5):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+def assert_causal(model, variables, tokens_1xT, positions=(0, 5, 11)):
+  """|d logits[t] / d embedding-row(token at t')| summed: zero for every t' > t, non-zero for t' <= t.
+
+  Every position holds a distinct token, so a row of the token table is one position's input."""
+  emb = variables['params']['embed']['embedding']
+
+  def logits_at(table, t):
+    params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
+    return model.apply({**variables, 'params': params}, tokens_1xT)[0, t].sum()
+
+  grads = jax.jit(jax.vmap(jax.grad(logits_at), in_axes=(None, 0)))(emb, jnp.asarray(positions))
+  norms = np.asarray(jnp.abs(grads[:, tokens_1xT[0]]).sum(-1))
+  for t, row in zip(positions, norms):
+    assert np.all(row[t + 1:] == 0.0), (t, row)
+    assert np.all(row[:t + 1] > 0.0), (t, row)
 
 
 def train_losses(workdir):
@@ -110,15 +127,7 @@ def test_causality_via_gradients(form, impl, norm_position):
   """d logits[t] / d input-embedding[t'] is exactly zero for t' > t (and non-zero for t' <= t)."""
   model, variables = init(model_config(branch_input=form, branch_impl=impl, norm_position=norm_position))
   tokens = jnp.arange(12, dtype=jnp.int32)[None] + 3  # distinct tokens: an embedding row is one position
-  emb = variables['params']['embed']['embedding']
-  for t in (0, 5, 11):
-    def logits_at_t(table, t=t):
-      params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
-      return model.apply({'params': params}, tokens)[0, t].sum()
-
-    norms = np.asarray(jnp.abs(jax.grad(logits_at_t)(emb)[tokens[0]]).sum(-1))
-    assert np.all(norms[t + 1:] == 0.0), (t, norms)
-    assert np.all(norms[:t + 1] > 0.0), (t, norms)
+  assert_causal(model, variables, tokens)
 
 
 def _branch_alone(m, params, i, tokens):
@@ -237,15 +246,15 @@ def test_resume_mesh_and_selective_eval(tmp_path, corpus_dir):
   one = train_losses(tmp_path / 'one')
   np.testing.assert_allclose([one[s] for s in range(1, 9)], [straight[s] for s in range(1, 9)], atol=1e-5)
 
+  config = run_config(corpus_dir, **overrides, **mesh8, **{'model.active_branches': (1,)})
+  _, state, config, _, _ = modes.restore_trained(config, str(tmp_path / 'straight'))
+  bundle, _ = train.load_data(config, str(tmp_path / 'straight'))
+  batch = next(iter(pipeline.eval_batches(bundle.val_tokens, seq_len=32, batch_size=8, max_batches=1)))
+  variables = jax.device_get(state.variables())
   losses = {}
   for active in ((), (0,), (1,)):
-    config = run_config(corpus_dir, **overrides, **mesh8, **{'model.active_branches': active})
-    setup, state, config, _, _ = modes.restore_trained(config, str(tmp_path / 'straight'))
-    bundle, _ = train.load_data(config, str(tmp_path / 'straight'))
-    divisor = sharding.batch_divisor(setup.mesh, setup.rules)
-    batches = [train.eval_rows(b, divisor) for b in
-               pipeline.eval_batches(bundle.val_tokens, seq_len=32, batch_size=8, max_batches=1)]
-    losses[active] = train.evaluate_loss(setup, state, batches)
+    model = build_model(variant(config.model, active_branches=active))
+    losses[active] = float(train.cross_entropy(jax.jit(model.apply)(variables, batch['inputs']), batch['targets']))
   assert len({round(v, 6) for v in losses.values()}) == 3, losses
 
 

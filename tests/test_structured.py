@@ -11,10 +11,14 @@ import scipy.linalg
 from effjax.models import structured as st
 
 
+def _randn(seed, *shape):
+  """Test inputs from numpy: jax.random would compile a sampler for every new shape."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _init(module, d_in, seed=0, batch=(3,)):
-  x = jax.random.normal(jax.random.key(seed + 1), (*batch, d_in))
-  # lazy_init runs the forward pass abstractly: params without compiling the layer twice.
-  return nn.unbox(module.lazy_init(jax.random.key(seed), jax.ShapeDtypeStruct(x.shape, x.dtype))), x
+  x = _randn(seed + 1, *batch, d_in)
+  return nn.unbox(jax.jit(module.init)(jax.random.key(seed), x)), x  # one compile beats eager samplers
 
 
 SIZES = [2 ** k for k in range(14)]
@@ -32,7 +36,7 @@ def _n_params(variables):
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_fwht_matches_scipy(dtype):
   """n = 1, 2, 4, ..., 8192 (one jit for all sizes: compiling 14 programs would dominate the test time)."""
-  xs = {n: jax.random.normal(jax.random.key(n), (4 if n <= 1024 else 2, n)).astype(dtype) for n in SIZES}
+  xs = {n: _randn(n, 4 if n <= 1024 else 2, n).astype(dtype) for n in SIZES}
   outs = jax.jit(lambda xs: {n: st.fwht(x) for n, x in xs.items()})(xs)
   for n, x in xs.items():
     cols = np.arange(n) if n <= 1024 else np.random.default_rng(0).choice(n, 256, replace=False)
@@ -43,14 +47,14 @@ def test_fwht_matches_scipy(dtype):
 
 
 def test_fwht_jit_batched_leading_axes():
-  x = jax.random.normal(jax.random.key(0), (2, 3, 64))
+  x = _randn(0, 2, 3, 64)
   np.testing.assert_allclose(jax.jit(st.fwht)(x), x @ scipy.linalg.hadamard(64), rtol=1e-5, atol=1e-4)
 
 
 def test_fwht_grad_is_transform():
   n = 256
-  x = jax.random.normal(jax.random.key(0), (3, n))
-  g = jax.random.normal(jax.random.key(1), (3, n))
+  x = _randn(0, 3, n)
+  g = _randn(1, 3, n)
   h = scipy.linalg.hadamard(n).astype(np.float32)
   _, vjp = jax.vjp(st.fwht, x)
   np.testing.assert_allclose(vjp(g)[0], g @ h.T, rtol=1e-5, atol=1e-3)
@@ -71,11 +75,11 @@ def test_fastfood_equals_its_dense_matrix(d_in, d_out):
   48 -> 200 pads to n = 64 and stacks 4 blocks (truncating 256 -> 200 outputs)."""
   layer = st.AdaptiveFastFood(d_out)
   variables, x = _init(layer, d_in)
-  variables['params']['bias'] = jax.random.normal(jax.random.key(5), (d_out,))
-  w = st.fastfood_dense_matrix(layer, variables, d_in)
-  assert w.shape == (d_in, d_out)
-  want = x @ w + variables['params']['bias']
-  np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), want, rtol=1e-4, atol=1e-4)
+  variables['params']['bias'] = _randn(5, d_out)
+  # One compiled apply on [I; 0; x] (what fastfood_dense_matrix does) gives W and the layer's output on x.
+  y = jax.jit(layer.apply)(variables, jnp.concatenate([jnp.eye(d_in), jnp.zeros((d_in, d_in)), x]))
+  w = y[:d_in] - y[d_in:2 * d_in]
+  np.testing.assert_allclose(y[2 * d_in:], x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
 
   p, perm = variables['params'], np.asarray(variables['constants']['perm'])
   k, n = perm.shape
@@ -99,7 +103,7 @@ def test_fastfood_custom_vjps_match_plain_autodiff():
     y = (u * p['g']) @ h * p['s'] / np.sqrt(n * 48)
     return y.reshape(3, 4 * n)[:, :200] + p['bias']
 
-  w = jax.random.normal(jax.random.key(9), (3, 200))
+  w = _randn(9, 3, 200)
   loss = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) * w), argnums=(0, 1)))
   got = loss(lambda p, x: layer.apply({**variables, 'params': p}, x))(variables['params'], x)
   want = loss(reference)(variables['params'], x)
@@ -132,12 +136,12 @@ def test_fastfood_permutation_is_constant_and_differs_between_layers():
   assert sorted(np.asarray(perm_a[0]).tolist()) == list(range(64))
   assert not np.array_equal(perm_a, perm_b)
   # perm_seed: reproducible whatever the rng, still different per layer path.
-  seeded = [jax.jit(Two(perm_seed=3).init)(jax.random.key(k), x)['constants'] for k in (0, 1)]
+  seeded = [_init(Two(perm_seed=3), 64, seed=k)[0]['constants'] for k in (0, 1)]
   assert np.array_equal(seeded[0]['a']['perm'], seeded[1]['a']['perm'])
   assert not np.array_equal(seeded[0]['a']['perm'], seeded[0]['b']['perm'])
 
 
-@pytest.mark.parametrize('d_in,d_out', [(48, 200), (256, 1024), (1024, 256)])
+@pytest.mark.parametrize('d_in,d_out', [(48, 200), (1024, 256)])
 def test_fastfood_init_keeps_unit_activation_scale(d_in, d_out):
   layer = st.AdaptiveFastFood(d_out)
   variables, x = _init(layer, d_in, batch=(256,))
@@ -181,6 +185,10 @@ def test_blockdiag_kind_is_block_diag_then_hadamard_and_counts_match():
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 32)
   np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), x @ want + variables['params']['bias'],
                              rtol=1e-5, atol=1e-5)
+
+
+def test_fastfood_dense_matrix_is_the_generic_helper():
+  assert st.fastfood_dense_matrix is st.dense_matrix
 
 
 def test_make_dense_rejects_unknown_kind():
@@ -235,9 +243,12 @@ def test_jit_and_grad_work_through_every_layer(kind):
   assert leaves and all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in leaves)
 
 
-def test_block_diagonal_mlp_runs_with_grad():
+def test_block_diagonal_mlp_is_seed_structure():
+  """Seed Fig. 5: block-diag (mixed by block-Hadamard) -> GELU -> block-diag; 1/num_blocks of the dense params."""
   mlp = st.BlockDiagonalMLP(hidden=64, features=16)
   variables, x = _init(mlp, 16)
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(mlp.apply({'params': p}, x) ** 2)))(variables['params'])
-  assert jax.jit(mlp.apply)(variables, x).shape == (3, 16) and set(grads) == {'fc', 'proj'}
+  p = variables['params']
+  fc = np.asarray(x) @ scipy.linalg.block_diag(*p['fc']['kernel']) @ np.kron(scipy.linalg.hadamard(4), np.eye(16)) / 2
+  want = np.asarray(nn.gelu(fc + p['fc']['bias'])) @ scipy.linalg.block_diag(*p['proj']['kernel']) + p['proj']['bias']
+  np.testing.assert_allclose(jax.jit(mlp.apply)(variables, x), want, rtol=1e-4, atol=1e-4)
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 64) + st.dense_params('blockdiag', 64, 16)

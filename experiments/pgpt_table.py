@@ -1,0 +1,290 @@
+"""The p-gpt / lc-gpt / cc-gpt table of arXiv 2404.14462, ours beside the paper's: `python -m experiments.pgpt_table`.
+
+Every model is its family's paper architecture (post-LN blocks, learned positions, biases, untied head with bias;
+configs/{gpt.py:paper_pgpt_baseline, pgpt.py, lcgpt.py, ccgpt.py}) shrunk to one CPU scale, trained with the
+standard `train.train_and_evaluate` for the same steps on the same batches (char tokens, embedded corpus, seed 0).
+The parameter columns of the paper's scale come from `--mode=summary` of the paper presets (no training).
+p-gpt-1 is the trained p-gpt evaluated with one active branch (weights renormalised); we report both branches
+and the one with the larger learned weight (the branch the study's code kept).
+
+It also measures the p-gpt branch stack vectorised (nn.vmap, one stack with a 'branch' axis) against the same
+network as a Python loop over separately named stacks: jitted AdamW train steps, interleaved, median of N.
+
+Writes experiments/results/pgpt_table.{md,json} and pgpt_loss_curves.png.
+"""
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from configs import ccgpt, gpt as gpt_config, lcgpt, pgpt
+from effjax import accounting, metrics, modes, train
+from effjax.data import pipeline
+from effjax.models import build_model
+
+OUT = pathlib.Path(__file__).parent / 'results'
+# One CPU scale for every model: widths 128 (lc/cc: 128 → 64 → 32), 4 heads, 4 blocks, ctx 64, batch 16.
+SCALE = {
+    'model': dict(d_model=128, num_heads=4, num_layers=4, max_len=64, dropout=0.0, vocab_size=0),
+    'data': dict(corpus='embedded', tokenizer='char', seq_len=64, max_bytes=2_000_000),
+    'train': dict(batch_size=16, lr=2e-3, lr_schedule='cosine', warmup_steps=50, weight_decay=0.1,
+                  log_every=25, eval_every=100, eval_batches=8),
+}
+# The paper's table (GPU, 10k iterations at d 384 / ctx 256 / batch 64) and its code's final validation losses.
+PAPER = {
+    'gpt': dict(params='8.82 M', mb=33.66, minutes=25.35, val_loss=0.9105),
+    'p-gpt': dict(params='-', mb=None, minutes=None, val_loss=0.9489),
+    'p-gpt-1': dict(params='6.19 M', mb=23.60, minutes=26.15, val_loss=1.4901),
+    'lc-gpt': dict(params='5.65 M', mb=21.54, minutes=20.68, val_loss=0.9432),
+    'cc-gpt': dict(params='5.65 M', mb=21.54, minutes=21.68, val_loss=0.9505),
+}
+# label: (config module, preset, extra model overrides, the paper preset whose summary we quote)
+RUNS = {
+    'gpt': (gpt_config, 'paper_pgpt_baseline', {}, (gpt_config, 'paper_pgpt_baseline')),
+    'p-gpt': (pgpt, '', {}, (pgpt, 'paper')),
+    'lc-gpt': (lcgpt, '', {}, (lcgpt, 'paper')),
+    'cc-gpt': (ccgpt, '', {}, (ccgpt, 'paper')),
+    'p-gpt (project form)': (pgpt, 'project', {}, None),
+    'cc-gpt (kernel 3)': (ccgpt, 'k3', {}, None),
+}
+
+
+def make_config(module, preset: str, overrides: dict, steps: int):
+  c = module.get_config(preset)
+  for section, values in SCALE.items():
+    c[section].update(values)
+  c.model.update(overrides)
+  c.train.update(steps=steps)
+  c.checkpoint.every = steps
+  return c
+
+
+def paper_summary(spec) -> dict:
+  if spec is None:
+    return {}
+  module, preset = spec
+  s = accounting.summarize(module.get_config(preset))
+  keep = ('total_params', 'param_mb', 'single_branch_params', 'single_branch_param_mb')
+  return {k: s[k] for k in keep if k in s}
+
+
+def run_one(label, config, data_cache, root) -> dict:
+  workdir = os.path.join(root, label.replace(' ', '_').replace('(', '').replace(')', ''))
+  shutil.copytree(data_cache, os.path.join(workdir, 'data'))  # tokenize once for every run
+  t0 = time.time()
+  result = train.train_and_evaluate(config, workdir, progress=False)
+  wall = time.time() - t0
+  lines = metrics.read_metrics(workdir)
+  train_lines = [m for m in lines if m['split'] == 'train']
+  with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
+    summary = json.load(f)
+  row = {
+      'label': label, 'family': config.model.family, 'total_params': summary['total_params'],
+      'param_mb': summary['param_mb'], 'final_val_loss': result['loss'], 'wall_s': wall,
+      'tokens_per_sec': float(np.median([t['tokens_per_sec'] for t in train_lines[1:]])),
+      'train_curve': [(t['step'], t['loss']) for t in train_lines],
+      'val_curve': [(e['step'], e['loss']) for e in lines if e['split'] == 'eval'],
+  }
+  if config.model.family == 'pgpt':
+    row.update(single_branch(config, workdir, summary))
+  return row
+
+
+def single_branch(config, workdir, summary) -> dict:
+  """The trained p-gpt with one active branch (renormalised to weight 1) on the same validation batches."""
+  out = {'single_branch_params': summary['single_branch_params']}
+  setup, state, config, _, _ = modes.restore_trained(config, workdir)
+  bundle, _ = train.load_data(config, workdir)
+  from effjax import sharding  # pylint: disable=import-outside-toplevel
+  divisor = sharding.batch_divisor(setup.mesh, setup.rules)
+  batches = [train.eval_rows(b, divisor) for b in pipeline.eval_batches(
+      bundle.val_tokens, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
+      max_batches=config.train.eval_batches)]
+  variables = jax.device_get(state.variables())
+  weights = np.asarray(jax.nn.softmax(variables['params']['branch_logits']))
+  out['branch_weights'] = weights.tolist()
+  for i in range(config.model.num_branches):
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    m.active_branches = (i,)
+    model = build_model(m)
+    apply = jax.jit(model.apply)
+    losses = [float(train.cross_entropy(apply(variables, b['inputs']), b['targets'])) for b in batches]
+    out[f'val_loss_branch_{i}'] = float(np.mean(losses))
+  out['val_loss_p_gpt_1'] = out[f'val_loss_branch_{int(np.argmax(weights))}']
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vectorised vs loop
+
+def bench_branches(num_branches: int, repeats: int, batch: int, seq: int, width: int, layers: int) -> dict:
+  """Jitted AdamW steps of the same p-gpt built two ways; interleaved timing, median per step."""
+  steps = {}
+  compile_s = {}
+  for impl in ('vmap', 'loop'):
+    c = pgpt.get_config('')
+    c.model.update(d_model=width, num_heads=4, num_layers=layers, num_branches=num_branches, max_len=seq,
+                   vocab_size=100, dropout=0.0, branch_impl=impl)
+    model = build_model(c.model)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 100)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1]))['params']
+    opt = optax.adamw(1e-3)
+
+    def step(params, opt_state, model=model, opt=opt, tokens=tokens):
+      def loss_fn(p):
+        return train.cross_entropy(model.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:])
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    t0 = time.time()
+    fn = jax.jit(step).lower(params, opt.init(params)).compile()
+    compile_s[impl] = time.time() - t0
+    steps[impl] = (fn, params, opt.init(params))
+  times = {'vmap': [], 'loop': []}
+  for impl in ('vmap', 'loop'):  # warm up
+    fn, p, s = steps[impl]
+    jax.block_until_ready(fn(p, s))
+  for _ in range(repeats):
+    for impl in ('vmap', 'loop'):
+      fn, p, s = steps[impl]
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(p, s))
+      times[impl].append(time.perf_counter() - t0)
+  return {'num_branches': num_branches, 'batch': batch, 'seq': seq, 'width': width, 'layers': layers,
+          'repeats': repeats, **{f'{k}_step_ms': 1e3 * float(np.median(v)) for k, v in times.items()},
+          **{f'{k}_compile_s': v for k, v in compile_s.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# outputs
+
+def fmt_m(n):
+  return f'{n / 1e6:.2f} M' if n else '-'
+
+
+def write_outputs(rows, bench, meta) -> str:
+  by = {r['label']: r for r in rows}
+  lines = ['| model | paper: params | paper: MB | paper: train min (GPU) | paper: val loss | ours, paper preset: '
+           'params | ours: MB | ours, CPU scale: params | CPU wall (s) | tokens/s | ours: val loss |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for label, paper in PAPER.items():
+    if label == 'p-gpt-1':
+      r = by.get('p-gpt')
+      if r is None:
+        continue
+      ours = r['paper_preset'].get('single_branch_params'), r['paper_preset'].get('single_branch_param_mb')
+      cpu = (fmt_m(r['single_branch_params']), '(same run)', '', f"{r['val_loss_p_gpt_1']:.4f}")
+    else:
+      r = by.get(label)
+      if r is None:
+        continue
+      ours = r['paper_preset'].get('total_params'), r['paper_preset'].get('param_mb')
+      cpu = (fmt_m(r['total_params']), f"{r['wall_s']:.0f}", f"{r['tokens_per_sec']:,.0f}",
+             f"{r['final_val_loss']:.4f}")
+    lines.append(f"| {label} | {paper['params']} | {paper['mb'] or '-'} | {paper['minutes'] or '-'} | "
+                 f"{paper['val_loss']:.4f} | {ours[0]:,} ({fmt_m(ours[0])}) | {ours[1]:.2f} | " + ' | '.join(cpu)
+                 + ' |')
+  for r in rows:
+    if r['label'] in PAPER:
+      continue
+    lines.append(f"| {r['label']} | - | - | - | - | - | - | {fmt_m(r['total_params'])} | {r['wall_s']:.0f} | "
+                 f"{r['tokens_per_sec']:,.0f} | {r['final_val_loss']:.4f} |")
+  for r in rows:
+    if r['family'] == 'pgpt':
+      branch = ', '.join(f"branch {i}: {r[f'val_loss_branch_{i}']:.4f} (weight {w:.3f})"
+                         for i, w in enumerate(r['branch_weights']))
+      lines.append(f"\n{r['label']} one-branch val losses: {branch}.")
+  lines += ['', f"CPU scale: {meta['scale']}; {meta['steps']} steps × {meta['tokens_per_step']:,} tokens each, "
+            f"seed 0, same batches for every run. jax {meta['jax']} on {meta['device']} ({meta['cpus']} CPUs); "
+            f"total {meta['total_wall_s'] / 60:.1f} min; load average before/after "
+            f"{meta['loadavg_before'][0]:.1f}/{meta['loadavg_after'][0]:.1f} on {meta['cpus']} cores — the machine "
+            'was shared with other jobs, so wall times and tokens/s are noisy and only roughly comparable.']
+  lines += ['', '### p-gpt branches: vectorised (nn.vmap) vs Python loop', '',
+            '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
+            'vmap compile (s) | loop compile (s) |', '|---:|---|---|---:|---:|---:|---:|---:|']
+  for b in bench:
+    lines.append(f"| {b['num_branches']} | {b['batch']} × {b['seq']} | {b['width']} × {b['layers']} | "
+                 f"{b['vmap_step_ms']:.1f} | {b['loop_step_ms']:.1f} | {b['loop_step_ms'] / b['vmap_step_ms']:.2f} | "
+                 f"{b['vmap_compile_s']:.1f} | {b['loop_compile_s']:.1f} |")
+  lines.append(f'\nJitted AdamW train steps (forward + backward + update), median of {bench[0]["repeats"] if bench else 0} '
+               'interleaved steps after a warm-up; same machine and load caveat.')
+  md = '\n'.join(lines)
+  OUT.mkdir(parents=True, exist_ok=True)
+  (OUT / 'pgpt_table.md').write_text(md + '\n')
+  (OUT / 'pgpt_table.json').write_text(json.dumps(dict(meta=meta, rows=rows, bench=bench, paper=PAPER), indent=1))
+  plot(rows, OUT / 'pgpt_loss_curves.png', meta)
+  return md
+
+
+def plot(rows, path, meta):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for r in rows:
+    label = f"{r['label']} ({r['total_params'] / 1e6:.2f} M)"
+    steps, losses = zip(*r['train_curve'])
+    ax_train.plot(steps, losses, label=label)
+    steps, losses = zip(*r['val_curve'])
+    ax_val.plot(steps, losses, marker='o', label=label)
+    if 'val_loss_p_gpt_1' in r:
+      ax_val.scatter([steps[-1]], [r['val_loss_p_gpt_1']], marker='x', s=60, color='k', zorder=5)
+      ax_val.annotate(f"{r['label']}-1", (steps[-1], r['val_loss_p_gpt_1']), textcoords='offset points',
+                      xytext=(-40, 4), fontsize=8)
+  for ax, title in ((ax_train, 'train loss (mean over each log interval)'), (ax_val, 'validation loss')):
+    ax.set_xlabel('step')
+    ax.set_ylabel('loss (nats/char)')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  ax_train.set_ylim(top=min(4.0, ax_train.get_ylim()[1]))
+  ax_val.legend(fontsize=8)
+  fig.suptitle(f"gpt / p-gpt / lc-gpt / cc-gpt at CPU scale ({meta['steps']} steps, same batches)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--steps', type=int, default=500)
+  parser.add_argument('--runs', default='', help='comma-separated labels (default: all)')
+  parser.add_argument('--bench_repeats', type=int, default=20)
+  args = parser.parse_args()
+  runs = {k: v for k, v in RUNS.items() if not args.runs or k in args.runs.split(',')}
+  load_before, t0 = os.getloadavg(), time.time()
+  rows = []
+  with tempfile.TemporaryDirectory(prefix='pgpt_table_') as root:
+    first = make_config(gpt_config, 'paper_pgpt_baseline', {}, args.steps)
+    data_cache = os.path.join(root, 'data_cache')
+    pipeline.prepare_data(first.data, data_cache)
+    for label, (module, preset, overrides, paper_spec) in runs.items():
+      print(f'== {label}', flush=True)
+      row = run_one(label, make_config(module, preset, overrides, args.steps), data_cache, root)
+      row['paper_preset'] = paper_summary(paper_spec)
+      rows.append(row)
+      print(f"   val loss {row['final_val_loss']:.4f}, {row['total_params']:,} params, {row['wall_s']:.0f} s",
+            flush=True)
+  bench = []
+  for branches, layers in ((2, 4), (4, 4)):
+    print(f'== bench {branches} branches', flush=True)
+    bench.append(bench_branches(branches, args.bench_repeats, batch=16, seq=64, width=128, layers=layers))
+    print(f"   {bench[-1]}", flush=True)
+  meta = dict(steps=args.steps, tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+              scale=('4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
+                     'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'),
+              jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),
+              loadavg_before=load_before, loadavg_after=os.getloadavg(), total_wall_s=time.time() - t0)
+  print(write_outputs(rows, bench, meta))
+
+
+if __name__ == '__main__':
+  main()

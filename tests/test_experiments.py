@@ -1,0 +1,212 @@
+"""The experiment tooling: the PyTorch reference is the same model, the power-law fitter, sweep resume, pruning."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import gpt as gpt_config
+from effjax import accounting
+from effjax.models import build_model
+from experiments import bench, prune_layers, scaling
+
+torch = pytest.importorskip('torch')
+from experiments import torch_gpt  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def tiny_model(**overrides):
+  m = gpt_config.get_config('tiny').model
+  m.update(vocab_size=50, num_layers=2, d_model=32, num_heads=4, max_len=16)
+  m.update(overrides)
+  return m
+
+
+def init(m, length=16):
+  model = build_model(m)
+  return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((2, length), jnp.int32)))
+
+
+# ------------------------------------------------------------------------------------------- torch reference
+REFERENCE_VARIANTS = [
+    {},
+    dict(pos_emb='rotary'),
+    dict(tie_embeddings=False, head_bias=True),
+    dict(norm='rmsnorm', use_bias=False),
+    dict(norm_position='post', final_norm=False),
+    dict(scan_layers=False),
+]
+
+
+@pytest.mark.parametrize('overrides', REFERENCE_VARIANTS, ids=lambda o: ','.join(o) or 'default')
+def test_torch_reference_has_effjax_param_count(overrides):
+  m = tiny_model(**overrides)
+  assert torch_gpt.num_params(torch_gpt.TorchGPT(m)) == accounting.param_counts(m)['total_params']
+
+
+def test_torch_reference_param_count_at_bench_size():
+  m = bench.bench_config('gpt', bench.SIZES[bench.TARGET_SIZE]).model
+  assert torch_gpt.num_params(torch_gpt.TorchGPT(m)) == accounting.param_counts(m)['total_params']
+
+
+@pytest.mark.parametrize('overrides', REFERENCE_VARIANTS, ids=lambda o: ','.join(o) or 'default')
+def test_torch_reference_same_logits_from_copied_weights(overrides):
+  m = tiny_model(**overrides)
+  model, variables = init(m)
+  ref = torch_gpt.TorchGPT(m)
+  torch_gpt.load_effjax_params(ref, variables['params'])
+  tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, 16)).astype(np.int32)
+  ours = np.asarray(model.apply(variables, jnp.asarray(tokens)))
+  theirs = ref(torch.from_numpy(tokens).long()).detach().numpy()
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_reference_rejects_other_families():
+  with pytest.raises(ValueError, match='plain GPT'):
+    torch_gpt.TorchGPT(tiny_model(share_layers='all'))
+
+
+def test_torch_train_step_lowers_the_loss():
+  m = tiny_model()
+  c = gpt_config.get_config('tiny')
+  c.model = m
+  ref = torch_gpt.TorchGPT(m)
+  step = torch_gpt.make_train_step(ref, torch_gpt.make_optimizer(ref, c.train))
+  tokens = torch.randint(0, m.vocab_size, (4, 17))
+  losses = [float(step(tokens[:, :-1], tokens[:, 1:])) for _ in range(8)]
+  assert losses[-1] < losses[0]
+
+
+def test_bench_configs_build_for_every_family():
+  for size in (*bench.SIZES.values(), *bench.QUICK_SIZES.values()):
+    for family in bench.FAMILIES:
+      c = bench.bench_config(family, size)
+      assert accounting.param_counts(c.model)['trainable_params'] > 0, family
+  with pytest.raises(SystemExit):
+    bench.parse(['--only', 'train,nope'])
+
+
+# ---------------------------------------------------------------------------------------------- power laws
+@pytest.mark.parametrize('exponent', [0.05, 0.3])
+def test_power_law_fit_recovers_exponent(exponent):
+  rng = np.random.default_rng(0)
+  x = np.geomspace(1e5, 1e9, 8)
+  y = 7.0 * x ** -exponent * np.exp(rng.normal(0, 0.002, x.shape))
+  fit = scaling.fit_power_law(x, y)
+  assert fit['exponent'] == pytest.approx(-exponent, abs=0.01)
+  assert fit['b_err'] < 0.01 and fit['a'] == pytest.approx(7.0, rel=0.1)
+
+
+def test_power_law_fit_with_irreducible_term():
+  x = np.geomspace(1e4, 1e9, 12)
+  y = 1.5 + 40.0 * x ** -0.25
+  fit = scaling.fit_power_law(x, y, irreducible=True)
+  assert fit['exponent'] == pytest.approx(-0.25, abs=0.01)
+  assert fit['c'] == pytest.approx(1.5, abs=0.05)
+  np.testing.assert_allclose(scaling.predict(fit, x), y, rtol=1e-3)
+
+
+def test_power_law_fit_needs_enough_points():
+  assert scaling.fit_power_law([1, 2], [3, 2]) is None
+
+
+def test_pareto_frontier():
+  pts = [(1, 5.0), (2, 4.0), (3, 4.5), (4, 3.0), (4, 3.5), (5, 3.2)]
+  assert scaling.pareto_frontier(pts) == [(1, 5.0), (2, 4.0), (4, 3.0)]
+
+
+# ------------------------------------------------------------------------------------------- sweep / resume
+def test_sweep_resume_skips_finished_runs(tmp_path, corpus_dir):
+  runs = scaling.sweep_runs('quick', steps=4)[:1]
+  root = str(tmp_path / 'runs')
+  calls = []
+
+  def stop_early(config, workdir, **kw):
+    from effjax import train  # pylint: disable=import-outside-toplevel
+    calls.append(workdir)
+    config.train.stop_at = 2  # as if interrupted: checkpointed at step 2
+    return train.train_and_evaluate(config, workdir, **kw)
+
+  results, complete = scaling.run_sweep(runs, root, 'quick', corpus=corpus_dir, progress=False, train_fn=stop_early)
+  assert not complete and results == [] and len(calls) == 1
+  results, complete = scaling.run_sweep(runs, root, 'quick', corpus=corpus_dir, progress=False)  # resumes
+  assert complete and len(results) == 1
+  assert [p['step'] for p in results[0]['curve']][-1] == 4
+  from effjax import metrics  # pylint: disable=import-outside-toplevel
+  logged = [r['step'] for r in metrics.read_metrics(os.path.join(root, runs[0].name)) if r['split'] == 'train']
+  assert logged == [2, 4]  # resumed from the step-2 checkpoint, not restarted
+  assert json.load(open(os.path.join(root, runs[0].name, 'result.json'), encoding='utf-8'))['final_loss'] > 0
+
+  def must_not_train(*a, **kw):
+    raise AssertionError('a finished run was trained again')
+
+  again, complete = scaling.run_sweep(runs, root, 'quick', corpus=corpus_dir, progress=False,
+                                      train_fn=must_not_train)
+  assert complete and again == results
+
+
+def test_analyse_and_plot(tmp_path):
+  def fake(name, family, n, loss, frozen=0):
+    curve = [dict(step=s, loss=loss * (1 + 1.0 / s), tokens=s * 64, compute=s * 6.0 * (n + frozen * 2 / 3) * 64,
+                  compute_frozen_free=s * 6.0 * n * 64, bpb=1.0) for s in (50, 100, 200)]
+    return dict(name=name, family=family, final_loss=curve[-1]['loss'], non_embedding_trainable_params=n,
+                non_embedding_total_params=n + frozen, emulated_non_embedding_params=n + frozen, frozen_params=frozen,
+                curve=curve, steps=200, final_bpb=1.0, train_tokens_per_sec=1.0)
+  results = [fake(f'baseline-{i}', 'baseline', n, 6 * n ** -0.1) for i, n in enumerate([1e4, 3e4, 1e5, 3e5])]
+  results.append(fake('doped-x', 'doped', 3e4, 6 * 3e4 ** -0.1, frozen=5e4))
+  analysis = scaling.analyse(results, warmup_steps=10)
+  assert analysis['fits']['L(N)']['exponent'] == pytest.approx(-0.1, abs=0.01)
+  doped = analysis['deviations'][-1]
+  assert abs(doped['vs_L(N)_trainable']) < 0.01 < doped['vs_L(N)_all']
+  paths = scaling.plot(results, analysis, str(tmp_path / 'fig'))
+  assert all(os.path.getsize(p) > 0 for p in paths)
+  assert 'L(N)' in scaling.markdown(results, analysis, 'fake', paths, {'note': ''})
+
+
+# ------------------------------------------------------------------------------------------------- pruning
+@pytest.mark.parametrize('scan', [True, False])
+def test_prune_removes_last_blocks_and_runs(scan):
+  c = gpt_config.get_config('tiny')
+  c.model = tiny_model(num_layers=4, scan_layers=scan)
+  model, variables = init(c.model)
+  tokens = jnp.ones((2, 16), jnp.int32)
+  full = model.apply(variables, tokens)
+  for k in range(4):
+    pc, pv = prune_layers.prune(c, variables, k)
+    assert pc.model.num_layers == 4 - k and c.model.num_layers == 4
+    if scan:
+      assert all(x.shape[0] == 4 - k for x in jax.tree.leaves(pv['params']['stack']['layers']))
+    else:
+      assert sorted(pv['params']['stack']) == [f'layer_{i}' for i in range(4 - k)]
+    logits = build_model(pc.model).apply(pv, tokens)
+    assert logits.shape == full.shape and np.all(np.isfinite(logits))
+    if k == 0:
+      np.testing.assert_array_equal(logits, full)
+  # the pruned model is the original network cut after block L-k: its params are a prefix of the original's
+  pc, pv = prune_layers.prune(c, variables, 1)
+  if scan:
+    np.testing.assert_array_equal(pv['params']['stack']['layers']['mlp']['fc']['kernel'],
+                                  variables['params']['stack']['layers']['mlp']['fc']['kernel'][:3])
+  with pytest.raises(ValueError):
+    prune_layers.prune(c, variables, 4)
+
+
+def test_prune_finetune_and_evaluate(tmp_path, corpus_dir):
+  from effjax import train  # pylint: disable=import-outside-toplevel
+  c = gpt_config.get_config('tiny')
+  c.model.update(num_layers=3, d_model=32, num_heads=4, max_len=16)
+  c.data.update(corpus=corpus_dir, seq_len=16)
+  c.train.update(batch_size=4, eval_batches=1)
+  bundle, c = train.load_data(c, str(tmp_path))
+  _, variables = init(c.model)
+  pc, pv = prune_layers.prune(c, variables, 2)
+  batches = prune_layers.val_batches(pc, bundle)
+  before = prune_layers.evaluate(pc, pv, batches)
+  tuned = prune_layers.finetune(pc, pv, bundle, steps=6, lr=3e-3)
+  after = prune_layers.evaluate(pc, tuned, batches)
+  assert np.isfinite(before) and after < before
+  summary = prune_layers.summarize(dict(num_layers=4, rows=[
+      dict(k=k, loss_before=2.0 + k, loss_after=2.0 + (0.001 if k < 2 else 0.5)) for k in range(4)]))
+  assert summary['max_removable_after_finetune'] == 1 and summary['max_removable_before_finetune'] == 0
