@@ -82,8 +82,9 @@ def get_base() -> ml_collections.ConfigDict:
   m.mlp_kind = 'dense'       # 'dense' | 'fastfood' | 'blockdiag'
   m.attn_kind = 'dense'
   m.num_blocks = 4           # blocks of the block-diagonal layers
-  m.doping = ''              # '' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP)
-  m.frozen_mlp_ratio = 6
+  m.doping = ''              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);
+                             # num_layers counts the T's (effjax/models/doped.py)
+  m.frozen_mlp_ratio = 6     # frozen MLP hidden width = frozen_mlp_ratio * d_model
   # p-gpt
   m.num_branches = 2
   m.branch_input = 'project'  # 'split' | 'project'

@@ -5,7 +5,7 @@ correlations, no parameters). Family `gpt`; the technique is config only: model.
 
 Presets:
   tiny       2 layers x 64, char tokens, ctx 32: tests (seconds).
-  (default)  4 layers x 256 (8 heads), char-level on the embedded corpus: a few CPU minutes.
+  (default)  4 layers x 256 (8 heads), char-level on the embedded corpus, 1000 steps: a few CPU minutes.
   paper      the seed's structured block-diagonal model: 12 layers, d 1024, 16 heads, 4 blocks, on
              configs/gpt.py's `lighton` recipe (rotary, ctx 1024, BPE 50262, batch 80, peak lr 5e-4).
 """
@@ -15,6 +15,6 @@ KIND = 'blockdiag'
 
 
 def get_config(preset: str = ''):
-  c = fastfood.structured_config('blockdiag', KIND, preset)
+  c = fastfood.structured_config('blockdiag', KIND, preset, steps=1000)
   c.model.num_blocks = 4
   return c

@@ -255,9 +255,9 @@ def plot(rows, path, meta):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--steps', type=int, default=500)
+  parser.add_argument('--steps', type=int, default=400)
   parser.add_argument('--runs', default='', help='comma-separated labels (default: all)')
-  parser.add_argument('--bench_repeats', type=int, default=20)
+  parser.add_argument('--bench_repeats', type=int, default=10)
   args = parser.parse_args()
   runs = {k: v for k, v in RUNS.items() if not args.runs or k in args.runs.split(',')}
   load_before, t0 = os.getloadavg(), time.time()

@@ -195,11 +195,13 @@ def test_real_model_scores_equal_a_direct_forward_pass():
   model = build_model(config.model)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   scorer = evaluate.Scorer(model, params, TOK, batch_size=4)
-  pairs = [(ids('the cat'), ids(' sat')), (ids('a'), ids(' dog ran')), (ids('it is what it'), ids(' is')),
-           (ids('to be or'), ids(' not')), (ids('x'), ids('y'))]
+  # two sequence lengths (two compiles of the direct pass), split at different points, over two batches
+  pairs = [(ids(text[:cut]), ids(text[cut:])) for text, cut in
+           (('the cat', 2), ('the cat', 5), ('the cat', 6), ('a dog ran', 1), ('a dog ran', 5))]
+  apply = jax.jit(model.apply)
   for (context, target), (ll, greedy, n) in zip(pairs, scorer.loglikelihood(pairs)):
     seq = np.array(context + target, np.int32)[None]
-    logits = np.asarray(model.apply(params, seq[:, :-1]), np.float64)[0]
+    logits = np.asarray(apply(params, seq[:, :-1]), np.float64)[0]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     span = range(len(context) - 1, len(seq[0]) - 1)

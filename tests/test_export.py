@@ -50,9 +50,16 @@ def run(tmp_path_factory, corpus_dir):
   code, sampled_from_run, err = cli(*common, '--mode=sample', '--prompt=def ', '--max_new_tokens=12',
                                     '--temperature=0')
   assert code == 0, err
+  task = root / 'cloze.jsonl'
+  task.write_text('\n'.join(json.dumps({'text': f'def function_{i}(x): return x'}) for i in range(3)))
+  tasks = [f'--tasks=cloze:{task},humaneval', '--max_examples=1', '--max_new_tokens=8', '--temperature=0']
+  code, out, err = cli(*common, '--mode=eval', *tasks)
+  assert code == 0, err
+  evaluated = json.loads((root / 'run' / 'eval.json').read_text())
+  assert json.loads(out.strip().splitlines()[-1]) == evaluated
   shutil.rmtree(workdir)  # the exports must not need the run
   return {'root': root, 'tokens': tokens, 'logits': expected, 'meta': meta, 'sample': sampled_from_run,
-          'config': config}
+          'config': config, 'eval': evaluated, 'tasks': tasks}
 
 
 def test_export_files_and_metadata(run):
@@ -100,15 +107,21 @@ def test_sample_from_export_matches_the_run(run):
   assert out == run['sample'] and out.startswith('def ')
 
 
-def test_eval_tasks_from_export(run, tmp_path):
-  task = tmp_path / 'cloze.jsonl'
-  task.write_text('\n'.join(json.dumps({'text': f'def function_{i}(x): return x'}) for i in range(3)))
-  code, out, err = cli(f'--from_export={run["root"]}/f32', '--mode=eval', f'--tasks=cloze:{task}',
+def test_eval_of_the_run_and_of_its_export_agree(run, tmp_path):
+  """--mode=eval on the workdir (validation loss + tasks) and --from_export (tasks) give the same task scores."""
+  from_run = run['eval']
+  assert from_run['step'] == 4 and {'loss', 'ppl', 'bpb'} <= set(from_run)
+  assert from_run['ppl'] == pytest.approx(np.exp(from_run['loss']))
+  code, out, err = cli(f'--from_export={run["root"]}/f32', '--mode=eval', *run['tasks'],
                        f'--workdir={tmp_path}/evaldir')
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
-  assert result['step'] == 4 and 0 <= result['tasks'][f'cloze:{task}']['acc'] <= 1
+  assert result['step'] == 4
   assert json.loads((tmp_path / 'evaldir' / 'eval.json').read_text()) == result
+  cloze = next(k for k in result['tasks'] if k.startswith('cloze:'))
+  assert result['tasks'][cloze]['loss'] == pytest.approx(from_run['tasks'][cloze]['loss'], rel=1e-5)
+  assert result['tasks'][cloze]['num_examples'] == 1
+  assert result['tasks']['humaneval']['num_problems'] == 1 and result['tasks']['humaneval']['pass@1'] == 0.0
 
 
 def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):

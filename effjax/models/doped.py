@@ -13,8 +13,9 @@ W1 [d, r·d], W2 [r·d, d], r = model.frozen_mlp_ratio. It has no trainable para
 scale or bias, and it has no biases (a frozen zero bias would only be a stored zero). So a frozen layer holds
 exactly 2·r·d² weights (12·d² for r=6, the size of the transformer layer it replaces), and a doped model has
 exactly the trainable parameters of the undoped GPT with the same trainable blocks. W1, W2 are drawn once at
-init like a trainable MLP's (N(0, 0.02²) and N(0, 0.02²/(2·depth)), depth = all layers) and always dense
-(model.mlp_kind only changes the trainable MLPs).
+init like a trainable MLP's (N(0, 0.02²) and N(0, 0.02²/(2·depth)); depth = all layers, which also scales the
+trainable blocks' residual projections), are always dense (model.mlp_kind only changes the trainable MLPs), and
+see the same dropout as a trainable MLP (hidden and residual).
 
 The weights live in the variable collection 'frozen', never in 'params': the optimizer never sees them (no
 gradient, no moments), the forward wraps them in stop_gradient as well, and the train state keeps them in
