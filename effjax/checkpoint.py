@@ -62,7 +62,8 @@ class Checkpointer:
 
   def quarantine(self, step: int) -> str:
     """Moves an unrestorable step aside (to DIR.corrupt/STEP), so it is neither retried on every start nor
-    blocks saving that step again (orbax silently skips saving a step <= its newest one). Returns the new path."""
+    blocks saving that step again (orbax silently skips saving a step <= its newest one). Returns the new path.
+    Process 0 moves; then every process calls reload()."""
     self._mgr.wait_until_finished()
     target_root = f'{self.directory}.corrupt'
     os.makedirs(target_root, exist_ok=True)
@@ -71,8 +72,11 @@ class Checkpointer:
     while os.path.exists(target):
       target, n = os.path.join(target_root, f'{step}.{n}'), n + 1
     os.rename(os.path.join(self.directory, str(step)), target)
-    self._mgr.reload()
     return target
+
+  def reload(self) -> None:
+    """Re-reads the step directories (after quarantine)."""
+    self._mgr.reload()
 
   def close(self) -> None:
     self._mgr.wait_until_finished()

@@ -201,6 +201,16 @@ class _StopRequest:
     self._previous = {}
 
 
+def _stop_agreed(stop) -> bool:
+  """Whether to stop now. With several processes a signal reaches each at a different step, so the flags are
+  combined (any process stopping stops all) at the same point of every step: no process is left waiting in a
+  collective (the checkpoint) that the others skipped."""
+  if jax.process_count() == 1:
+    return stop.requested
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
+
+
 def load_data(config, workdir: str):
   """The token cache of the run. With several processes, process 0 builds it (corpus, tokenizer, tokens) while
   the others wait at a barrier, then they read it; a process whose workdir does not hold process 0's cache
@@ -258,11 +268,16 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
       bad.append((step, 'non-finite parameters'))
       logging.warning('checkpoint step %d in %s holds non-finite parameters; trying an older one', step, where)
       continue
-    if bad and quarantine and jax.process_index() == 0:
-      for bad_step, _ in bad:
-        moved = ckpt.quarantine(bad_step)
-        logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved,
-                        step)
+    if bad and quarantine:
+      if jax.process_index() == 0:
+        for bad_step, _ in bad:
+          moved = ckpt.quarantine(bad_step)
+          logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved,
+                          step)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices('effjax_checkpoint_quarantine')
+      ckpt.reload()
     return state, meta
   if bad:
     steps = ', '.join(f'step {s}: {why}' for s, why in bad)
@@ -340,14 +355,16 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
     with contextlib.nullcontext(stop) if stop is not None else _StopRequest() as stop:
       step = start
       last = min(t.steps, t.stop_at) if t.stop_at else t.steps
-      while step < last and not stop.requested:
+      stopping = _stop_agreed(stop)
+      while step < last and not stopping:
         batch = _shard(setup, next(train_iter))
         state, step_metrics = train_step(state, batch)
         step += 1
         pending.append((step_metrics['loss'], step_metrics['grad_norm']))
         writer.advance()
+        stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
         boundary = step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
-        if boundary or stop.requested:
+        if boundary or stopping:
           losses, grad_norms = np.asarray(jax.device_get(pending), np.float64).reshape(-1, 2).T
           for name, values in (('loss', losses), ('gradient norm', grad_norms)):
             bad = np.flatnonzero(~np.isfinite(values))
@@ -366,14 +383,14 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
         if step % t.eval_every == 0 or step == t.steps:
           last_eval = eval_metrics(evaluate_loss(setup, state, val_batches), bundle.val_bytes_per_token)
           writer.write(step, 'eval', last_eval)
-        if step % config.checkpoint.every == 0 or step == last or stop.requested:
+        if step % config.checkpoint.every == 0 or step == last or stopping:
           if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
             raise EffjaxError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
                               'is kept); lower train.lr or check the data')
           ckpt.save(step, state, train_iter, meta(step))
-      if stop.requested and step > start:
+      if stopping and step > start:
         logging.warning('stop requested: saved a checkpoint at step %d; rerun to resume', step)
-      elif stop.requested:
+      elif stopping:
         logging.warning('stop requested before the first step (at step %d); nothing new to save', step)
   finally:
     ckpt.close()

@@ -22,7 +22,7 @@ from effjax.errors import EffjaxError
 from tests.helpers import ROOT, one_device, tiny_config
 from tests.test_bad_input import snapshot
 
-STEPS = 80  # long enough that a signal sent after step 3 always lands mid-run
+STEPS = 40  # long enough that a signal sent after step 3 always lands mid-run
 LONG = {'train.steps': STEPS, 'train.log_every': 1, 'train.eval_every': 10_000, 'checkpoint.every': 10_000}
 
 
