@@ -2,7 +2,9 @@
 billion-parameter config is summarised in seconds).
 
 Conventions (Kaplan et al.; the LightOn seed): embedding params are the token/position tables, a factorized
-embedding's projection, and an untied output head; N is the trainable non-embedding count; training compute is
+embedding's projection, and an untied output head; N is the trainable non-embedding count, each parameter
+counted once per application (a GPT-Efficio block shared across L layers counts L times: C measures work, not
+storage; without sharing this is the plain count); training compute is
 C = (6·N_trainable + 4·N_frozen)·B·S (a frozen weight needs no weight gradient: 2/3 of the cost), and the second
 accounting treats frozen params as free: C = 6·N_trainable·B·S. `flops_per_token` is the real forward cost of
 the network as built (attention over the full context, structured layers at their true O(n log n) cost, a shared
@@ -44,6 +46,7 @@ def param_counts(model_config) -> dict:
   embedding = _count({k: v for k, v in params.items() if k in EMBEDDING_MODULES})
   trainable = _count(params)
   return {
+      'applied_non_embedding_params': trainable - embedding + _extra_applications(model_config, params),
       'total_params': trainable + _count(frozen),
       'trainable_params': trainable,
       'frozen_params': _count(frozen),
@@ -51,6 +54,15 @@ def param_counts(model_config) -> dict:
       'non_embedding_trainable_params': trainable - embedding,
       'param_bytes': _bytes(params) + _bytes(frozen),
   }
+
+
+def _extra_applications(model_config, params) -> int:
+  """A block shared across L layers is stored once but applied L times: compute must count each application."""
+  share = model_config.get('share_layers', 'none')
+  if share == 'none' or 'stack' not in params:
+    return 0
+  unique = 1 if share == 'all' else model_config.num_groups
+  return _count(params['stack']) * (model_config.num_layers - unique) // unique
 
 
 def emulated_params(model_config) -> int:
@@ -70,7 +82,7 @@ def step_compute(config) -> dict:
   """Training compute of one step (B·S tokens) under both accountings."""
   counts = param_counts(config.model)
   tokens = config.train.batch_size * config.data.seq_len
-  n_train = counts['non_embedding_trainable_params']
+  n_train = counts['applied_non_embedding_params']
   return {'compute': (6 * n_train + 4 * counts['frozen_params']) * tokens,
           'compute_frozen_free': 6 * n_train * tokens}
 

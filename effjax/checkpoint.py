@@ -20,8 +20,24 @@ from effjax.errors import EffjaxError
 RUNTIME_MODEL_KEYS = ('dropout', 'attn_dropout', 'remat', 'attention_impl', 'dtype', 'active_branches')
 
 
+# Keys that only shape the parameters of some configurations: ignored elsewhere, so changing them is harmless.
+CONDITIONAL_MODEL_KEYS = {
+    'num_groups': lambda m: m['share_layers'] == 'groups',
+    'num_branches': lambda m: m['family'] == 'pgpt',
+    'branch_input': lambda m: m['family'] == 'pgpt',
+    'compress_every': lambda m: m['family'] in ('lcgpt', 'ccgpt'),
+    'compress_factor': lambda m: m['family'] in ('lcgpt', 'ccgpt'),
+    'conv_kernel': lambda m: m['family'] == 'ccgpt',
+    'frozen_mlp_ratio': lambda m: bool(m.get('doping')),
+    'num_blocks': lambda m: 'blockdiag' in (m.get('mlp_kind'), m.get('attn_kind')),
+}
+
+
 def architecture(model_config) -> dict:
-  return {k: v for k, v in sorted(model_config.to_dict().items()) if k not in RUNTIME_MODEL_KEYS}
+  """The model settings a checkpoint's parameters depend on (compared on resume and when loading)."""
+  m = model_config.to_dict()
+  return {k: v for k, v in sorted(m.items()) if k not in RUNTIME_MODEL_KEYS
+          and CONDITIONAL_MODEL_KEYS.get(k, lambda _: True)(m)}
 
 
 class Checkpointer:

@@ -46,13 +46,9 @@ def check_model_config(m, families) -> None:
     if m.num_layers % m.num_groups:
       raise EffjaxError(f'model.num_groups={m.num_groups} does not divide model.num_layers={m.num_layers}; '
                         'with share_layers=groups each of the G blocks is applied L/G times')
-  if m.embed_dim:
-    if not isinstance(m.embed_dim, int) or m.embed_dim < 0 or m.embed_dim > m.d_model:
-      raise EffjaxError(f'model.embed_dim={m.embed_dim!r} is invalid; use 0 (no factorization) or '
-                        f'1..d_model={m.d_model}')
-  if m.embed_dim < 0:
-    raise EffjaxError(f'model.embed_dim={m.embed_dim!r} is invalid; use 0 (no factorization) or '
-                      f'1..d_model={m.d_model}')
+  e = m.embed_dim
+  if not isinstance(e, int) or isinstance(e, bool) or e < 0 or e > m.d_model:
+    raise EffjaxError(f'model.embed_dim={e!r} is invalid; use 0 (no factorization) or 1..d_model={m.d_model}')
   from effjax.models import doped  # pylint: disable=import-outside-toplevel
   doped.check(m, m.family)
   _FAMILY_CHECKS.get(m.family, lambda _: None)(m)
