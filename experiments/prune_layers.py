@@ -122,8 +122,10 @@ def finetune(config, variables: dict, bundle, steps: int, lr: float, seed: int =
   c.train.update(steps=steps, lr=lr, warmup_steps=max(steps // 10, 1), lr_schedule='cosine')
   c.seed = config.seed + seed
   setup = state_lib.make_setup(c, devices=jax.devices()[:1])
-  params = jax.device_put(variables['params'], setup.state_shardings.params)
-  extra = jax.device_put({k: v for k, v in variables.items() if k != 'params'}, setup.state_shardings.extra)
+  # The train step donates its state: give it copies so the caller's (unpruned) arrays stay alive.
+  fresh = lambda tree, shardings: jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), shardings)
+  params = fresh(variables['params'], setup.state_shardings.params)
+  extra = fresh({k: v for k, v in variables.items() if k != 'params'}, setup.state_shardings.extra)
   st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=setup.optimizer.init(params), extra=extra)
   step_fn = train.make_train_step(setup, c)

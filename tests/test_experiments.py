@@ -207,6 +207,7 @@ def test_prune_finetune_and_evaluate(tmp_path, corpus_dir):
   tuned = prune_layers.finetune(pc, pv, bundle, steps=6, lr=3e-3)
   after = prune_layers.evaluate(pc, tuned, batches)
   assert np.isfinite(before) and after < before
+  assert prune_layers.evaluate(pc, pv, batches) == pytest.approx(before)  # the donated step left pv alive
   summary = prune_layers.summarize(dict(num_layers=4, rows=[
       dict(k=k, loss_before=2.0 + k, loss_after=2.0 + (0.001 if k < 2 else 0.5)) for k in range(4)]))
   assert summary['max_removable_after_finetune'] == 1 and summary['max_removable_before_finetune'] == 0
