@@ -18,6 +18,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import sys
 import time
 
 import flax.linen as nn
@@ -53,6 +54,8 @@ RUNS = {
     'p-gpt': (pgpt, '', {}, (pgpt, 'paper')),
     'lc-gpt': (lcgpt, '', {}, (lcgpt, 'paper')),
     'cc-gpt': (ccgpt, '', {}, (ccgpt, 'paper')),
+}
+EXTRAS = {  # with --extras
     'p-gpt (project form)': (pgpt, 'project', {}, None),
     'cc-gpt (kernel 3)': (ccgpt, 'k3', {}, None),
 }
@@ -89,7 +92,8 @@ def run_one(label, config, data_cache, root) -> dict:
     summary = json.load(f)
   row = {
       'label': label, 'family': config.model.family, 'total_params': summary['total_params'],
-      'param_mb': summary['param_mb'], 'final_val_loss': result['loss'], 'wall_s': wall,
+      'param_mb': summary['param_mb'], 'flops_per_token': summary['flops_per_token'],
+      'final_val_loss': result['loss'], 'wall_s': wall,
       'tokens_per_sec': float(np.median([t['tokens_per_sec'] for t in train_lines[1:]])),
       'train_curve': [(t['step'], t['loss']) for t in train_lines],
       'val_curve': [(e['step'], e['loss']) for e in lines if e['split'] == 'eval'],
@@ -102,7 +106,10 @@ def run_one(label, config, data_cache, root) -> dict:
 def single_branch(config, workdir, summary) -> dict:
   """The trained p-gpt with one active branch (renormalised to weight 1) on the same validation batches."""
   out = {'single_branch_params': summary['single_branch_params']}
-  setup, state, config, _, _ = modes.restore_trained(config, workdir)
+  setup, state, config, _, _ = modes.restore_trained(config, workdir)  # config now has the vocabulary
+  one = ml_collections.ConfigDict(config.model.to_dict())
+  one.active_branches = (0,)
+  out['single_branch_flops_per_token'] = accounting.flops_per_token(one, config.data.seq_len)
   bundle, _ = train.load_data(config, workdir)
   from effjax import sharding  # pylint: disable=import-outside-toplevel
   divisor = sharding.batch_divisor(setup.mesh, setup.rules)
@@ -175,36 +182,39 @@ def fmt_m(n):
 def write_outputs(rows, bench, meta) -> str:
   by = {r['label']: r for r in rows}
   lines = ['| model | paper: params | paper: MB | paper: train min (GPU) | paper: val loss | ours, paper preset: '
-           'params | ours: MB | ours, CPU scale: params | CPU wall (s) | tokens/s | ours: val loss |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           'params | ours: MB | ours, CPU scale: params | fwd MFLOP/token | CPU wall (s) | tokens/s | '
+           'ours: val loss |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for label, paper in PAPER.items():
     if label == 'p-gpt-1':
       r = by.get('p-gpt')
       if r is None:
         continue
       ours = r['paper_preset'].get('single_branch_params'), r['paper_preset'].get('single_branch_param_mb')
-      cpu = (fmt_m(r['single_branch_params']), '(same run)', '', f"{r['val_loss_p_gpt_1']:.4f}")
+      cpu = (fmt_m(r['single_branch_params']), f"{r['single_branch_flops_per_token'] / 1e6:.2f}", '(same run)',
+             '', f"{r['val_loss_p_gpt_1']:.4f}")
     else:
       r = by.get(label)
       if r is None:
         continue
       ours = r['paper_preset'].get('total_params'), r['paper_preset'].get('param_mb')
-      cpu = (fmt_m(r['total_params']), f"{r['wall_s']:.0f}", f"{r['tokens_per_sec']:,.0f}",
-             f"{r['final_val_loss']:.4f}")
-    lines.append(f"| {label} | {paper['params']} | {paper['mb'] or '-'} | {paper['minutes'] or '-'} | "
+      cpu = (fmt_m(r['total_params']), f"{r['flops_per_token'] / 1e6:.2f}", f"{r['wall_s']:.0f}",
+             f"{r['tokens_per_sec']:,.0f}", f"{r['final_val_loss']:.4f}")
+    mb = f"{paper['mb']:.2f}" if paper['mb'] else '-'
+    lines.append(f"| {label} | {paper['params']} | {mb} | {paper['minutes'] or '-'} | "
                  f"{paper['val_loss']:.4f} | {ours[0]:,} ({fmt_m(ours[0])}) | {ours[1]:.2f} | " + ' | '.join(cpu)
                  + ' |')
   for r in rows:
     if r['label'] in PAPER:
       continue
-    lines.append(f"| {r['label']} | - | - | - | - | - | - | {fmt_m(r['total_params'])} | {r['wall_s']:.0f} | "
+    lines.append(f"| {r['label']} | - | - | - | - | - | - | {fmt_m(r['total_params'])} | "
+                 f"{r['flops_per_token'] / 1e6:.2f} | {r['wall_s']:.0f} | "
                  f"{r['tokens_per_sec']:,.0f} | {r['final_val_loss']:.4f} |")
   for r in rows:
     if r['family'] == 'pgpt':
       branch = ', '.join(f"branch {i}: {r[f'val_loss_branch_{i}']:.4f} (weight {w:.3f})"
                          for i, w in enumerate(r['branch_weights']))
       lines.append(f"\n{r['label']} one-branch val losses: {branch}.")
-  lines += ['', f"CPU scale: {meta['scale']}; {meta['steps']} steps × {meta['tokens_per_step']:,} tokens each, "
+  lines += ['', f"`{meta.get('command', '')}`. CPU scale: {meta['scale']}; {meta['steps']} steps × {meta['tokens_per_step']:,} tokens each, "
             f"seed 0, same batches for every run. jax {meta['jax']} on {meta['device']} ({meta['cpus']} CPUs); "
             f"total {meta['total_wall_s'] / 60:.1f} min; load average before/after "
             f"{meta['loadavg_before'][0]:.1f}/{meta['loadavg_after'][0]:.1f} on {meta['cpus']} cores — the machine "
@@ -256,10 +266,12 @@ def plot(rows, path, meta):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--runs', default='', help='comma-separated labels (default: all)')
+  parser.add_argument('--runs', default='', help='comma-separated labels (default: the four of the paper)')
+  parser.add_argument('--extras', action='store_true', help='also the p-gpt project form and cc-gpt kernel 3')
   parser.add_argument('--bench_repeats', type=int, default=10)
   args = parser.parse_args()
-  runs = {k: v for k, v in RUNS.items() if not args.runs or k in args.runs.split(',')}
+  candidates = {**RUNS, **EXTRAS} if args.extras or args.runs else RUNS
+  runs = {k: v for k, v in candidates.items() if not args.runs or k in args.runs.split(',')}
   load_before, t0 = os.getloadavg(), time.time()
   rows = []
   with tempfile.TemporaryDirectory(prefix='pgpt_table_') as root:
@@ -278,7 +290,7 @@ def main():
     print(f'== bench {branches} branches', flush=True)
     bench.append(bench_branches(branches, args.bench_repeats, batch=16, seq=64, width=128, layers=layers))
     print(f"   {bench[-1]}", flush=True)
-  meta = dict(steps=args.steps, tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+  meta = dict(command='python -m experiments.pgpt_table ' + ' '.join(sys.argv[1:]), steps=args.steps, tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
               scale=('4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
                      'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'),
               jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),
