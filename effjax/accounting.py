@@ -117,6 +117,9 @@ def format_table(summary: dict) -> str:
   width = max(map(len, summary))
   lines = []
   for key, value in summary.items():
-    shown = f'{value:,}' if isinstance(value, int) else (f'{value:.4g}' if isinstance(value, float) else value)
+    if key.endswith('_mb'):
+      shown = f'{value:.2f}'
+    else:
+      shown = f'{value:,}' if isinstance(value, int) else (f'{value:.4g}' if isinstance(value, float) else value)
     lines.append(f'{key:<{width}}  {shown}')
   return '\n'.join(lines)

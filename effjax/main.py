@@ -130,6 +130,13 @@ def _env_int(name: str):
   return int(value) if value else None
 
 
+def default_workdir(config_arg: str) -> str:
+  """runs/<variant>[_<preset>]: `--config=configs/pgpt.py:tiny` trains in runs/pgpt_tiny."""
+  path, _, preset = config_arg.partition(':')
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join('runs', f'{name}_{preset}' if preset else name)
+
+
 def run(argv) -> None:
   del argv
   from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help fast)
@@ -141,7 +148,8 @@ def run(argv) -> None:
   if FLAGS.from_export is not None and FLAGS.mode not in ('sample', 'eval'):
     raise EffjaxError(f'--from_export is for --mode=sample and --mode=eval, not --mode={FLAGS.mode}')
   if FLAGS.workdir is None and FLAGS.mode not in ('summary', 'memory') and not FLAGS.from_export:
-    raise EffjaxError(f'--workdir is required for --mode={FLAGS.mode}')
+    FLAGS.workdir = default_workdir(config_flags.get_config_filename(FLAGS['config']))
+    logging.info('no --workdir given: using %s', FLAGS.workdir)
   if FLAGS.mode == 'sample' and FLAGS['prompt'].present and not FLAGS.prompt:
     raise EffjaxError('--prompt is empty; give the text to continue (or leave out --prompt to start from a '
                       'newline)')

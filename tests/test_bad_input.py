@@ -190,7 +190,6 @@ CASES = {
     'missing_config': (['--workdir={T}/w'], r'--config is required'),
     'missing_config_file': (['--config=configs/no_such_file.py', '--workdir={T}/w'], r'could not be loaded'),
     'unknown_preset': (['--config=configs/gpt.py:no_such_preset', '--workdir={T}/w'], r"unknown preset"),
-    'missing_workdir': (['--config=configs/gpt.py:tiny', '--mode=train'], r'--workdir is required'),
     'unknown_flag': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--no_such_flag=1'], r'no_such_flag'),
     'bad_flag_type': (['--config=configs/gpt.py:tiny', '--workdir={W}', '--mode=sample', '--max_new_tokens=x'],
                       r'max_new_tokens'),

@@ -82,3 +82,9 @@ def test_cli_unknown_key_and_bad_heads_are_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       'effjax: error: model.num_heads=3 does not divide model.d_model=64; choose heads that divide the width']
   assert not os.path.exists(tmp_path / 'run' / 'summary.json')
+
+
+def test_default_workdir_is_named_after_the_config():
+  from effjax import main
+  assert main.default_workdir('configs/pgpt.py') == 'runs/pgpt'
+  assert main.default_workdir('configs/gpt.py:tiny') == 'runs/gpt_tiny'
