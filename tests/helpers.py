@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from configs import gpt as gpt_config
+from effjax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +38,29 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 
 def one_device():
   return jax.devices()[:1]
+
+
+def train_losses(workdir) -> dict:
+  """step -> loss of the train lines of a run's metrics.jsonl."""
+  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
+
+
+def close(a, b, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+def assert_causal(model, variables, tokens_1xT, positions=(0, 5, 11)):
+  """|d logits[t] / d embedding-row(token at t')| summed: zero for every t' > t, non-zero for t' <= t.
+
+  Every position holds a distinct token, so a row of the token table is one position's input."""
+  emb = variables['params']['embed']['embedding']
+
+  def logits_at(table, t):
+    params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
+    return model.apply({**variables, 'params': params}, tokens_1xT)[0, t].sum()
+
+  grads = jax.jit(jax.vmap(jax.grad(logits_at), in_axes=(None, 0)))(emb, jnp.asarray(positions))
+  norms = np.asarray(jnp.abs(grads[:, tokens_1xT[0]]).sum(-1))
+  for t, row in zip(positions, norms):
+    assert np.all(row[t + 1:] == 0.0), (t, row)
+    assert np.all(row[:t + 1] > 0.0), (t, row)

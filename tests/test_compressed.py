@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import ccgpt, lcgpt
-from effjax import accounting, metrics, sample, train
+from effjax import accounting, sample, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, compressed
+from tests.helpers import assert_causal, close, train_losses
 
 V = 50
 CONFIGS = {'lcgpt': lcgpt, 'ccgpt': ccgpt}
@@ -39,30 +40,6 @@ def run_config(family, corpus, **overrides):
     node[leaf] = value
   return c
 
-
-def close(a, b, atol=1e-5):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
-
-
-def assert_causal(model, variables, tokens_1xT, positions=(0, 5, 11)):
-  """|d logits[t] / d embedding-row(token at t')| summed: zero for every t' > t, non-zero for t' <= t.
-
-  Every position holds a distinct token, so a row of the token table is one position's input."""
-  emb = variables['params']['embed']['embedding']
-
-  def logits_at(table, t):
-    params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
-    return model.apply({**variables, 'params': params}, tokens_1xT)[0, t].sum()
-
-  grads = jax.jit(jax.vmap(jax.grad(logits_at), in_axes=(None, 0)))(emb, jnp.asarray(positions))
-  norms = np.asarray(jnp.abs(grads[:, tokens_1xT[0]]).sum(-1))
-  for t, row in zip(positions, norms):
-    assert np.all(row[t + 1:] == 0.0), (t, row)
-    assert np.all(row[:t + 1] > 0.0), (t, row)
-
-
-def train_losses(workdir):
-  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
 
 
 # ---------------------------------------------------------------------------------------------------------

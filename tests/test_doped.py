@@ -14,7 +14,7 @@ from configs import doped as doped_config
 from effjax import checkpoint, metrics, sample, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, doped, layers
-from tests.helpers import one_device, run_cli
+from tests.helpers import one_device, run_cli, train_losses
 
 V = 50
 
@@ -55,9 +55,6 @@ def unstack_runs(collection):
   """Scanned doped layout stack/run_i/layers/X[n,...] -> the unrolled one stack/run_i/layer_j/X."""
   return {**collection, 'stack': {run: layers.unstack_layers(sub) for run, sub in collection['stack'].items()}}
 
-
-def train_losses(workdir):
-  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
 
 
 # ---------------------------------------------------------------------------------------------------------

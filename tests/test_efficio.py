@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from configs import efficio
-from effjax import accounting, checkpoint, metrics, modes, sample, state as state_lib, train
+from effjax import accounting, checkpoint, modes, sample, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, layers
-from tests.helpers import one_device, run_cli
+from tests.helpers import close, one_device, run_cli, train_losses
 
 V = 50
 
@@ -49,9 +49,6 @@ def run_config(corpus, **overrides):
     node[leaf] = value
   return c
 
-
-def close(a, b, atol=1e-5):
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,9 +208,6 @@ def test_kv_cache_with_sharing_and_factorization(share, pos_emb, tie):
 
 # ---------------------------------------------------------------------------------------------------------
 # the training stack: sharding, resume, export
-
-def train_losses(workdir):
-  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
 
 
 def test_groups_and_factorization_on_8_device_mesh_resume_and_export(tmp_path, corpus_dir):

@@ -7,11 +7,8 @@ import pytest
 
 from effjax import metrics, train
 from effjax.errors import EffjaxError
-from tests.helpers import one_device, run_cli, tiny_config
+from tests.helpers import one_device, run_cli, tiny_config, train_losses
 
-
-def train_losses(workdir):
-  return {m['step']: m['loss'] for m in metrics.read_metrics(workdir) if m['split'] == 'train'}
 
 
 def test_resume_is_bit_identical(tmp_path, corpus_dir):
