@@ -117,6 +117,9 @@ def make_peak(n: int = 2048):
   return measure
 
 
+FAULTS = {}  # name -> minor page faults per call, from the last `interleave`
+
+
 def interleave(cands: dict, rounds: int, warmup: int, peak=None, progress: str = '') -> tuple[dict, list]:
   """cands: name -> callable (one step). Returns name -> list of seconds per round, and peak FLOP/s per round."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -124,14 +127,17 @@ def interleave(cands: dict, rounds: int, warmup: int, peak=None, progress: str =
     for _ in range(warmup):
       fn()
   times, peaks = {k: [] for k in cands}, []
+  FAULTS.clear()
   start = time.time()
   for r in range(rounds):
     if peak is not None:
       peaks.append(peak())
     for name, fn in cands.items():
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)
+      FAULTS.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     done = time.time() - start
     print(f'  {progress}round {r + 1}/{rounds}  {done:.0f}s elapsed, ETA {done / (r + 1) * (rounds - r - 1):.0f}s, '
           f'load {load_average()[0]}', flush=True)
@@ -172,50 +178,156 @@ def run_train(args) -> dict:
   return dict(rows=rows, peak_flops_median=_med(peaks), peak_flops_best=max(peaks))
 
 
-def run_torch(args) -> dict:
+IMPLS = {  # torch sub-benchmark: name -> worker kind
+    'effjax': 'effjax',
+    'effjax (unrolled)': 'effjax-unrolled',
+    'torch eager': 'torch',
+    'torch.compile': 'torch-compile',
+}
+
+
+def _build_worker_step(kind: str, size):
+  """(one-step callable, forward FLOPs per token, compile/warm-up seconds) for one implementation."""
+  if kind.startswith('effjax'):
+    over = {'scan_layers': False} if kind == 'effjax-unrolled' else {}
+    return make_effjax_step(bench_config('gpt', size, **over))
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
-  threads = torch_gpt.set_threads()
+  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  torch_gpt.set_threads()
+  config = bench_config('gpt', size)
+  b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+  torch.manual_seed(0)
+  tokens = torch.from_numpy(np.random.default_rng(0).integers(0, v, size=(b, t + 1)))
+  inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+  model = torch_gpt.TorchGPT(config.model)
+  opt = torch_gpt.make_optimizer(model, config.train)
+  if kind == 'torch-compile':
+    model = torch.compile(model)
+  step = torch_gpt.make_train_step(model, opt, config.train.grad_clip)
+  t0 = time.perf_counter()
+  step(inputs, targets)  # eager: a warm-up step; compiled: compilation happens here
+  compile_s = time.perf_counter() - t0 if kind == 'torch-compile' else 0.0
+  return (lambda: step(inputs, targets)), accounting.flops_per_token(config.model, t), compile_s
+
+
+def _worker(args) -> None:
+  """A long-lived timing process: builds one implementation, then runs one step per 'step' line on stdin.
+
+  effjax and torch each run in their own process (interleaved by the parent), so neither framework's idle
+  worker threads (XLA's Eigen pool, torch's OpenMP team, both of which spin-wait a while after work) steal the
+  two cores from the other: in one shared process the small torch steps were 10-20x slower than alone.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  size = sizes_of(args)[args._size]
+  if args._worker == 'peak':
+    peak, fn, fwd, compile_s = make_peak(256 if args.quick else 2048), None, 0, 0.0
+  else:
+    fn, fwd, compile_s = _build_worker_step(args._worker, size)
+    for _ in range(args.warmup):
+      fn()
+  reply = lambda obj: print('@@ ' + json.dumps(obj), flush=True)
+  reply({'ready': True, 'compile_s': compile_s, 'fwd': fwd, 'pid': os.getpid()})
+  for line in sys.stdin:
+    cmd = line.strip()
+    if cmd.startswith('step'):
+      # A burst of back-to-back steps, as in training; the first one after an idle gap is reported apart
+      # (after a pause the kernel has to fault the step's freshly allocated temporaries in again).
+      ts, faults = [], []
+      for _ in range(int(cmd.split()[1]) if ' ' in cmd else 1):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(r1.ru_minflt - r0.ru_minflt)
+      reply({'t': float(np.median(ts[1:] if len(ts) > 1 else ts)), 't_first': ts[0],
+             'faults_per_step': float(np.median(faults))})
+    elif cmd == 'peak':
+      reply({'peak': peak()})
+    else:
+      reply({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+      return
+
+
+class _Worker:
+
+  def __init__(self, args, kind: str, size_name: str):
+    argv = [sys.executable, '-m', 'experiments.bench', '--_worker', kind, '--_size', size_name,
+            '--warmup', str(args.warmup)] + (['--quick'] if args.quick else [])
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith('@@ '):
+        return json.loads(line[3:])
+    raise RuntimeError(f'benchmark worker {self.proc.args} exited with {self.proc.wait()}')
+
+  def call(self, cmd: str) -> dict:
+    self.proc.stdin.write(cmd + '\n')
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> dict:
+    out = self.call('quit')
+    self.proc.stdin.close()
+    self.proc.wait()
+    return out
+
+
+def run_torch(args) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
   results = []
-  peak = make_peak(256 if args.quick else 2048)
+  impls = {k: v for k, v in IMPLS.items() if (args.unrolled or v != 'effjax-unrolled')
+           and (args.torch_compile or v != 'torch-compile')}
   for size_name, size in sizes_of(args).items():
-    config = bench_config('gpt', size)
-    b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    cands, compile_s = {}, {}
-    print(f'compiling effjax {size_name}', flush=True)
-    cands['effjax'], fwd, compile_s['effjax'] = make_effjax_step(config)
-    if args.unrolled:
-      unrolled = bench_config('gpt', size, scan_layers=False)
-      cands['effjax (unrolled)'], _, compile_s['effjax (unrolled)'] = make_effjax_step(unrolled)
-    torch.manual_seed(0)
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, v, size=(b, t + 1)))
-    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    for compiled in ((False, True) if args.torch_compile else (False,)):
-      model = torch_gpt.TorchGPT(config.model)
-      opt = torch_gpt.make_optimizer(model, config.train)
-      name = 'torch.compile' if compiled else 'torch eager'
-      if compiled:
-        model = torch.compile(model)
-      step = torch_gpt.make_train_step(model, opt, config.train.grad_clip)
-      t0 = time.perf_counter()
-      step(inputs, targets)  # eager: warm-up; compiled: compilation happens here
-      compile_s[name] = time.perf_counter() - t0 if compiled else 0.0
-      cands[name] = lambda step=step: step(inputs, targets)
-    times, peaks = interleave(cands, args.rounds, args.warmup, peak, progress=f'{size_name} ')
+    b, t = size[4], size[3]
+    workers, peak_worker = {}, None
+    try:
+      peak_worker = _Worker(args, 'peak', size_name)
+      for name, kind in impls.items():  # one at a time, so compile times are not contended by each other
+        print(f'{size_name}: starting {name}', flush=True)
+        workers[name] = _Worker(args, kind, size_name)
+      (times, firsts, faults), peaks = ({k: [] for k in workers} for _ in range(3)), []
+      start = time.time()
+      names = list(workers)
+      for r in range(args.rounds):
+        peaks.append(peak_worker.call('peak')['peak'])
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed predecessor
+          out = workers[name].call(f'step {args.burst}')
+          times[name].append(out['t'])
+          firsts[name].append(out['t_first'])
+          faults[name].append(out['faults_per_step'])
+        done = time.time() - start
+        print(f'  {size_name} round {r + 1}/{args.rounds}  {done:.0f}s elapsed, ETA '
+              f'{done / (r + 1) * (args.rounds - r - 1):.0f}s, load {load_average()[0]}', flush=True)
+      rss = {name: w.close()['rss_mb'] for name, w in workers.items()}
+      peak_worker.close()
+    finally:
+      for w in [*workers.values(), *([peak_worker] if peak_worker else [])]:
+        if w.proc.poll() is None:
+          w.proc.kill()
+    fwd = workers['effjax'].info['fwd']
     flops_per_step = 3 * fwd * b * t
     rows = []
     for name, ts in times.items():
       rows.append(dict(impl=name, step_ms=_med(ts) * 1e3, step_ms_best=min(ts) * 1e3,
                        tokens_per_sec=b * t / _med(ts), mfu=flops_per_step / _med(ts) / _med(peaks),
-                       mfu_best=flops_per_step / min(ts) / max(peaks), compile_s=compile_s[name],
+                       mfu_best=flops_per_step / min(ts) / max(peaks), compile_s=workers[name].info['compile_s'],
                        # per-round paired ratio: contention that varies over time cancels within a round
                        speedup_of_effjax=_med([a / e for a, e in zip(ts, times['effjax'])]),
-                       speedup_of_effjax_best=min(ts) / min(times['effjax'])))
+                       speedup_of_effjax_best=min(ts) / min(times['effjax']),
+                       first_step_after_idle_ms=_med(firsts[name]) * 1e3,
+                       page_faults_per_step=_med(faults[name]), peak_rss_mb=rss[name]))
     results.append(dict(size=size_name, batch=b, seq_len=t, flops_per_token_fwd=fwd, rows=rows,
                         peak_flops_median=_med(peaks), peak_flops_best=max(peaks),
-                        times_s={k: list(v) for k, v in times.items()}))
-  return dict(sizes=results, torch=torch.__version__, torch_threads=threads)
+                        times_s={k: list(v) for k, v in times.items()},
+                        first_step_times_s={k: list(v) for k, v in firsts.items()}))
+  from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
+  return dict(sizes=results, torch=torch.__version__, torch_threads=torch_gpt.set_threads(),
+              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), processes='one per implementation')
 
 
 def run_compile(args) -> dict:
@@ -259,9 +371,9 @@ def run_sample(args) -> dict:
     m = config.model
     model = build_model(m)
     variables = {'params': nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']}
-    for batch in (1, 8):
+    for batch in (1, 4):
       prompt_len = min(16, m.max_len // 4)
-      new = m.max_len - prompt_len
+      new = min(m.max_len - prompt_len, 112)  # no-cache cost grows with the whole buffer: keep it short
       prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, m.vocab_size, jnp.int32)
       fns = {}
       for name, fn in (('kv cache', sample.generate_cached), ('no cache', sample.generate_uncached)):
@@ -356,18 +468,22 @@ def markdown(results: dict) -> str:
   r = results.get('torch')
   if r:
     out += ['## effjax vs the PyTorch reference (same GPT, same batch, AdamW step included)', '',
-            f"torch {r['result']['torch']} with {r['result']['torch_threads']} threads; {r['meta']}", '',
+            f"torch {r['result']['torch']} with {r['result']['torch_threads']} threads; "
+            f"GLIBC_TUNABLES={r['result'].get('glibc_tunables') or '(unset)'}; {r['meta']}", '',
             '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
-            'effjax speedup over it (paired median) | (best/best) | compile s |',
-            '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+            'effjax speedup over it (paired median) | (best/best) | compile s | first step after idle ms | '
+            'page faults/step | peak RSS MB |',
+            '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for s in r['result']['sizes']:
       for row in s['rows']:
         out.append(f"| {s['size']} | {row['impl']} | {row['step_ms']:.1f} | {row['step_ms_best']:.1f} | "
                    f"{row['tokens_per_sec']:,.0f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_best']:.1f}% | "
                    f"{row['speedup_of_effjax']:.2f}x | {row['speedup_of_effjax_best']:.2f}x | "
-                   f"{row['compile_s']:.1f} |")
+                   f"{row['compile_s']:.1f} | {row.get('first_step_after_idle_ms', float('nan')):.0f} | "
+                   f"{row.get('page_faults_per_step', float('nan')):,.0f} | "
+                   f"{row.get('peak_rss_mb', float('nan')):.0f} |")
       out.append(f"| {s['size']} | peak jitted f32 2048² matmul | | | | {_gf(s['peak_flops_median'])} GFLOP/s "
-                 f"(median) | {_gf(s['peak_flops_best'])} GFLOP/s (best) | | | |")
+                 f"(median) | {_gf(s['peak_flops_best'])} GFLOP/s (best) | | | | | | |")
     out.append('')
   r = results.get('train')
   if r:
@@ -439,15 +555,23 @@ def parse(argv):
   p.add_argument('--only', default=','.join(SUBS), help=f'comma-separated subset of {",".join(SUBS)}')
   p.add_argument('--rounds', type=int, default=6, help='interleaved timing rounds')
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--burst', type=int, default=3,
+                 help='torch: back-to-back steps per implementation per round (the first is reported apart)')
   p.add_argument('--families', default='', help='train/memory: comma-separated subset of families')
   p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True)
   p.add_argument('--unrolled', action=argparse.BooleanOptionalAction, default=True,
                  help='torch: also time effjax with scan_layers=False')
+  p.add_argument('--hugepages', action=argparse.BooleanOptionalAction, default=True,
+                 help='run sub-benchmarks with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for '
+                      'malloc: XLA:CPU allocates its step temporaries afresh every step, and with 4 KB pages '
+                      'each step page-faults them in again); applies to effjax and torch alike')
   p.add_argument('--quick', action='store_true', help='tiny sizes (tests, smoke runs)')
   p.add_argument('--out', default='experiments/results/bench', help='output prefix (.json / .md)')
   p.add_argument('--_child', default='', help=argparse.SUPPRESS)
   p.add_argument('--_memory_child', default='', help=argparse.SUPPRESS)
   p.add_argument('--_child_out', default='', help=argparse.SUPPRESS)
+  p.add_argument('--_worker', default='', help=argparse.SUPPRESS)
+  p.add_argument('--_size', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   bad = [s for s in args.only.split(',') if s not in SUBS]
   if bad:
@@ -457,9 +581,11 @@ def parse(argv):
 
 def _child_argv(args, name, out):
   argv = [sys.executable, '-m', 'experiments.bench', '--_child', name, '--_child_out', out,
-          '--rounds', str(args.rounds), '--warmup', str(args.warmup), '--out', args.out]
+          '--rounds', str(args.rounds), '--warmup', str(args.warmup), '--burst', str(args.burst),
+          '--out', args.out]
   if args.families:
     argv += ['--families', args.families]
+  argv += ['--hugepages' if args.hugepages else '--no-hugepages']
   argv += ['--torch_compile' if args.torch_compile else '--no-torch_compile',
            '--unrolled' if args.unrolled else '--no-unrolled']
   return argv + (['--quick'] if args.quick else [])
@@ -467,6 +593,9 @@ def _child_argv(args, name, out):
 
 def main(argv=None) -> dict:
   args = parse(argv)
+  if args._worker:
+    _worker(args)
+    return {}
   if args._child or args._memory_child:
     result = RUNNERS[args._child](args) if args._child else _memory_child(args._memory_child, args)
     result['maxrss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -485,13 +614,17 @@ def main(argv=None) -> dict:
     with tempfile.NamedTemporaryFile('r', suffix='.json', delete=False) as tmp:
       out = tmp.name
     try:
-      subprocess.run(_child_argv(args, name, out), check=True)
+      env = dict(os.environ)
+      if args.hugepages:
+        env['GLIBC_TUNABLES'] = ':'.join(x for x in (env.get('GLIBC_TUNABLES', ''), 'glibc.malloc.hugetlb=1') if x)
+      subprocess.run(_child_argv(args, name, out), check=True, env=env)
       with open(out, encoding='utf-8') as f:
         result = json.load(f)
     finally:
       os.unlink(out)
     results[name] = dict(result=result, wall_s=time.time() - t0, maxrss_mb=result.pop('maxrss_mb'),
                          meta=f'load average {before[0]:.2f} before, {load_average()[0]:.2f} after; '
+                              f'huge pages for malloc: {"on" if args.hugepages else "off"}; '
                               f'{os.cpu_count()} CPUs; {time.strftime("%Y-%m-%d %H:%M")}',
                          quick=args.quick)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

@@ -49,6 +49,7 @@ class Run:
   d_model: int
   steps: int
   model: tuple = ()      # extra model.* overrides as (key, value) pairs
+  seed: int = 0
 
 
 FAMILY_MODEL = {
@@ -73,7 +74,11 @@ def sweep_runs(sweep: str, steps: int | None = None) -> list[Run]:
           ('doped', 2, 96), ('doped', 3, 128),
           # structured MLPs: dense-equivalent ("emulated") size of a wider model, far fewer trainable params
           ('fastfood', 3, 128), ('fastfood', 2, 256), ('blockdiag', 3, 128), ('blockdiag', 2, 256)]
-  return [Run(f'{fam}-{layers}x{d}', fam, layers, d, s) for fam, layers, d in grid]
+  runs = [Run(f'{fam}-{layers}x{d}', fam, layers, d, s) for fam, layers, d in grid]
+  # seed repeats: the run-to-run noise the differences above have to beat
+  runs += [Run(f'{fam}-{layers}x{d}-seed1', fam, layers, d, s, seed=1)
+           for fam, layers, d in (('baseline', 3, 128), ('fastfood', 3, 128))]
+  return runs
 
 
 def base_config(sweep: str):
@@ -95,6 +100,8 @@ def run_config(run: Run, sweep: str, corpus: str | None = None):
   c = base_config(sweep)
   if corpus:
     c.data.corpus = corpus
+  if run.seed:
+    c.seed = run.seed
   c.model.update(num_layers=run.layers, d_model=run.d_model, num_heads=max(run.d_model // 32, 1),
                  **FAMILY_MODEL[run.family], **dict(run.model))
   evals = 6 if run.steps >= 60 else 2
