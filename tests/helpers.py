@@ -16,9 +16,9 @@ from effjax import metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
-  """configs/gpt.py:tiny on the test corpus; overrides use dotted keys ('train.steps': 10)."""
-  c = gpt_config.get_config('tiny')
+def variant_config(variant, corpus: str, preset: str = 'tiny', **overrides) -> ml_collections.ConfigDict:
+  """A configs/<variant>.py preset on the test corpus; overrides use dotted keys ('train.steps': 10)."""
+  c = variant.get_config(preset)
   c.data.corpus = corpus
   for key, value in overrides.items():
     node = c
@@ -27,6 +27,11 @@ def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
       node = node[p]
     node[leaf] = value
   return c
+
+
+def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
+  """configs/gpt.py:tiny on the test corpus."""
+  return variant_config(gpt_config, corpus, **overrides)
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

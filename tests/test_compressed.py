@@ -11,7 +11,7 @@ from configs import ccgpt, lcgpt
 from effjax import accounting, sample, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, compressed
-from tests.helpers import assert_causal, close, train_losses
+from tests.helpers import assert_causal, close, train_losses, variant_config
 
 V = 50
 CONFIGS = {'lcgpt': lcgpt, 'ccgpt': ccgpt}
@@ -30,15 +30,7 @@ def init(m, seed=0, length=16):
 
 
 def run_config(family, corpus, **overrides):
-  c = CONFIGS[family].get_config('tiny')
-  c.data.corpus = corpus
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return variant_config(CONFIGS[family], corpus, **overrides)
 
 
 

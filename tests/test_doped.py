@@ -14,7 +14,7 @@ from configs import doped as doped_config
 from effjax import checkpoint, metrics, sample, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, doped, layers
-from tests.helpers import one_device, run_cli, train_losses
+from tests.helpers import one_device, run_cli, train_losses, variant_config
 
 V = 50
 
@@ -27,15 +27,7 @@ def model_config(**overrides):
 
 
 def run_config(corpus, **overrides):
-  c = doped_config.get_config('tiny')
-  c.data.corpus = corpus
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return variant_config(doped_config, corpus, **overrides)
 
 
 def init(m, seed=0):

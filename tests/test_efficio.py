@@ -15,7 +15,7 @@ from configs import efficio
 from effjax import accounting, checkpoint, modes, sample, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, layers
-from tests.helpers import close, one_device, run_cli, train_losses
+from tests.helpers import close, one_device, run_cli, train_losses, variant_config
 
 V = 50
 
@@ -39,15 +39,7 @@ def variant(m, **overrides):
 
 
 def run_config(corpus, **overrides):
-  c = efficio.get_config('tiny')
-  c.data.corpus = corpus
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return variant_config(efficio, corpus, **overrides)
 
 
 

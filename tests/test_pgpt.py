@@ -16,7 +16,7 @@ from effjax import accounting, modes, sample, train
 from effjax.data import pipeline
 from effjax.errors import EffjaxError
 from effjax.models import build_model, layers, parallel
-from tests.helpers import assert_causal, close, one_device, run_cli, train_losses
+from tests.helpers import assert_causal, close, one_device, run_cli, train_losses, variant_config
 
 V = 50
 
@@ -43,15 +43,7 @@ def init(m, seed=0, length=16):
 
 
 def run_config(corpus, **overrides):
-  c = pgpt.get_config('tiny')
-  c.data.corpus = corpus
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return variant_config(pgpt, corpus, **overrides)
 
 
 
