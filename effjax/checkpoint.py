@@ -17,7 +17,8 @@ from absl import logging
 from effjax.errors import EffjaxError
 
 # Model keys that change only how a computation runs, not the parameters: they may differ on resume.
-RUNTIME_MODEL_KEYS = ('dropout', 'attn_dropout', 'remat', 'attention_impl', 'dtype', 'active_branches')
+RUNTIME_MODEL_KEYS = ('dropout', 'attn_dropout', 'remat', 'attention_impl', 'dtype', 'active_branches',
+                      'scan_unroll')
 
 
 # Keys that only shape the parameters of some configurations: ignored elsewhere, so changing them is harmless.

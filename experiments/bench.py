@@ -122,7 +122,6 @@ FAULTS = {}  # name -> minor page faults per call, from the last `interleave`
 
 def interleave(cands: dict, rounds: int, warmup: int, peak=None, progress: str = '') -> tuple[dict, list]:
   """cands: name -> callable (one step). Returns name -> list of seconds per round, and peak FLOP/s per round."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   for fn in cands.values():
     for _ in range(warmup):
       fn()
@@ -141,7 +140,6 @@ def interleave(cands: dict, rounds: int, warmup: int, peak=None, progress: str =
     done = time.time() - start
     print(f'  {progress}round {r + 1}/{rounds}  {done:.0f}s elapsed, ETA {done / (r + 1) * (rounds - r - 1):.0f}s, '
           f'load {load_average()[0]}', flush=True)
-  del np
   return times, peaks
 
 
@@ -181,6 +179,7 @@ def run_train(args) -> dict:
 IMPLS = {  # torch sub-benchmark: name -> worker kind
     'effjax': 'effjax',
     'effjax (unrolled)': 'effjax-unrolled',
+    'effjax (scan_unroll=L)': 'effjax-scan-unroll',
     'torch eager': 'torch',
     'torch.compile': 'torch-compile',
 }
@@ -189,7 +188,7 @@ IMPLS = {  # torch sub-benchmark: name -> worker kind
 def _build_worker_step(kind: str, size):
   """(one-step callable, forward FLOPs per token, compile/warm-up seconds) for one implementation."""
   if kind.startswith('effjax'):
-    over = {'scan_layers': False} if kind == 'effjax-unrolled' else {}
+    over = {'effjax-unrolled': {'scan_layers': False}, 'effjax-scan-unroll': {'scan_unroll': 0}}.get(kind, {})
     return make_effjax_step(bench_config('gpt', size, **over))
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -280,7 +279,7 @@ class _Worker:
 def run_torch(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   results = []
-  impls = {k: v for k, v in IMPLS.items() if (args.unrolled or v != 'effjax-unrolled')
+  impls = {k: v for k, v in IMPLS.items() if (args.unrolled or v not in ('effjax-unrolled', 'effjax-scan-unroll'))
            and (args.torch_compile or v != 'torch-compile')}
   for size_name, size in sizes_of(args).items():
     b, t = size[4], size[3]
@@ -560,7 +559,8 @@ def parse(argv):
   p.add_argument('--families', default='', help='train/memory: comma-separated subset of families')
   p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True)
   p.add_argument('--unrolled', action=argparse.BooleanOptionalAction, default=True,
-                 help='torch: also time effjax with scan_layers=False')
+                 help='torch: also time effjax with scan_layers=False and with model.scan_unroll=0 (unrolled '
+                      'inside the scan)')
   p.add_argument('--hugepages', action=argparse.BooleanOptionalAction, default=True,
                  help='run sub-benchmarks with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for '
                       'malloc: XLA:CPU allocates its step temporaries afresh every step, and with 4 KB pages '

@@ -88,6 +88,25 @@ def test_bench_configs_build_for_every_family():
     bench.parse(['--only', 'train,nope'])
 
 
+def test_scan_unroll_keeps_params_and_values():
+  """model.scan_unroll (the bench's faster CPU setting) changes the compiled loop, not the model."""
+  import optax  # pylint: disable=import-outside-toplevel
+  m, mu = tiny_model(num_layers=4), tiny_model(num_layers=4, scan_unroll=0)
+  model, variables = init(m)
+  unrolled_model, unrolled_vars = init(mu)
+  assert jax.tree.structure(variables) == jax.tree.structure(unrolled_vars)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, m.vocab_size, (2, 17)))
+
+  def loss(mod):
+    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        mod.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:]).mean()
+  la, ga = jax.jit(jax.value_and_grad(loss(model)))(variables['params'])
+  lb, gb = jax.jit(jax.value_and_grad(loss(unrolled_model)))(variables['params'])
+  assert float(la) == pytest.approx(float(lb), abs=1e-6)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------- power laws
 @pytest.mark.parametrize('exponent', [0.05, 0.3])
 def test_power_law_fit_recovers_exponent(exponent):
