@@ -279,11 +279,8 @@ def _export_config(export_dir: str):
       raise ValueError('no "model" section')
   except (OSError, ValueError) as e:
     raise EffjaxError(f'export config {export_dir}/config.json is unreadable ({_short(e)})') from None
-  try:
-    from configs import base  # pylint: disable=import-outside-toplevel
-    config = base.get_base()
-  except ImportError:  # effjax installed without the repository's configs/
-    return ml_collections.ConfigDict(saved)
+  from effjax.configs import base  # pylint: disable=import-outside-toplevel
+  config = base.get_base()
   try:
     with config.unlocked():
       for section, values in saved.items():

@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import gpt as gpt_config
+from effjax.configs import gpt as gpt_config
 from effjax import accounting, memory
 from experiments.bench_train import time_train_step
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from configs import efficio
+from effjax.configs import efficio
 from effjax.models import build_model
 
 OUT = pathlib.Path(__file__).parent / 'results'

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import gpt as gpt_config
+from effjax.configs import gpt as gpt_config
 from effjax import accounting, state as state_lib, train
 
 SIZES = {  # name: (layers, d_model, heads, seq_len, batch)

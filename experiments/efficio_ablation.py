@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import efficio
+from effjax.configs import efficio
 from effjax import accounting, metrics, train
 from effjax.data import pipeline
 

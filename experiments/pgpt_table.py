@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from configs import ccgpt, gpt as gpt_config, lcgpt, pgpt
+from effjax.configs import ccgpt, gpt as gpt_config, lcgpt, pgpt
 from effjax import accounting, metrics, modes, train
 from effjax.data import pipeline
 from effjax.models import build_model

@@ -83,7 +83,7 @@ def sweep_runs(sweep: str, steps: int | None = None) -> list[Run]:
 
 def base_config(sweep: str):
   """The training recipe every run of a sweep shares: rotary GPT, BPE on the embedded corpus, AdamW + cosine."""
-  from configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
+  from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
   c = gpt_config.get_config('')
   c.model.update(pos_emb='rotary', max_len=64, dropout=0.0, attn_dropout=0.0)
   c.data.update(corpus='embedded', tokenizer='bpe', bpe_vocab_size=1024, seq_len=64, max_bytes=3_000_000)

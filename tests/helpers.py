@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import gpt as gpt_config
+from effjax.configs import gpt as gpt_config
 from effjax import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,10 +5,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import blockdiag as blockdiag_config
-from configs import doped as doped_config
-from configs import fastfood as fastfood_config
-from configs import gpt as gpt_config
+from effjax.configs import blockdiag as blockdiag_config
+from effjax.configs import doped as doped_config
+from effjax.configs import fastfood as fastfood_config
+from effjax.configs import gpt as gpt_config
 from effjax import accounting, state as state_lib
 from effjax.models import structured
 

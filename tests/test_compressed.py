@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import ccgpt, lcgpt
+from effjax.configs import ccgpt, lcgpt
 from effjax import accounting, sample, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, compressed

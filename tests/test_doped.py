@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import doped as doped_config
+from effjax.configs import doped as doped_config
 from effjax import checkpoint, metrics, sample, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, doped, layers

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import efficio
+from effjax.configs import efficio
 from effjax import accounting, checkpoint, modes, sample, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, layers

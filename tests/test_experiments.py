@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gpt as gpt_config
+from effjax.configs import gpt as gpt_config
 from effjax import accounting
 from effjax.models import build_model
 from experiments import bench, prune_layers, scaling

@@ -126,7 +126,7 @@ def test_eval_of_the_run_and_of_its_export_agree(run, tmp_path):
 
 def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
   """GPT-Efficio (one block applied at every layer): the export stores the block once."""
-  from configs import efficio  # pylint: disable=import-outside-toplevel
+  from effjax.configs import efficio  # pylint: disable=import-outside-toplevel
   config = efficio.get_config('tiny')
   config.data.corpus = corpus_dir
   config.train.update(steps=2, eval_every=2)
@@ -155,7 +155,7 @@ def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
 def test_every_family_round_trips_through_an_export(tmp_path, variant):
   """Randomly initialised tiny model of each family: export -> load_export gives the same logits."""
   import importlib  # pylint: disable=import-outside-toplevel
-  config = importlib.import_module(f'configs.{variant}').get_config('tiny')
+  config = importlib.import_module(f'effjax.configs.{variant}').get_config('tiny')
   tok = tokenizers.CharTokenizer('abcdefghijklmnopqrstuvwxyz \n():=+')
   tok.save(str(tmp_path))
   config.model.vocab_size = tok.vocab_size

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import gpt as gpt_config
+from effjax.configs import gpt as gpt_config
 from effjax import accounting, sample
 from effjax.models import build_model
 

@@ -102,7 +102,7 @@ def test_imported_model_samples_through_the_cli(hf_model, tmp_path):
 
 def _effjax_export(tmp_path, **model_overrides):
   """A randomly initialised effjax GPT (learned positions, GELU, tied head) exported with a BPE tokenizer."""
-  from configs import gpt  # pylint: disable=import-outside-toplevel
+  from effjax.configs import gpt  # pylint: disable=import-outside-toplevel
   config = gpt.get_config('tiny')
   config.model.update(vocab_size=VOCAB, max_len=CTX, d_model=WIDTH, num_heads=HEADS, num_layers=4,
                       **model_overrides)

@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import gpt as gpt_config
-from configs import pgpt
+from effjax.configs import gpt as gpt_config
+from effjax.configs import pgpt
 from effjax import accounting, modes, sample, train
 from effjax.data import pipeline
 from effjax.errors import EffjaxError

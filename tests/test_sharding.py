@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import base
+from effjax.configs import base
 from effjax import checkpoint, memory, metrics, sharding, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model
@@ -57,7 +57,7 @@ VOCAB = 48  # fixed for abstract-only tests (no corpus needed); divisible by 8, 
 def load_config(variant: str, preset: str, overrides: dict, corpus: str | None = None):
   if not os.path.exists(os.path.join(ROOT, 'configs', f'{variant}.py')):
     pytest.skip(f'configs/{variant}.py is not written yet')
-  module = __import__(f'configs.{variant}', fromlist=['get_config'])
+  module = __import__(f'effjax.configs.{variant}', fromlist=['get_config'])
   c = module.get_config(preset)
   for key, value in overrides.items():
     node = c

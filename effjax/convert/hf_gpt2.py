@@ -119,7 +119,7 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
 
 def effjax_config(hf_cfg: dict, scan_layers: bool = True):
   """configs/base.py get_base() with the model fields of the GPT-2 config."""
-  from configs import base  # pylint: disable=import-outside-toplevel
+  from effjax.configs import base  # pylint: disable=import-outside-toplevel
   n_embd = int(hf_cfg.get('n_embd', 768))
   n_inner = hf_cfg.get('n_inner') or 4 * n_embd
   vocab = int(hf_cfg.get('vocab_size', 50257))

@@ -1,0 +1,48 @@
+"""Doped GPT (seed 004, §3): trainable transformer blocks with frozen random MLPs (hidden 6·d) between them, the
+first and last layer trainable. Family `gpt`; the technique is config only: model.doping (see
+effjax/models/doped.py) and model.frozen_mlp_ratio. model.num_layers counts the *trainable* blocks; with
+doping='interleave' the stack has num_layers + (num_layers - 1) layers.
+
+Presets:
+  tiny       3 trainable 64-wide blocks + 2 frozen MLPs (TFTFT), char tokens, ctx 32: tests (seconds).
+  (default)  4 trainable 192-wide blocks + 3 frozen MLPs, char-level on the embedded corpus: a few CPU minutes.
+  nodoping   the default without its frozen MLPs (the same trainable parameters): the comparison run.
+  xsmall / small / medium  the seed's Doped XSmall (3 + 2 = 5 layers, d 768), Doped Small (6 + 5 = 11, d 768)
+             and Doped Medium (12 + 11 = 23, d 1024, 16 heads), on configs/gpt.py's `lighton` recipe
+             (rotary, ctx 1024, BPE 50262, batch 80, no weight decay, clip 1, dropout 0.1). Their trainable
+             parameters equal those of the LightOn baselines xxsmall / xsmall (gpt.py) for XSmall / Small.
+  paper      = medium.
+"""
+from effjax.configs import base
+from effjax.configs import gpt as gpt_config
+
+# doped preset: (the lighton baseline whose width/heads/lr it takes, trainable blocks)
+DOPED_SIZES = {
+    'xsmall': ('xxsmall', 3),
+    'small': ('xsmall', 6),
+    'medium': ('medium', 12),
+}
+
+
+def doped(c, trainable_blocks: int):
+  c.model.update(num_layers=trainable_blocks, doping='interleave', frozen_mlp_ratio=6)
+  return c
+
+
+def get_config(preset: str = ''):
+  c = gpt_config.get_config('')
+  c.train.update(steps=1000, eval_every=250)
+  c.checkpoint.every = 250
+  doped(c, 4)
+  if preset == 'tiny':
+    gpt_config.tiny(c)
+    doped(c, 3)
+  elif preset == 'nodoping':
+    c.model.doping = ''
+  elif preset in DOPED_SIZES or preset == 'paper':
+    size, blocks = DOPED_SIZES['medium' if preset == 'paper' else preset]
+    gpt_config.lighton(c, size)
+    doped(c, blocks)
+  elif preset:
+    base.unknown_preset('doped', preset, ['tiny', 'nodoping', *DOPED_SIZES, 'paper'])
+  return c
