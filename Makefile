@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 CONFIG ?= configs/gpt.py
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench report clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m experiments.bench_train
+
+# REPORT.md's tables, derived numbers (results/report.json) and figures from experiments/results/ (no training)
+report: $(VENV)/.installed
+	$(PY) -m experiments.report
 
 clean-demo:
 	rm -rf $(WORKDIR)

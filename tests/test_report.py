@@ -1,0 +1,90 @@
+"""experiments/REPORT.md against experiments/results/: every table number is in a results file, the tables are what
+`python -m experiments.report` regenerates from those files, and the verdict rule does what the report says.
+No training: reads JSON and markdown only."""
+import math
+import os
+import re
+
+import pytest
+
+from experiments import report
+
+NUMBER = re.compile(r'(?<![\w.])[-+−]?\d[\d,]*(?:\.\d+)?')
+
+
+def _numbers(text: str) -> list[str]:
+  return [m.group(0).replace('−', '-').lstrip('+') for m in NUMBER.finditer(text)]
+
+
+def _table_lines(text: str) -> list[str]:
+  return [l for l in text.splitlines() if l.startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', l)]
+
+
+@pytest.fixture(scope='module')
+def known():
+  """The value of every number written in a results file (markdown, JSON values and strings): a table number must
+  equal one of them exactly as written (0.20 = 0.2), not merely round to one."""
+  tokens = set()
+  for name in os.listdir(report.RESULTS):
+    if not name.endswith(('.json', '.md')):
+      continue
+    with open(os.path.join(report.RESULTS, name), encoding='utf-8') as f:
+      text = f.read()
+    tokens.update(float(t.replace(',', '')) for t in _numbers(text))
+  return tokens
+
+
+def _found(token: str, known) -> bool:
+  v = float(token.replace(',', ''))
+  return v in known or -v in known
+
+
+def test_every_table_number_is_in_a_results_file(known):
+  with open(report.REPORT, encoding='utf-8') as f:
+    lines = _table_lines(f.read())
+  assert len(lines) > 50
+  missing = [(t, l[:80]) for l in lines for t in _numbers(l) if not _found(t, known)]
+  assert not missing, f'{len(missing)} table numbers are in no results file, e.g. {missing[:8]}'
+
+
+def test_report_tables_are_regenerated_from_the_results():
+  assert report.main(['--check', '--no_figures']) == 0
+
+
+def test_every_block_in_the_report_is_generated():
+  with open(report.REPORT, encoding='utf-8') as f:
+    names = [m.group(2) for m in report.BLOCK.finditer(f.read())]
+  assert set(names) == set(report.BLOCKS), set(names) ^ set(report.BLOCKS)
+
+
+@pytest.mark.parametrize('delta, half, seeds, expected', [
+    (0.003, 0.004, 3, report.CONSISTENT),      # [-0.1 %, 0.7 %] inside (-inf, 1 %]
+    (0.030, 0.010, 3, report.CONTRADICTED),    # [2 %, 4 %] above the band
+    (0.008, 0.004, 3, report.NOT_RESOLVED),    # [0.4 %, 1.2 %] straddles the edge
+    (0.003, 0.001, 2, report.NOT_RESOLVED),    # too few seeds, however tight
+    (0.003, None, 5, report.NOT_RESOLVED),     # no interval
+])
+def test_verdict_rule(delta, half, seeds, expected):
+  assert report.verdict(delta, half, (-math.inf, 0.01), seeds) == expected
+
+
+def test_paired_interval_is_two_standard_errors():
+  mean, half = report.paired([0.01, 0.02, 0.03])
+  assert mean == pytest.approx(0.02)
+  assert half == pytest.approx(2 * 0.01 / math.sqrt(3))
+  assert report.paired([0.5]) == (0.5, None)
+
+
+def test_prune_control_summary_is_mean_and_std_over_seeds():
+  from experiments import prune_control  # pylint: disable=import-outside-toplevel
+  seeds = [dict(seed=s, num_layers=8, train_steps=600, budget_steps=750,
+                rows=[dict(k=0, loss_before=4.5, loss_after=4.40), dict(k=2, loss_before=4.7, loss_after=a,
+                                                                        shallow_loss=b)])
+           for s, a, b in ((0, 4.444, 4.48844), (1, 4.422, 4.46622), (2, 4.4308, 4.4308))]
+  (row,) = prune_control.summarize(seeds)
+  assert row['k'] == 2 and row['layers_kept'] == 6
+  assert row['pruned_vs_unpruned']['values'] == pytest.approx([0.01, 0.005, 0.007])
+  assert row['pruned_vs_unpruned']['std'] == pytest.approx(0.0025166, rel=1e-4)
+  assert row['shallow_vs_pruned']['mean'] == pytest.approx(0.02 / 3)
+  md = prune_control.markdown(dict(seeds=seeds, summary=[row], finetune_steps=150, finetune_lr=5e-4, meta=''))
+  assert '| 2 | 6 | +0.73% ± 0.25% |' in md
