@@ -1,22 +1,60 @@
-"""effjax command line: `python -m effjax.main --config=configs/<variant>.py[:<preset>] --workdir=DIR [--mode=MODE]`.
+"""effjax command line: `effjax --config=VARIANT[:PRESET] --workdir=DIR [--mode=MODE] [--config.KEY=VALUE ...]`.
 
-Modes: train (default; resumes from DIR/checkpoints), eval, sample, summary, export, memory (per-device
-bytes of a planned run: --accelerator=v4-8 / --devices=N; no devices needed). Every user mistake ends
-with one line on stderr and exit code 2; nothing already in the workdir is touched by a failed run.
+`effjax --help` shows the usage with examples (USAGE below); `effjax --list` the built-in variants and presets.
+Every user mistake ends with one line on stderr and exit code 2; nothing already in the workdir is touched by a
+failed run.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from effjax import config_lookup
 from effjax.errors import EffjaxError
 
-MODES = ('train', 'eval', 'sample', 'summary', 'export', 'memory')
+MODES = ('train', 'eval', 'sample', 'summary', 'export', 'memory', 'config')
+# Modes that can take the run's own DIR/config.json when --config is not given.
+WORKDIR_MODES = ('eval', 'sample', 'summary', 'export', 'memory', 'config')
 
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/gpt.py:tiny', lock_config=True)
+USAGE = '''effjax: train, evaluate, sample, export and account for parameter-efficient language models.
+
+Usage:
+  effjax --config=VARIANT[:PRESET] [--workdir=DIR] [--mode=MODE] [--config.KEY=VALUE ...]
+  effjax --config=path/to/config.py[:PRESET] ...     a config file of your own (or configs/gpt.py in the repo)
+  effjax --workdir=DIR --mode=MODE ...               eval/sample/export/summary/config: DIR's own config.json
+  effjax --list                                      the built-in variants, their presets and what they are for
+  python -m effjax.main ...                          the same as `effjax ...`
+
+Modes: train (default; resumes from DIR/checkpoints), eval (validation loss -> DIR/eval.json; --tasks=...),
+  sample (--prompt, --max_new_tokens, --temperature, --top_k, --top_p; --from_export=E), summary (parameter,
+  byte and FLOP table -> DIR/summary.json), export (--export_dir=E), memory (per-device bytes of a planned run:
+  --accelerator=v4-8 or --devices=N), config (every resolved key, its value and where it came from).
+
+Examples:
+  effjax --list
+  effjax --config=gpt:tiny --workdir=runs/tiny                 # train for seconds on the embedded Python corpus
+  effjax --workdir=runs/tiny --mode=sample --prompt='def '     # sample from that run (its own config.json)
+  effjax --workdir=runs/tiny --mode=export --export_dir=exports/tiny
+  effjax --from_export=exports/tiny --mode=sample --prompt='class '
+  effjax --config=pgpt:paper --mode=summary                     # the paper's parameter counts, no training
+  effjax --config=gpt:tiny --mode=config --config.train.steps=100
+
+A config file of your own: a module with get_config(preset='') returning an ml_collections.ConfigDict, e.g.
+  from effjax.configs import gpt
+  def get_config(preset=''):
+    c = gpt.get_config(preset)
+    c.model.num_layers = 6
+    return c
+'''
+
+config_flags.DEFINE_config_file('config', None, 'VARIANT[:PRESET] (a built-in variant: --list) or PATH[:PRESET] of '
+                                'a config file; default for eval/sample/export/summary: DIR/config.json',
+                                lock_config=True)
+flags.DEFINE_bool('list', False, 'List the built-in variants with their presets and purposes, then exit.')
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, tokenizer, summary).')
 flags.DEFINE_string('mode', 'train', f'One of {", ".join(MODES)}.')
 flags.DEFINE_string('prompt', '', 'sample: text to continue.')
@@ -55,7 +93,11 @@ def fail(message: str) -> None:
 
 def parse_flags(argv):
   """Flag parsing that turns config-override mistakes (unknown key, wrong type) into one line."""
+  if any(arg in ('--help', '-help', '-h', '-?', '--helpshort') for arg in _own_args(argv)):
+    print(usage())
+    sys.exit(0)
   try:
+    argv = with_config_resolved(argv)
     remaining = FLAGS(argv)
     if FLAGS['config'].value is not None:
       FLAGS.config.to_dict()  # a config file that failed to load reports it only on first use: report it now
@@ -70,10 +112,47 @@ def parse_flags(argv):
   return None
 
 
+def _own_args(argv) -> list[str]:
+  """The arguments before a `--` terminator (after it they are not effjax's)."""
+  args = list(argv[1:])
+  return args[:args.index('--')] if '--' in args else args
+
+
+def _flag_value(argv, name: str) -> str | None:
+  """The last value given to --name (as --name=V or --name V)."""
+  value, args = None, _own_args(argv)
+  for i, arg in enumerate(args):
+    if re.match(rf'^--?{name}=', arg):
+      value = arg.split('=', 1)[1]
+    elif arg in (f'--{name}', f'-{name}') and i + 1 < len(args):
+      value = args[i + 1]
+  return value
+
+
+def with_config_resolved(argv) -> list[str]:
+  """argv with `--config=VARIANT[:PRESET]` turned into the installed file's path, or, for the modes that can do
+  without one, `--config` taken from --workdir's config.json (config_lookup says how)."""
+  argv, args = list(argv), _own_args(argv)
+  for i, arg in enumerate(args, 1):
+    if re.match(r'^--?config=', arg):
+      argv[i] = '--config=' + config_lookup.resolve(arg.split('=', 1)[1])
+      return argv
+    if arg in ('--config', '-config') and i < len(args):
+      argv[i + 1] = config_lookup.resolve(argv[i + 1])
+      return argv
+  workdir, mode = _flag_value(argv, 'workdir'), _flag_value(argv, 'mode') or 'train'
+  if workdir and mode in WORKDIR_MODES and not _flag_value(argv, 'from_export'):
+    argv.insert(1, '--config=' + config_lookup.workdir_spec(workdir))  # before any --config.KEY override
+  return argv
+
+
+def usage() -> str:
+  return f'{USAGE}\nFlags:\n{FLAGS.module_help(sys.modules[__name__])}'
+
+
 def _unknown_override(argv) -> str | None:
   """For an unknown --config.a.b override: which key does not exist, and the valid keys at that level."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith(('--config=', '-config='))), None)
   if not spec:
@@ -139,20 +218,30 @@ def default_workdir(config_arg: str) -> str:
 
 def run(argv) -> None:
   del argv
-  from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help fast)
+  if FLAGS.list:
+    print(config_lookup.describe_variants())
+    return
   if FLAGS.mode not in MODES:
     raise EffjaxError(f'--mode={FLAGS.mode!r} is unknown; valid modes: {", ".join(MODES)}')
   config = FLAGS.config
   if config is None and not (FLAGS.from_export and FLAGS.mode in ('sample', 'eval')):
-    raise EffjaxError('--config is required, e.g. --config=configs/gpt.py:tiny')
+    raise EffjaxError('--config is required, e.g. --config=gpt:tiny (`effjax --list` shows the variants); '
+                      f'{"/".join(WORKDIR_MODES)} also take a trained run\'s own config with --workdir=DIR alone')
   if FLAGS.from_export is not None and FLAGS.mode not in ('sample', 'eval'):
     raise EffjaxError(f'--from_export is for --mode=sample and --mode=eval, not --mode={FLAGS.mode}')
+  filename = config_flags.get_config_filename(FLAGS['config']) if config is not None else ''
+  if FLAGS.mode == 'config':
+    print(config_lookup.format_origins(config_lookup.origins(config, filename, FLAGS['config'].override_values)))
+    return
+  if config_lookup.is_workdir_spec(filename) and FLAGS.mode in ('eval', 'sample', 'export'):
+    config_lookup.check_architecture(config, FLAGS.workdir)
   if FLAGS.workdir is None and FLAGS.mode not in ('summary', 'memory') and not FLAGS.from_export:
-    FLAGS.workdir = default_workdir(config_flags.get_config_filename(FLAGS['config']))
+    FLAGS.workdir = default_workdir(filename)
     logging.info('no --workdir given: using %s', FLAGS.workdir)
   if FLAGS.mode == 'sample' and FLAGS['prompt'].present and not FLAGS.prompt:
     raise EffjaxError('--prompt is empty; give the text to continue (or leave out --prompt to start from a '
                       'newline)')
+  from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help and --list fast)
   init_distributed()
   modes.dispatch(FLAGS.mode, config, FLAGS)
 

@@ -6,6 +6,7 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 
 from effjax import accounting, checkpoint, sample, state as state_lib, train
 from effjax.data import pipeline, tokenizers
@@ -57,7 +58,9 @@ def run_memory(config, flags) -> None:
 
 
 def _vocab_without_corpus(config, workdir) -> int:
-  """summary must not need data: the cached tokenizer if the run has one, else what the tokenizer implies."""
+  """summary needs no trained run: the run's cached tokenizer if there is one, else the size the tokenizer
+  implies (byte: 256, bpe: data.bpe_vocab_size), else (char) the characters of the corpus's training split, read
+  but not tokenized (about a second for the embedded corpus's 4 MB)."""
   cached = os.path.join(workdir or '', 'data', 'tokenizer.json')
   if workdir and os.path.exists(cached):
     return tokenizers.load_tokenizer(os.path.dirname(cached)).vocab_size
@@ -65,8 +68,10 @@ def _vocab_without_corpus(config, workdir) -> int:
     return 256
   if config.data.tokenizer == 'bpe':
     return config.data.bpe_vocab_size
-  raise EffjaxError('model.vocab_size=0 with the char tokenizer: the vocabulary comes from the corpus; set '
-                    '--config.model.vocab_size or train first in this --workdir')
+  from effjax.data import corpora  # pylint: disable=import-outside-toplevel
+  vocab = tokenizers.build_tokenizer(config.data, corpora.load_corpus(config.data).train_text).vocab_size
+  logging.info('model.vocab_size=0: %d, the char vocabulary of data.corpus=%r', vocab, config.data.corpus)
+  return vocab
 
 
 def restore_trained(config, workdir: str):

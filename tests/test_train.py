@@ -72,28 +72,29 @@ def test_nan_loss_stops_with_step(tmp_path, corpus_dir):
 
 
 def test_cli_modes_on_tiny(tmp_path, corpus_dir):
-  """train (with a CLI override), summary, eval, sample and export, each through the real entry point."""
+  """train (with a CLI override), then summary, eval, sample and export of that run with --workdir alone (its own
+  config.json), each through the real entry point."""
   workdir = str(tmp_path / 'run')
-  common = ['--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}']
-  result = run_cli(*common, '--config.train.steps=12', '--config.model.num_layers=3', '--progress=false')
+  result = run_cli('--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}',
+                   '--config.train.steps=12', '--config.model.num_layers=3', '--progress=false')
   assert result.returncode == 0, result.stderr[-2000:]
   config = json.load(open(os.path.join(workdir, 'config.json')))
   assert config['train']['steps'] == 12 and config['model']['num_layers'] == 3
   assert max(train_losses(workdir)) == 12
-  result = run_cli(*common, '--mode=summary', '--config.model.num_layers=3')
+  common = [f'--workdir={workdir}']
+  result = run_cli(*common, '--mode=summary')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'trainable_params' in result.stdout
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
   assert summary['total_params'] == summary['trainable_params']
-  result = run_cli(*common, '--mode=eval', '--config.model.num_layers=3')
+  result = run_cli(*common, '--mode=eval')
   assert result.returncode == 0, result.stderr[-2000:]
   assert {'loss', 'ppl', 'bpb'} <= set(json.load(open(os.path.join(workdir, 'eval.json'))))
-  result = run_cli(*common, '--mode=sample', '--config.model.num_layers=3', '--prompt=def ',
-                   '--max_new_tokens=20', '--temperature=0')
+  result = run_cli(*common, '--mode=sample', '--prompt=def ', '--max_new_tokens=20', '--temperature=0')
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith('def ') and len(result.stdout.rstrip('\n')) >= 5
   export_dir = str(tmp_path / 'export')
-  result = run_cli(*common, '--mode=export', '--config.model.num_layers=3', f'--export_dir={export_dir}')
+  result = run_cli(*common, '--mode=export', f'--export_dir={export_dir}')
   assert result.returncode == 0, result.stderr[-2000:]
   result = run_cli(f'--from_export={export_dir}', '--mode=sample', '--prompt=def ', '--max_new_tokens=20',
                    '--temperature=0')
