@@ -192,21 +192,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def init_distributed() -> None:
-  """jax.distributed from flags or EFFJAX_* env; TPU VMs and SLURM are auto-detected by jax."""
-  address = FLAGS.coordinator_address or os.environ.get('EFFJAX_COORDINATOR_ADDRESS')
-  num = FLAGS.num_processes or _env_int('EFFJAX_NUM_PROCESSES')
-  pid = FLAGS.process_id if FLAGS.process_id is not None else _env_int('EFFJAX_PROCESS_ID')
-  if address or num:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
-  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
-
-
-def _env_int(name: str):
-  value = os.environ.get(name)
-  return int(value) if value else None
+  """jax.distributed as effjax/distributed.py decides: explicit flags, SLURM, Open MPI, a multi-host TPU slice."""
+  from effjax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize({'coordinator_address': FLAGS.coordinator_address, 'num_processes': FLAGS.num_processes,
+                          'process_id': FLAGS.process_id})
 
 
 def default_workdir(config_arg: str) -> str:
