@@ -78,7 +78,7 @@ def restore_trained(config, workdir: str):
   """(setup, state, config, tokenizer) of the newest checkpoint in `workdir`."""
   if not os.path.isdir(workdir):
     raise EffjaxError(f'workdir {workdir!r} does not exist; train first with --mode=train')
-  tokenizer_dir = os.path.join(workdir, 'data')
+  tokenizer_dir = pipeline.dataset_dir(config.data, workdir)
   if not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer.json')):
     raise EffjaxError(f'no trained run in {workdir!r} (no data/tokenizer.json); train first with --mode=train')
   tokenizer = tokenizers.load_tokenizer(tokenizer_dir)
@@ -162,7 +162,7 @@ def run_eval(config, flags) -> None:
     print(json.dumps(result))
     return
   setup, state, config, _, meta = restore_trained(config, flags.workdir)
-  bundle = pipeline.prepare_data(config.data, os.path.join(flags.workdir, 'data'))
+  bundle = pipeline.load(config.data, flags.workdir)
   batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
                                   batch_size=config.train.batch_size, max_batches=config.train.eval_batches)
   from effjax import sharding  # pylint: disable=import-outside-toplevel

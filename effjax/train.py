@@ -212,20 +212,20 @@ def _stop_agreed(stop) -> bool:
 
 
 def load_data(config, workdir: str):
-  """The token cache of the run. With several processes, process 0 builds it (corpus, tokenizer, tokens) while
-  the others wait at a barrier, then they read it; a process whose workdir does not hold process 0's cache
-  (host-local paths on a multi-host slice) builds the same one itself."""
-  cache_dir = os.path.join(workdir, 'data')
-  if jax.process_count() == 1:
-    bundle = pipeline.prepare_data(config.data, cache_dir)
+  """The run's dataset. A shared `data.dataset` is only read (no process tokenizes). Otherwise, with several
+  processes, process 0 prepares the workdir's own dataset while the others wait at a barrier, then they read it;
+  a process whose workdir does not hold process 0's dataset (host-local paths on a multi-host slice) prepares the
+  same one itself."""
+  if jax.process_count() == 1 or str(config.data.get('dataset', '') or '').strip():
+    bundle = pipeline.load(config.data, workdir)
   elif jax.process_index() == 0:
     try:
-      bundle = pipeline.prepare_data(config.data, cache_dir)
+      bundle = pipeline.load(config.data, workdir)
     finally:  # also on failure: the others then fail with the same one-line error instead of hanging
       multihost_utils.sync_global_devices('effjax.data_prepared')
   else:
     multihost_utils.sync_global_devices('effjax.data_prepared')
-    bundle = pipeline.prepare_data(config.data, cache_dir)
+    bundle = pipeline.load(config.data, workdir)
   return bundle, resolve_vocab(config, bundle.tokenizer)
 
 
@@ -331,7 +331,8 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
                                       batch_size=t.batch_size, max_batches=t.eval_batches)
   val_batches = [eval_rows(b, divisor) for b in val_batches]
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep)
-  state, _ = restore_or_init(setup, config, ckpt, train_iter, workdir)
+  state, restored_meta = restore_or_init(setup, config, ckpt, train_iter, workdir)
+  pipeline.check_tokenizer(restored_meta, bundle, workdir)
   start = int(state.step)
   if jax.process_index() == 0:
     checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -347,7 +348,8 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
 
   def meta(step):
     return {'step': step, 'tokens_seen': step * tokens_per_step, 'family': config.model.family,
-            'architecture': checkpoint.architecture(config.model), 'fingerprint': bundle.fingerprint}
+            'architecture': checkpoint.architecture(config.model), 'fingerprint': bundle.fingerprint,
+            'tokenizer_sha256': bundle.identity['tokenizer_sha256']}
 
   last_eval = {}
   pending, tick = [], time.time()

@@ -165,13 +165,13 @@ def _median(xs):
 def _seed_data_cache(root: str, workdir: str) -> None:
   """Every run of a sweep tokenizes the same corpus: copy the first run's cache instead of re-training BPE."""
   shared, mine = os.path.join(root, '_data'), os.path.join(workdir, 'data')
-  if os.path.exists(os.path.join(shared, 'meta.json')) and not os.path.exists(mine):
+  if os.path.exists(os.path.join(shared, 'manifest.json')) and not os.path.exists(mine):
     shutil.copytree(shared, mine)
 
 
 def _publish_data_cache(root: str, workdir: str) -> None:
   shared, mine = os.path.join(root, '_data'), os.path.join(workdir, 'data')
-  if not os.path.exists(os.path.join(shared, 'meta.json')) and os.path.exists(os.path.join(mine, 'meta.json')):
+  if not os.path.exists(os.path.join(shared, 'manifest.json')) and os.path.exists(os.path.join(mine, 'manifest.json')):
     tmp = f'{shared}.tmp{os.getpid()}'
     shutil.copytree(mine, tmp)
     os.replace(tmp, shared)

@@ -105,5 +105,5 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
   # Only process 0 logs: before the resume point every step was written exactly once.
   counts = {s: sum(m['step'] == s for m in lines) for s in range(1, resumed_from[0] + 1)}
   assert set(counts.values()) == {1}, counts
-  # Process 0 built the token cache once; the other process read it after the barrier.
-  assert os.path.exists(os.path.join(workdir, 'data', 'meta.json'))
+  # Process 0 prepared the dataset once; the other process read it after the barrier.
+  assert os.path.exists(os.path.join(workdir, 'data', 'manifest.json'))

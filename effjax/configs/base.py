@@ -96,6 +96,8 @@ def get_base() -> ml_collections.ConfigDict:
   m.conv_kernel = 1
 
   d = c.data = ml_collections.ConfigDict()
+  d.dataset = ''             # a prepared dataset dir (python -m effjax.data.prepare), local or gs://; it wins over
+                             # the keys below, which otherwise make the workdir's own dataset (prepared implicitly)
   d.corpus = 'embedded'
   d.tokenizer = 'char'
   d.bpe_vocab_size = 4096

@@ -1,10 +1,10 @@
-"""Data: corpora -> tokenizer -> cached token arrays -> grain batches."""
+"""Data: document sources -> prepare (split, tokenize on every core, shard) -> dataset directory -> grain batches."""
 
-from effjax.data.corpora import Corpus, load_corpus
-from effjax.data.pipeline import DataBundle, eval_batches, make_train_iterator, prepare_data
+from effjax.data.dataset import identity as dataset_identity
+from effjax.data.pipeline import DataBundle, eval_batches, load, make_train_iterator, open_dataset, prepare_data
 from effjax.data.tokenizers import (ByteTokenizer, BpeTokenizer, CharTokenizer, Tokenizer, build_tokenizer,
                                     count_bytes, load_tokenizer)
 
-__all__ = ["Corpus", "load_corpus", "DataBundle", "eval_batches", "make_train_iterator", "prepare_data",
-           "Tokenizer", "CharTokenizer", "ByteTokenizer", "BpeTokenizer", "build_tokenizer", "count_bytes",
-           "load_tokenizer"]
+__all__ = ["dataset_identity", "DataBundle", "eval_batches", "load", "make_train_iterator", "open_dataset",
+           "prepare_data", "Tokenizer", "CharTokenizer", "ByteTokenizer", "BpeTokenizer", "build_tokenizer",
+           "count_bytes", "load_tokenizer"]

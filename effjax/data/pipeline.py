@@ -1,40 +1,32 @@
-"""Tokenize once into a cache, then serve batches with a checkpointable grain iterator.
+"""Prepared datasets -> checkpointable grain batches.
 
-Resuming never re-reads or re-tokenizes the corpus: the cache holds raw token arrays, the tokenizer and a
-meta.json recording what they were built from, and the iterator state travels with the model checkpoint.
+A run reads a prepared dataset (effjax.data.dataset): `data.dataset=DIR` names one made by
+`python -m effjax.data.prepare` (shared by any number of runs and hosts; nothing is tokenized by the run), or,
+when it is empty, the run prepares `data.corpus` implicitly into its workdir (the embedded corpus: zero set-up).
+Resuming never re-reads or re-tokenizes anything: the iterator state travels with the model checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import grain
 import numpy as np
+from etils import epath
 
-from effjax.data import corpora, tokenizers
+from effjax.data import dataset, prepare, tokenizers
 from effjax.errors import EffjaxError
-
-META = "meta.json"
-# Settings that change the cached tokens: a cache built with other values must not be reused silently.
-_CACHE_KEYS = ("corpus", "tokenizer", "bpe_vocab_size", "max_bytes", "val_fraction", "text_field")
 
 
 @dataclasses.dataclass
 class DataBundle:
   tokenizer: tokenizers.Tokenizer
-  train_tokens: np.ndarray
-  val_tokens: np.ndarray
+  train_tokens: dataset.Tokens
+  val_tokens: dataset.Tokens
   fingerprint: str
   val_bytes_per_token: float
-
-
-def _spec(data_config) -> dict:
-  spec = {k: data_config.get(k, "text" if k == "text_field" else None) for k in _CACHE_KEYS}
-  if spec["tokenizer"] != "bpe":
-    spec["bpe_vocab_size"] = None  # irrelevant for char/byte: changing it must not invalidate the cache
-  return spec
+  identity: dict  # dataset.identity(): fingerprint, tokenizer sha256, vocab size, token counts
+  directory: str
 
 
 def _check_len(split: str, n: int, seq_len: int) -> None:
@@ -43,59 +35,54 @@ def _check_len(split: str, n: int, seq_len: int) -> None:
                       f"use a larger corpus / data.max_bytes or a smaller data.seq_len")
 
 
-def _write_bin(path: str, arr: np.ndarray) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  arr.tofile(tmp)
-  os.replace(tmp, path)
+def open_dataset(directory, seq_len: int) -> DataBundle:
+  """A prepared dataset, checked (manifest, every shard present at full size, enough tokens) but not loaded."""
+  manifest = dataset.read_manifest(directory)
+  if manifest is None:
+    raise EffjaxError(f"data.dataset={str(directory)!r} holds no prepared dataset (no {dataset.MANIFEST}; a prepare "
+                      f"that did not finish leaves none); make it with: python -m effjax.data.prepare "
+                      f"--corpus=... --out={directory}")
+  dataset.check_shards(directory, manifest)
+  for split in dataset.SPLITS:
+    _check_len(split, manifest["splits"][split]["tokens"], seq_len)
+  tok = tokenizers.load_tokenizer(directory)
+  if tok.vocab_size != manifest["vocab_size"]:
+    raise EffjaxError(f"the tokenizer in {str(directory)!r} has {tok.vocab_size} ids but the manifest says "
+                      f"{manifest['vocab_size']}: the dataset was overwritten; prepare it again")
+  bpt = manifest["val_bytes_per_token"]
+  if bpt is None:  # nanoGPT imports: the text's byte count is unknown, decode a sample of the validation split
+    val = dataset.open_split(directory, manifest, "val")
+    sample = val[:min(len(val), 1 << 16)]
+    bpt = tokenizers.count_bytes(tok.decode(sample)) / len(sample)
+  return DataBundle(tok, dataset.open_split(directory, manifest, "train"), dataset.open_split(directory, manifest, "val"),
+                    manifest["fingerprint"], bpt, dataset.manifest_identity(manifest), str(directory))
 
 
-def prepare_data(data_config, cache_dir: str) -> DataBundle:
-  """Load the token cache in cache_dir, or build it (corpus -> tokenizer -> tokens) if there is none.
+def dataset_dir(data_config, workdir: str) -> str:
+  """Where a run's data lives: data.dataset, or the implicit one in its workdir."""
+  return str(data_config.get("dataset", "") or "").strip() or str(epath.Path(workdir) / "data")
 
-  meta.json is written last, so its presence means the cache is complete.
-  """
-  seq_len = int(data_config.seq_len)
-  spec = _spec(data_config)
-  meta_path = os.path.join(cache_dir, META)
-  if os.path.exists(meta_path):
-    try:
-      with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    except (OSError, ValueError) as e:
-      raise EffjaxError(f"cache file {meta_path!r} is corrupt ({e}); delete {cache_dir!r} to rebuild it") from None
-    built = meta.get("spec", {})
-    for k, want in spec.items():
-      if built.get(k) != want:
-        raise EffjaxError(f"cached data in {cache_dir!r} was built with data.{k}={built.get(k)!r} but the "
-                          f"config asks for data.{k}={want!r}; use a fresh workdir or the original setting")
-    for split in ("train", "val"):
-      _check_len(split, meta[f"{split}_len"], seq_len)
-    tok = tokenizers.load_tokenizer(cache_dir)
-    arrays = [np.memmap(os.path.join(cache_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r", shape=(meta[f"{s}_len"],))
-              for s in ("train", "val")]
-    return DataBundle(tok, arrays[0], arrays[1], meta["fingerprint"], meta["val_bytes_per_token"])
 
-  corpus = corpora.load_corpus(data_config)
-  tok = tokenizers.build_tokenizer(data_config, corpus.train_text)
-  dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-  train = tok.encode(corpus.train_text).astype(dtype)
-  val = tok.encode(corpus.val_text).astype(dtype)
-  _check_len("train", len(train), seq_len)
-  _check_len("val", len(val), seq_len)
-  val_bpt = tokenizers.count_bytes(corpus.val_text) / len(val)
+def prepare_data(data_config, cache_dir) -> DataBundle:
+  """The dataset in cache_dir, prepared from data.corpus first if there is none (the implicit path)."""
+  prepare.prepare(prepare.settings_from_config(data_config), cache_dir)
+  return open_dataset(cache_dir, int(data_config.seq_len))
 
-  os.makedirs(cache_dir, exist_ok=True)
-  _write_bin(os.path.join(cache_dir, "train.bin"), train)
-  _write_bin(os.path.join(cache_dir, "val.bin"), val)
-  tok.save(cache_dir)
-  meta = dict(spec=spec, corpus_name=corpus.name, tokenizer_kind=tok.kind, vocab_size=tok.vocab_size,
-              dtype=np.dtype(dtype).name, train_len=len(train), val_len=len(val), fingerprint=corpus.fingerprint,
-              val_bytes_per_token=val_bpt, num_train_docs=corpus.num_train_docs, num_val_docs=corpus.num_val_docs)
-  tmp = f"{meta_path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, meta_path)
-  return DataBundle(tok, train, val, corpus.fingerprint, val_bpt)
+
+def load(data_config, workdir: str) -> DataBundle:
+  """The run's data: the shared data.dataset as it is, or the workdir's own, prepared implicitly if needed."""
+  if str(data_config.get("dataset", "") or "").strip():
+    return open_dataset(data_config.dataset, int(data_config.seq_len))
+  return prepare_data(data_config, dataset_dir(data_config, workdir))
+
+
+def check_tokenizer(meta: dict, bundle: DataBundle, where: str) -> None:
+  """A checkpoint trained on one tokenizer's ids must not resume on a dataset made with another."""
+  want = (meta or {}).get("tokenizer_sha256")
+  if want and want != bundle.identity["tokenizer_sha256"]:
+    raise EffjaxError(f"the checkpoints in {where} were trained with tokenizer {want[:12]} but the dataset "
+                      f"{bundle.directory!r} was made with tokenizer {bundle.identity['tokenizer_sha256'][:12]}; "
+                      f"use the dataset the run started with")
 
 
 def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
@@ -131,16 +118,19 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
-def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
-  """Deterministic non-overlapping windows from the start of `tokens`: as many full batches as fit (at most
+def eval_batches(tokens, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
+  """Deterministic non-overlapping windows spread evenly over the whole of `tokens` (so a few batches sample every
+  part of the validation split, not just its first documents): as many full batches as fit (at most
   max_batches), or one smaller batch if fewer than batch_size windows exist."""
   n = (len(tokens) - 1) // seq_len
   if n < 1:
     raise EffjaxError(f"the validation split has {len(tokens)} tokens, fewer than data.seq_len+1={seq_len + 1}")
   sizes = [batch_size] * min(max(1, max_batches), n // batch_size) or [n]
+  chunks = np.arange(sum(sizes)) * n // sum(sizes)  # evenly spaced chunk indices, each used once
+  windows = np.stack([np.asarray(tokens[c * seq_len:c * seq_len + seq_len + 1], dtype=np.int32) for c in chunks])
   out, pos = [], 0
   for b in sizes:
-    w = np.asarray(tokens[pos:pos + b * seq_len + 1], dtype=np.int32)
-    out.append({"inputs": w[:-1].reshape(b, seq_len), "targets": w[1:].reshape(b, seq_len)})
-    pos += b * seq_len
+    w = windows[pos:pos + b]
+    out.append({"inputs": w[:, :-1], "targets": w[:, 1:]})
+    pos += b
   return out

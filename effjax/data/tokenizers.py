@@ -1,6 +1,7 @@
 """Tokenizers: char (vocabulary from the corpus), byte (256) and locally trained byte-level BPE.
 
-All three save to `directory/tokenizer.json` so a run can resume (and sample) without the corpus.
+All three save to `directory/tokenizer.json` (one JSON text: `to_json` / `from_json`) so a run can resume (and
+sample) without the corpus, and the prepare step's worker processes get the tokenizer as that text.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import re
 
 import numpy as np
+from etils import epath
 
 from effjax.errors import EffjaxError
 
@@ -56,11 +58,18 @@ class Tokenizer:
   def encode(self, text: str) -> np.ndarray:
     raise NotImplementedError
 
+  def encode_many(self, texts: list[str]) -> np.ndarray:
+    """The concatenated ids of `texts` (the prepare step's unit of work)."""
+    return self.encode(''.join(texts))
+
   def decode(self, ids) -> str:
     raise NotImplementedError
 
-  def save(self, directory: str) -> None:
+  def to_json(self) -> str:
     raise NotImplementedError
+
+  def save(self, directory) -> None:
+    _atomic_write(os.path.join(os.fspath(directory), FILENAME), self.to_json())
 
 
 class CharTokenizer(Tokenizer):
@@ -92,8 +101,8 @@ class CharTokenizer(Tokenizer):
     ids = np.where((ids >= 0) & (ids < self.vocab_size), ids, 0)
     return "".join(self._table[ids])
 
-  def save(self, directory: str) -> None:
-    _atomic_write(os.path.join(directory, FILENAME), json.dumps({"effjax_kind": "char", "chars": self.chars}))
+  def to_json(self) -> str:
+    return json.dumps({"effjax_kind": "char", "chars": self.chars})
 
 
 class ByteTokenizer(Tokenizer):
@@ -111,8 +120,8 @@ class ByteTokenizer(Tokenizer):
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     return bytes(np.clip(ids, 0, 255).astype(np.uint8)).decode("utf-8", errors="replace")
 
-  def save(self, directory: str) -> None:
-    _atomic_write(os.path.join(directory, FILENAME), json.dumps({"effjax_kind": "byte"}))
+  def to_json(self) -> str:
+    return json.dumps({"effjax_kind": "byte"})
 
 
 class BpeTokenizer(Tokenizer):
@@ -123,14 +132,16 @@ class BpeTokenizer(Tokenizer):
     self.tok = tok
 
   @classmethod
-  def train(cls, text: str, vocab_size: int) -> "BpeTokenizer":
+  def train(cls, texts, vocab_size: int) -> "BpeTokenizer":
+    """Learn the merges from `texts` (a string or a list of strings)."""
     from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers, trainers
     tok = HfTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
-    tok.train_from_iterator(_chunks(text), trainer=trainer)
+    texts = [texts] if isinstance(texts, str) else texts
+    tok.train_from_iterator((c for t in texts for c in _chunks(t)), trainer=trainer)
     return cls(tok)
 
   @property
@@ -138,42 +149,66 @@ class BpeTokenizer(Tokenizer):
     return self.tok.get_vocab_size()
 
   def encode(self, text: str) -> np.ndarray:
-    encs = self.tok.encode_batch(_chunks(text), add_special_tokens=False)
-    return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encs])
+    return self.encode_many([text])
+
+  def encode_many(self, texts: list[str]) -> np.ndarray:
+    encs = self._encode_batch([c for t in texts for c in _chunks(t)], add_special_tokens=False)
+    return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encs] or [np.zeros(0, np.int32)])
+
+  @property
+  def _encode_batch(self):
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads.
+    return getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
 
   def decode(self, ids) -> str:
     return self.tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
-  def save(self, directory: str) -> None:
-    _atomic_write(os.path.join(directory, FILENAME), self.tok.to_str())
+  def to_json(self) -> str:
+    return self.tok.to_str()
 
 
-def build_tokenizer(data_config, train_text: str) -> Tokenizer:
-  """Make the configured tokenizer; char and bpe learn their vocabulary from the training text only."""
-  kind = data_config.tokenizer
+def learn(kind: str, texts: list[str], bpe_vocab_size: int | None = None) -> Tokenizer:
+  """Make a tokenizer of `kind`; char and bpe learn their vocabulary from `texts` (training text only)."""
   if kind == "char":
-    return CharTokenizer.from_text(train_text)
+    return CharTokenizer("".join(set().union(*map(set, texts))))
   if kind == "byte":
     return ByteTokenizer()
   if kind == "bpe":
-    size = int(data_config.bpe_vocab_size)
+    size = int(bpe_vocab_size or 0)
     if size < 257:
       raise EffjaxError(f"data.bpe_vocab_size={size} must be at least 257 (256 byte symbols + merges)")
-    return BpeTokenizer.train(train_text, size)
+    return BpeTokenizer.train(texts, size)
   raise EffjaxError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(map(repr, KINDS))}")
 
 
-def load_tokenizer(directory: str) -> Tokenizer:
-  """Load what `Tokenizer.save(directory)` wrote."""
-  path = os.path.join(directory, FILENAME)
+def build_tokenizer(data_config, train_text: str) -> Tokenizer:
+  """The configured tokenizer, learned from `train_text`."""
+  return learn(data_config.tokenizer, [train_text], data_config.get("bpe_vocab_size"))
+
+
+def load_tokenizer(directory) -> Tokenizer:
+  """Load what `Tokenizer.save(directory)` wrote (local or gs://)."""
+  return load_tokenizer_file(epath.Path(directory) / FILENAME)
+
+
+def load_tokenizer_file(path) -> Tokenizer:
+  """A tokenizer.json: effjax's char/byte, or any `tokenizers` one (an export's, a prepared dataset's, HF's)."""
+  path = epath.Path(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      content = f.read()
-    obj = json.loads(content)
+    content = path.read_text()
   except FileNotFoundError:
-    raise EffjaxError(f"tokenizer file {path!r} does not exist") from None
+    raise EffjaxError(f"tokenizer file {str(path)!r} does not exist") from None
   except (OSError, ValueError) as e:
-    raise EffjaxError(f"tokenizer file {path!r} is unreadable or corrupt ({e})") from None
+    raise EffjaxError(f"tokenizer file {str(path)!r} is unreadable or corrupt ({e})") from None
+  return from_json(content, where=f"tokenizer file {str(path)!r}")
+
+
+def from_json(content: str, where: str = "the tokenizer") -> Tokenizer:
+  """The tokenizer whose `to_json()` is `content`."""
+  try:
+    obj = json.loads(content)
+  except ValueError as e:
+    raise EffjaxError(f"{where} is unreadable or corrupt ({e})") from None
   kind = obj.get("effjax_kind") if isinstance(obj, dict) else None
   if kind == "char" and isinstance(obj.get("chars"), str):
     return CharTokenizer(obj["chars"])
@@ -183,4 +218,4 @@ def load_tokenizer(directory: str) -> Tokenizer:
     from tokenizers import Tokenizer as HfTokenizer
     return BpeTokenizer(HfTokenizer.from_str(content))
   except Exception as e:  # tokenizers raises a plain Exception on bad JSON
-    raise EffjaxError(f"tokenizer file {path!r} is not a char/byte/bpe tokenizer ({e})") from None
+    raise EffjaxError(f"{where} is not a char/byte/bpe tokenizer ({e})") from None
