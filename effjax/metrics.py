@@ -1,25 +1,125 @@
-"""Run metrics: metrics.jsonl (one JSON object per line), TensorBoard events, and a progress bar."""
+"""Run metrics: metrics.jsonl (one JSON object per line), TensorBoard events, and what a person or a cluster log
+sees: a progress bar on a terminal, one plain line per logged step anywhere else (SLURM output, `| tee`).
+
+Step time, tokens/s and MFU count only the train steps themselves (StepClock): not the first step's compilation,
+not evaluation, not checkpointing. MFU divides the network's training FLOPs (accounting's
+`train_flops_per_token`) by the devices' peak: the published dense bf16 peak of TPUs and NVIDIA GPUs
+(PEAK_BF16_FLOPS), or on CPU a matmul rate measured once per run.
+
+After a resume from step S the rows a killed run wrote past S are dropped from metrics.jsonl and purged for
+TensorBoard (its `purge_step`), so readers see exactly one row per (step, split).
+"""
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
+import sys
+import time
 
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
+# Dense bf16 peak FLOP/s per JAX device, by the first matching substring of the lower-cased device_kind
+# ('TPU v5 lite' is v5e, 'TPU v5' alone v5p, 'TPU v6 lite' v6e; a v4/v5p device is one megacore chip).
+PEAK_BF16_FLOPS = (
+    ('tpu v4', 275e12),
+    ('tpu v5 lite', 197e12), ('tpu v5e', 197e12),
+    ('tpu v5p', 459e12), ('tpu v5', 459e12),
+    ('tpu v6 lite', 918e12), ('tpu v6e', 918e12),
+    ('a100', 312e12),
+    ('h100 pcie', 756e12), ('h100 nvl', 835e12), ('h100', 989e12),
+    ('h200', 989e12),
+)
+
+_measured_cpu_peak = None
+
+
+def peak_of_kind(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  return next((flops for key, flops in PEAK_BF16_FLOPS if key in kind), None)
+
+
+def cpu_peak_flops() -> float:
+  """This host's f32 matmul rate, measured once per process (a jitted 1024² matmul, best of 5: ~50 ms)."""
+  global _measured_cpu_peak  # pylint: disable=global-statement
+  if _measured_cpu_peak is None:
+    n = 1024
+    x = jax.device_put(jax.numpy.ones((n, n), jax.numpy.float32), jax.local_devices(backend='cpu')[0])
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+      tick = time.perf_counter()
+      matmul(x).block_until_ready()
+      best = min(best, time.perf_counter() - tick)
+    _measured_cpu_peak = 2 * n**3 / best
+  return _measured_cpu_peak
+
+
+def peak_flops(devices) -> float | None:
+  """Peak FLOP/s of the run's devices together; None for an accelerator the table does not know (no MFU)."""
+  devices = list(devices)
+  if devices[0].platform == 'cpu':  # virtual CPU devices share the host's cores: the host's rate, per process
+    return cpu_peak_flops() * jax.process_count()
+  peak = peak_of_kind(devices[0].device_kind)
+  return peak * len(devices) if peak else None
+
+
+class StepClock:
+  """Seconds spent in train steps only. The loop counts each step and pauses the clock (right after a device
+  sync) around whatever is not a train step; `rates()` reports the window since its last call."""
+
+  def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float | None):
+    self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+    self._since = None
+    self._running_steps = 0
+    self.seconds, self.steps = 0.0, 0
+
+  def resume(self) -> None:
+    if self._since is None:
+      self._since, self._running_steps = time.perf_counter(), 0
+
+  def count(self) -> None:
+    if self._since is not None:
+      self._running_steps += 1
+
+  def pause(self) -> None:
+    if self._since is not None:
+      self.seconds += time.perf_counter() - self._since
+      self.steps += self._running_steps
+      self._since = None
+
+  def rates(self) -> dict:
+    if not self.steps:
+      return {'step_time': None, 'tokens_per_sec': None, 'mfu': None}
+    step_time = self.seconds / self.steps
+    self.seconds, self.steps = 0.0, 0
+    mfu = self.flops_per_step / step_time / self.peak if self.peak else None
+    return {'step_time': step_time, 'tokens_per_sec': self.tokens_per_step / step_time, 'mfu': mfu}
+
 
 class MetricsWriter:
-  """Appends metrics; only process 0 writes, so multi-host runs produce one log."""
+  """Appends metrics; only process 0 writes, so multi-host runs produce one log.
+
+  `progress`: a bar when stdout is a terminal; otherwise (or with progress=False) one plain line per train log
+  step and per evaluation, flushed at once.
+  """
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True):
     self.active = jax.process_index() == 0
+    self.total_steps = total_steps
     self._jsonl = self._tb = self._bar = None
     if self.active:
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      if progress:
-        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True)
+      path = os.path.join(workdir, 'metrics.jsonl')
+      drop_rows_after(path, initial_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=initial_step + 1 if initial_step else None)
+      if progress and sys.stdout.isatty():
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
+                              file=sys.stdout)
 
   def write(self, step: int, split: str, values: dict) -> None:
     if not self.active:
@@ -30,9 +130,12 @@ class MetricsWriter:
     for key, value in record.items():
       if key not in ('step', 'split') and isinstance(value, (int, float)):
         self._tb.add_scalar(f'{split}/{key}', value, step)
-    if self._bar is not None:
-      self._bar.set_postfix({k: f'{record[k]:.4g}' for k in ('loss', 'tokens_per_sec') if k in record},
-                            refresh=False)
+    if self._bar is None:
+      print(format_line(record, self.total_steps), flush=True)
+    elif split == 'train':  # the bar's `loss` is always the train loss
+      self._bar.set_postfix({'loss': f'{record["loss"]:.4g}', **_rate_postfix(record)}, refresh=False)
+    else:
+      self._bar.write(format_line(record, self.total_steps), file=sys.stdout)
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:
@@ -44,6 +147,56 @@ class MetricsWriter:
       self._tb.close()
       if self._bar is not None:
         self._bar.close()
+
+
+def _rate_postfix(record: dict) -> dict:
+  out = {}
+  if record.get('tokens_per_sec') is not None:
+    out['tok/s'] = f'{record["tokens_per_sec"]:,.0f}'
+  if record.get('mfu') is not None:
+    out['mfu'] = f'{100 * record["mfu"]:.1f}%'
+  return out
+
+
+def format_line(record: dict, total_steps: int) -> str:
+  """`step 100/1200  train loss 2.3456  lr 1.00e-03  28.1 ms/step  4,552 tok/s  MFU 3.1%  ETA 0:00:31`."""
+  step, split = record['step'], record['split']
+  parts = [f'step {step}/{total_steps}', f'{split} loss {record["loss"]:.4f}']
+  if split == 'train':
+    parts.append(f'lr {record["lr"]:.2e}')
+    if record.get('step_time') is not None:
+      parts += [f'{1000 * record["step_time"]:.1f} ms/step', f'{record["tokens_per_sec"]:,.0f} tok/s']
+      if record.get('mfu') is not None:
+        parts.append(f'MFU {100 * record["mfu"]:.1f}%')
+      eta = round(record['step_time'] * max(total_steps - step, 0))
+      parts.append(f'ETA {datetime.timedelta(seconds=eta)}')
+  else:
+    parts += [f'{k} {record[k]:.4g}' for k in ('ppl', 'bpb') if k in record]
+  return '  '.join(parts)
+
+
+def drop_rows_after(path: str, step: int) -> None:
+  """Rows of steps after `step` (written by a run killed after its last checkpoint) would be written again by
+  the resumed run: remove them, rewriting the file atomically."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if _row_step(line) <= step]
+  if len(kept) == len(lines):
+    return
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _row_step(line: str) -> float:
+  """A row's step; a line cut short by a kill (not valid JSON) counts as after every step."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return math.inf
 
 
 def _plain(value):

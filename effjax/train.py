@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -345,6 +344,8 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
   train_step = make_train_step(setup, config)
   schedule = optim.learning_rate_schedule(config.train)
   writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress)
+  clock = metrics_lib.StepClock(tokens_per_step, tokens_per_step * accounting.summarize(config)[
+      'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
 
   def meta(step):
     return {'step': step, 'tokens_seen': step * tokens_per_step, 'family': config.model.family,
@@ -352,7 +353,7 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
             'tokenizer_sha256': bundle.identity['tokenizer_sha256']}
 
   last_eval = {}
-  pending, tick = [], time.time()
+  pending = []
   try:
     with contextlib.nullcontext(stop) if stop is not None else _StopRequest() as stop:
       step = start
@@ -362,26 +363,31 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
         batch = _shard(setup, next(train_iter))
         state, step_metrics = train_step(state, batch)
         step += 1
+        if step == start + 1:  # the first step compiles: the clock starts after it
+          jax.block_until_ready(step_metrics['loss'])
+          clock.resume()
+        else:
+          clock.count()
         pending.append((step_metrics['loss'], step_metrics['grad_norm']))
         writer.advance()
         stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
-        boundary = step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
+        boundary = (step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
+                    or step % t.eval_every == 0)
         if boundary or stopping:
           losses, grad_norms = np.asarray(jax.device_get(pending), np.float64).reshape(-1, 2).T
+          clock.pause()  # synced: eval and checkpointing below are not step time
           for name, values in (('loss', losses), ('gradient norm', grad_norms)):
             bad = np.flatnonzero(~np.isfinite(values))
             if bad.size:
               raise EffjaxError(f'{name} became {values[bad[0]]} at step {step - len(values) + bad[0] + 1}; '
                                 'stopping (the last good checkpoint is kept); lower train.lr or check the data')
-          elapsed = time.time() - tick
           if step % t.log_every == 0 or step == t.steps:
             writer.write(step, 'train', {
                 'loss': float(losses.mean()), 'lr': float(schedule(step - 1)),
-                'grad_norm': float(step_metrics['grad_norm']),
-                'tokens_per_sec': len(losses) * tokens_per_step / max(elapsed, 1e-9),
+                'grad_norm': float(step_metrics['grad_norm']), **clock.rates(),
                 'tokens_seen': step * tokens_per_step, 'compute': step * step_compute['compute'],
                 'compute_frozen_free': step * step_compute['compute_frozen_free']})
-          pending, tick = [], time.time()
+          pending = []
         if step % t.eval_every == 0 or step == t.steps:
           last_eval = eval_metrics(evaluate_loss(setup, state, val_batches), bundle.val_bytes_per_token)
           writer.write(step, 'eval', last_eval)
@@ -390,6 +396,7 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
             raise EffjaxError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
                               'is kept); lower train.lr or check the data')
           ckpt.save(step, state, train_iter, meta(step))
+        clock.resume()
       if stopping and step > start:
         logging.warning('stop requested: saved a checkpoint at step %d; rerun to resume', step)
       elif stopping:
