@@ -58,20 +58,23 @@ def run_memory(config, flags) -> None:
 
 
 def _vocab_without_corpus(config, workdir) -> int:
-  """summary needs no trained run: the run's cached tokenizer if there is one, else the size the tokenizer
-  implies (byte: 256, bpe: data.bpe_vocab_size), else (char) the characters of the corpus's training split, read
-  but not tokenized (about a second for the embedded corpus's 4 MB)."""
-  cached = os.path.join(workdir or '', 'data', 'tokenizer.json')
-  if workdir and os.path.exists(cached):
-    return tokenizers.load_tokenizer(os.path.dirname(cached)).vocab_size
+  """summary needs no trained run: the tokenizer of data.dataset or of the run's own dataset if there is one,
+  else the size the tokenizer implies (byte: 256, bpe: data.bpe_vocab_size), else (char) the characters of the
+  sample a prepare would learn it from, read but not tokenized (about a second for the embedded corpus)."""
+  from effjax.data import dataset, prepare, sources  # pylint: disable=import-outside-toplevel
+  prepared = pipeline.dataset_dir(config.data, workdir or '') if config.data.get('dataset') or workdir else None
+  if prepared and dataset.read_manifest(prepared) is not None:
+    return tokenizers.load_tokenizer(prepared).vocab_size
   if config.data.tokenizer == 'byte':
     return 256
   if config.data.tokenizer == 'bpe':
     return config.data.bpe_vocab_size
-  from effjax.data import corpora  # pylint: disable=import-outside-toplevel
-  vocab = tokenizers.build_tokenizer(config.data, corpora.load_corpus(config.data).train_text).vocab_size
-  logging.info('model.vocab_size=0: %d, the char vocabulary of data.corpus=%r', vocab, config.data.corpus)
-  return vocab
+  settings = prepare.settings_from_config(config.data)
+  files = sources.list_files(settings.corpus)
+  tok, _ = prepare.learn_tokenizer(settings, prepare.assign_splits(sources.documents(files, settings.text_field),
+                                                                   settings))
+  logging.info('model.vocab_size=0: %d, the char vocabulary of data.corpus=%r', tok.vocab_size, config.data.corpus)
+  return tok.vocab_size
 
 
 def restore_trained(config, workdir: str):

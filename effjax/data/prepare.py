@@ -295,8 +295,9 @@ def _learn_tokenizer(settings: Settings, sample_texts: list[str]) -> tokenizers.
   return tokenizers.learn(settings.tokenizer, sample_texts + [SEPARATOR], settings.bpe_vocab_size)
 
 
-def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shard_tokens: int) -> dict:
-  assigned = assign_splits(sources.documents(files, settings.text_field), settings)
+def learn_tokenizer(settings: Settings, assigned):
+  """(the tokenizer a prepare learns from the first tokenizer_sample_bytes of training text, the (split, doc)
+  pairs read for it); `--mode=summary` uses it alone to know a char vocabulary without preparing anything."""
   buffered, sample_bytes = [], 0  # the documents read while the tokenizer's sample fills
   for split, doc in assigned:
     buffered.append((split, doc))
@@ -304,7 +305,12 @@ def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shar
       sample_bytes += len(doc.text)
       if sample_bytes >= settings.tokenizer_sample_bytes:
         break
-  tok = _learn_tokenizer(settings, [d.text for s, d in buffered if s == 'train'])
+  return _learn_tokenizer(settings, [d.text for s, d in buffered if s == 'train']), buffered
+
+
+def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shard_tokens: int) -> dict:
+  assigned = assign_splits(sources.documents(files, settings.text_field), settings)
+  tok, buffered = learn_tokenizer(settings, assigned)
   dtype = dataset.token_dtype(tok.vocab_size)
   tok_content = tok.to_json()
   (out / dataset.TOKENIZER).write_text(tok_content)
