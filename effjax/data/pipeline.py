@@ -14,7 +14,7 @@ import grain
 import numpy as np
 from etils import epath
 
-from effjax.data import dataset, prepare, tokenizers
+from effjax.data import dataset, tokenizers
 from effjax.errors import EffjaxError
 
 
@@ -65,6 +65,7 @@ def dataset_dir(data_config, workdir: str) -> str:
 
 def prepare_data(data_config, cache_dir) -> DataBundle:
   """The dataset in cache_dir, prepared from data.corpus first if there is none (the implicit path)."""
+  from effjax.data import prepare  # pylint: disable=import-outside-toplevel  # (runnable as python -m)
   prepare.prepare(prepare.settings_from_config(data_config), cache_dir)
   return open_dataset(cache_dir, int(data_config.seq_len))
 
