@@ -244,15 +244,16 @@ def test_nanogpt_bins_import_as_they_are(tmp_path):
   assert 1.0 < b.val_bytes_per_token < 4.0
 
 
-def test_prepare_cli(tmp_path):
+def test_prepare_cli(tmp_path, capsys):
   d, _ = _write_files(tmp_path)
-  run = lambda *a: subprocess.run([sys.executable, "-m", "effjax.data.prepare", *a], capture_output=True, text=True,
-                                  timeout=120, check=False)
-  r = run(f"--corpus={d}", f"--out={tmp_path / 'ds'}", "--tokenizer=byte")
+  r = subprocess.run([sys.executable, "-m", "effjax.data.prepare", f"--corpus={d}", f"--out={tmp_path / 'ds'}",
+                      "--tokenizer=byte"], capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["fingerprint"] == dataset.identity(tmp_path / "ds")["fingerprint"]
-  r = run(f"--corpus={tmp_path / 'nothing'}", f"--out={tmp_path / 'ds2'}")
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("effjax: error: data.corpus")
+  assert prepare.main([f"--corpus={tmp_path / 'nothing'}", f"--out={tmp_path / 'ds2'}"]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"effjax: error: data.corpus {str(tmp_path / 'nothing')!r} is not a file, directory or matching glob; valid: "
+      "'embedded', 'shakespeare', or paths/dirs/globs (comma-separated)"]
   assert not (tmp_path / "ds2").exists()
 
 
