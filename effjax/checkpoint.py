@@ -6,6 +6,7 @@ lets a resume refuse a checkpoint of another architecture with a clear message i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -14,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from effjax import errors
 from effjax.errors import EffjaxError
 
 # Model keys that change only how a computation runs, not the parameters: they may differ on resume.
@@ -50,6 +52,7 @@ class Checkpointer:
     self._mgr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                                              read_only=read_only))
+    self._saving = None  # (step, bytes) of the last save started
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -58,12 +61,36 @@ class Checkpointer:
     return list(self._mgr.all_steps())
 
   def save(self, step: int, state, data_iterator, meta: dict) -> None:
+    """Starts an (asynchronous) save; a full disk, here or in the previous save, is one EffjaxError line."""
     args = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    if not self._mgr.save(step, args=ocp.args.Composite(**args)):
+    with self._no_space_is_one_line(step):
+      saved = self._mgr.save(step, args=ocp.args.Composite(**args))
+    self._saving = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
+    if not saved:
       logging.warning('checkpoint step %d was not saved (orbax declined: a step >= %d already exists in %s)',
                       step, step, self.directory)
+
+  @contextlib.contextmanager
+  def _no_space_is_one_line(self, step: int):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not errors.is_no_space(e):
+        raise
+      failed, needed = self._saving if self._saving else (step, None)
+      self._remove_partial_saves()
+      raise errors.no_space_error(os.path.join(self.directory, str(failed)), needed,
+                                  f'checkpoint step {failed}') from None
+
+  def _remove_partial_saves(self) -> None:
+    """A save that ran out of space leaves orbax's temporary step directory: removed to give the space back
+    (the steps already saved are untouched)."""
+    import glob  # pylint: disable=import-outside-toplevel
+    import shutil  # pylint: disable=import-outside-toplevel
+    for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
+      shutil.rmtree(partial, ignore_errors=True)
 
   def restore_meta(self, step: int) -> dict:
     return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -96,7 +123,8 @@ class Checkpointer:
     self._mgr.reload()
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
+    with self._no_space_is_one_line(-1):
+      self._mgr.wait_until_finished()
     self._mgr.close()
 
 

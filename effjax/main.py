@@ -2,7 +2,8 @@
 
 `effjax --help` shows the usage with examples (USAGE below); `effjax --list` the built-in variants and presets.
 Every user mistake ends with one line on stderr and exit code 2; nothing already in the workdir is touched by a
-failed run.
+failed run. Exit codes: 0 finished, 2 user error, 3 diverged, 75 preempted (checkpoint saved: resubmit); see
+effjax/errors.py.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from effjax import config_lookup
+from effjax import errors
 from effjax.errors import EffjaxError
 
 MODES = ('train', 'eval', 'sample', 'summary', 'export', 'memory', 'config')
@@ -86,9 +88,9 @@ flags.DEFINE_integer('devices', None, 'memory: plan for this many devices (defau
 FLAGS = flags.FLAGS
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = errors.EXIT_USER_ERROR) -> None:
   print(f'effjax: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def parse_flags(argv):
@@ -245,6 +247,8 @@ class _QuietLibraries:
     if any(part in record.pathname for part in self.NOISY):
       if record.levelno < logging.converter.STANDARD_WARNING:
         return False
+      if record.exc_info and errors.is_no_space(record.exc_info[1]):
+        return False  # a save thread's full disk: effjax reports it as one line (checkpoint.py)
       return not str(record.msg).startswith(self.READ_ONLY_NOTES)
     return True
 
@@ -256,8 +260,15 @@ def main(argv) -> None:
     handler.addFilter(_QuietLibraries())
   try:
     run(argv)
+  except errors.Preempted as e:  # exit code 75: the scheduler should resubmit (see errors.py)
+    print(f'effjax: preempted: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
   except EffjaxError as e:
-    fail(str(e))
+    fail(str(e), e.exit_code)
+  except OSError as e:
+    if not errors.is_no_space(e):
+      raise
+    fail(str(errors.no_space_error(e.filename or FLAGS.workdir or '.', None, 'output')))
 
 
 def entry() -> None:

@@ -209,5 +209,11 @@ def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
+  out = []
   with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:  # blank, or cut short by a full disk or a kill: not a record
+        continue
+  return out

@@ -113,7 +113,14 @@ def _model_and_variables(config, flags):
 
 
 def run_sample(config, flags) -> None:
+  if flags.num_samples < 1:
+    raise EffjaxError(f'--num_samples={flags.num_samples} is invalid; it must be a positive integer')
   model, variables, config, tokenizer = _model_and_variables(config, flags)
+  if tokenizer.kind == 'char' and flags.prompt:
+    unknown = sorted({c for c, i in zip(flags.prompt, tokenizer.encode(flags.prompt)) if i == 0})
+    if unknown:
+      logging.warning('prompt characters %r are not in the vocabulary of this run: the model reads them as the '
+                      'unknown token', ''.join(unknown))
   texts = sample.sample_text(model, variables, tokenizer, flags.prompt or '\n', max_new_tokens=flags.max_new_tokens,
                              temperature=flags.temperature, top_k=flags.top_k, top_p=flags.top_p,
                              seed=flags.seed, num_samples=flags.num_samples)
@@ -165,6 +172,8 @@ def run_eval(config, flags) -> None:
     print(json.dumps(result))
     return
   setup, state, config, _, meta = restore_trained(config, flags.workdir)
+  if jax.process_index() == 0:  # eval.json must be writable before the loss is computed, not after
+    train.prepare_workdir(flags.workdir)
   bundle = pipeline.load(config.data, flags.workdir)
   batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
                                   batch_size=config.train.batch_size, max_batches=config.train.eval_batches)

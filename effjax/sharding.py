@@ -40,7 +40,13 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 
 def rules(mesh_config) -> tuple:
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_config.rules)
+  out = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh_config.rules)
+  for name, axes in out:
+    unknown = [a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in AXES]
+    if unknown:
+      raise EffjaxError(f'mesh.rules maps {name!r} to mesh axis {unknown[0]!r}, which does not exist; the mesh '
+                        f'axes are {", ".join(AXES)}')
+  return out
 
 
 def _fit(spec: P, shape, mesh: Mesh) -> P:

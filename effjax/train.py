@@ -19,11 +19,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from effjax import accounting, checkpoint, metrics as metrics_lib, optim, sharding, state as state_lib
-from effjax.data import pipeline
-from effjax.errors import EffjaxError
+from effjax.data import dataset as dataset_lib, pipeline
+from effjax import errors
+from effjax.errors import DivergedError, EffjaxError, Preempted
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -106,6 +108,16 @@ def check_train_config(config) -> None:
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
     raise EffjaxError(f'checkpoint.every={config.checkpoint.every} / checkpoint.keep={config.checkpoint.keep} '
                       'are invalid; both must be positive integers')
+  if not isinstance(t.stop_at, int) or t.stop_at < 0:
+    raise EffjaxError(f'train.stop_at={t.stop_at!r} is invalid; it must be 0 (off) or the step to stop at')
+  for key in ('b1', 'b2'):
+    if not 0 <= t[key] < 1:
+      raise EffjaxError(f'train.{key}={t[key]!r} is invalid; Adam betas must be in [0, 1), e.g. 0.9 / 0.95')
+  if not 0 <= t.min_lr_ratio <= 1:
+    raise EffjaxError(f'train.min_lr_ratio={t.min_lr_ratio!r} is invalid; it must be in [0, 1]')
+  for key in ('eps', 'weight_decay', 'grad_clip', 'warmup_steps'):
+    if t[key] < 0 or (key == 'eps' and t[key] == 0):
+      raise EffjaxError(f'train.{key}={t[key]!r} is invalid; it must be {"> 0" if key == "eps" else ">= 0"}')
   if config.data.seq_len <= 0 or config.data.seq_len > config.model.max_len:
     raise EffjaxError(f'data.seq_len={config.data.seq_len} is invalid; it must be in 1..model.max_len='
                       f'{config.model.max_len}')
@@ -140,6 +152,27 @@ def resolve_vocab(config, tokenizer) -> ml_collections.ConfigDict:
   return config
 
 
+# What a run keeps in its workdir, and of which kind: a file where a directory belongs (or the reverse) is refused
+# before anything is read or written, instead of failing deep inside Orbax or TensorBoard.
+WORKDIR_DIRS = ('checkpoints', 'checkpoints.corrupt', 'data', 'tb')
+WORKDIR_FILES = ('config.json', 'summary.json', 'metrics.jsonl', 'eval.json', '.lock')
+
+
+def check_workdir_layout(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise EffjaxError(f'workdir {workdir!r} is a file, not a directory; choose a directory (nothing was changed)')
+  for name in WORKDIR_DIRS:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise EffjaxError(f'{path} is a file, but effjax keeps a directory there; move it aside (nothing was '
+                        'changed)')
+  for name in WORKDIR_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      raise EffjaxError(f'{path} is a directory, but effjax writes a file there; move it aside (nothing was '
+                        'changed)')
+
+
 def prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -148,28 +181,62 @@ def prepare_workdir(workdir: str) -> None:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
+    if errors.is_no_space(e):
+      raise errors.no_space_error(workdir, None, 'the workdir') from None
     raise EffjaxError(f'workdir {workdir!r} is not writable ({e.strerror}); choose a directory you can write')
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-  """Two runs on one workdir would corrupt each other's checkpoints: the second one refuses."""
-  if jax.process_index() != 0:
-    yield
-    return
-  with open(os.path.join(workdir, '.lock'), 'a+', encoding='utf-8') as f:  # 'a+': a refused run erases nothing
+class WorkdirLock:
+  """Two runs on one workdir would corrupt each other's checkpoints: the second one refuses.
+
+  The lock is an flock on the workdir directory itself, so taking it creates and changes nothing; `.lock` only
+  records the holder's pid for the refusal message, and is written by `claim()` once the run is known to proceed
+  (a refused run never rewrites it). Only process 0 locks (the workdir is shared by all processes).
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._fd = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    self._fd = os.open(self.workdir, os.O_RDONLY)
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or '?'
-      raise EffjaxError(f'workdir {workdir!r} is in use by another effjax run (pid {holder}); wait for it to '
-                        'finish or use another workdir') from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    yield
+      os.close(self._fd)
+      self._fd = None
+      raise EffjaxError(f'workdir {self.workdir!r} is in use by another effjax run (pid {self._holder()}); wait '
+                        'for it to finish or use another workdir') from None
+    return self
+
+  def _holder(self) -> str:
+    try:
+      with open(os.path.join(self.workdir, '.lock'), encoding='utf-8') as f:
+        return f.read().strip() or '?'
+    except OSError:
+      return '?'
+
+  def claim(self) -> None:
+    if self._fd is not None:
+      _write_text_atomic(os.path.join(self.workdir, '.lock'), str(os.getpid()))
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor releases the flock
+      self._fd = None
+
+
+def workdir_lock(workdir: str) -> WorkdirLock:
+  return WorkdirLock(workdir)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 class _StopRequest:
@@ -210,6 +277,26 @@ def _stop_agreed(stop) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
 
 
+class DataCache:
+  """The workdir's own dataset (workdir/data, prepared implicitly from data.corpus). If this run had to prepare
+  it and is then refused or fails before training, `discard()` removes it again (a killed prepare's leftovers
+  with it), so a refused run leaves no dataset behind; `commit()` keeps it once the run proceeds. A shared
+  data.dataset, or a complete dataset already in the workdir, is only read."""
+
+  def __init__(self, config, workdir: str):
+    self.directory = epath.Path(pipeline.dataset_dir(config.data, workdir))
+    own = not str(config.data.get('dataset', '') or '').strip()
+    self.created = own and not (self.directory / dataset_lib.MANIFEST).exists()
+    self.kept = False
+
+  def commit(self) -> None:
+    self.kept = True
+
+  def discard(self) -> None:
+    if self.created and not self.kept and jax.process_count() == 1 and self.directory.exists():
+      self.directory.rmtree()
+
+
 def load_data(config, workdir: str):
   """The run's dataset. A shared `data.dataset` is only read (no process tokenizes). Otherwise, with several
   processes, process 0 prepares the workdir's own dataset while the others wait at a barrier, then they read it;
@@ -225,7 +312,40 @@ def load_data(config, workdir: str):
   else:
     multihost_utils.sync_global_devices('effjax.data_prepared')
     bundle = pipeline.load(config.data, workdir)
+  check_vocabulary(bundle, config.data)
   return bundle, resolve_vocab(config, bundle.tokenizer)
+
+
+def check_vocabulary(bundle, data_config) -> None:
+  if bundle.tokenizer.vocab_size < 2:
+    raise EffjaxError(f'the corpus {data_config.corpus!r} gives a {bundle.tokenizer.kind} vocabulary of '
+                      f'{bundle.tokenizer.vocab_size} token(s) (is it all NUL bytes?); there is nothing to learn')
+  if bundle.tokenizer.kind == 'bpe' and bundle.tokenizer.vocab_size < data_config.bpe_vocab_size:
+    logging.warning('data.bpe_vocab_size=%d: the corpus supports only %d BPE tokens; training with %d',
+                    data_config.bpe_vocab_size, bundle.tokenizer.vocab_size, bundle.tokenizer.vocab_size)
+
+
+def data_identity(bundle) -> dict:
+  """What a checkpoint records about its data: the dataset manifest's fingerprint and its tokenizer's sha256."""
+  return {'fingerprint': bundle.fingerprint, 'tokenizer_sha256': bundle.identity['tokenizer_sha256']}
+
+
+def check_same_data(meta: dict, identity: dict, config, where: str) -> None:
+  """A checkpoint resumes only on the data it was trained on, unless checkpoint.allow_other_data is set."""
+  names = {'fingerprint': 'data fingerprint', 'tokenizer_sha256': 'tokenizer'}
+  diffs = [f'{names[k]} {meta[k][:16]} (now {identity[k][:16]})' for k in names
+           if meta.get(k) is not None and meta[k] != identity[k]]
+  if not diffs:
+    return
+  what = ' and '.join(diffs)
+  if config.checkpoint.get('allow_other_data', False):
+    logging.warning('checkpoint in %s was trained with %s; continuing on this data '
+                    '(checkpoint.allow_other_data=True)', where, what)
+    return
+  source = config.data.get('dataset') or config.data.corpus
+  raise EffjaxError(f'checkpoint in {where} was trained with {what}: {source!r} is not the data it was trained '
+                    'on; use that data, another workdir, or --config.checkpoint.allow_other_data=True to continue '
+                    'on this data on purpose')
 
 
 @jax.jit
@@ -243,10 +363,20 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
   """Restores the newest checkpoint that loads, falling back to older ones with a warning.
 
   A step that cannot be read (partial write, corrupt files, non-finite values) is reported and, when an older
-  step restores and `quarantine` is set (training), moved to checkpoints.corrupt/ so it is neither retried on
-  every start nor silently kept as "the latest". If checkpoints exist but none restores, that is an error (never
-  a silent restart from scratch). Returns (state, meta), meta None for a fresh start.
+  step restores and `quarantine` is set, moved to checkpoints.corrupt/ so it is neither retried on every start
+  nor silently kept as "the latest". If checkpoints exist but none restores, that is an error (never a silent
+  restart from scratch). Returns (state, meta), meta None for a fresh start.
   """
+  state, meta, bad = restore_newest(setup, config, ckpt, data_iterator, where)
+  if bad and quarantine:
+    quarantine_steps(ckpt, bad, int(state.step))
+  return state, meta
+
+
+def restore_newest(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str,
+                   identity: dict | None = None):
+  """(state, meta, unrestorable steps) without changing anything on disk; `identity` (data_identity()) makes a
+  checkpoint of other data an error."""
   bad = []
   for step in sorted(ckpt.all_steps(), reverse=True):
     try:
@@ -255,10 +385,16 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
       bad.append((step, f'unreadable metadata: {_first_line(e)}'))
       logging.warning('checkpoint step %d in %s is unreadable (%s); trying an older one', step, where, bad[-1][1])
       continue
+    if identity is not None:
+      check_same_data(meta, identity, config, where)
     checkpoint.check_compatible(meta, config.model, where)
     try:
       state, meta = ckpt.restore(step, setup.abstract_state, data_iterator)
     except Exception as e:  # pylint: disable=broad-except
+      if 'tree structures do not match' in str(e):  # intact, but another optimizer/state layout than this config
+        raise EffjaxError(f'checkpoint step {step} in {where} holds a train state of another structure than this '
+                          'config builds (an optimizer setting such as train.grad_clip changed?); use the '
+                          'settings it was trained with, or another workdir') from None
       bad.append((step, _first_line(e)))
       logging.warning('checkpoint step %d in %s failed to restore (%s); trying an older one', step, where,
                       bad[-1][1])
@@ -267,21 +403,23 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
       bad.append((step, 'non-finite parameters'))
       logging.warning('checkpoint step %d in %s holds non-finite parameters; trying an older one', step, where)
       continue
-    if bad and quarantine:
-      if jax.process_index() == 0:
-        for bad_step, _ in bad:
-          moved = ckpt.quarantine(bad_step)
-          logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved,
-                          step)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        multihost_utils.sync_global_devices('effjax_checkpoint_quarantine')
-      ckpt.reload()
-    return state, meta
+    return state, meta, [s for s, _ in bad]
   if bad:
     steps = ', '.join(f'step {s}: {why}' for s, why in bad)
     raise EffjaxError(f'no checkpoint in {where} restores ({steps}); move {ckpt.directory} aside to start over')
-  return setup.init_fn(jax.random.key(config.seed)), None
+  return setup.init_fn(jax.random.key(config.seed)), None, []
+
+
+def quarantine_steps(ckpt: checkpoint.Checkpointer, steps, resumed: int) -> None:
+  """Moves unrestorable steps to checkpoints.corrupt/ (process 0), then every process re-reads the steps."""
+  if jax.process_index() == 0:
+    for bad_step in steps:
+      moved = ckpt.quarantine(bad_step)
+      logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved,
+                      resumed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('effjax_checkpoint_quarantine')
+  ckpt.reload()
 
 
 def _first_line(e: BaseException) -> str:
@@ -293,14 +431,28 @@ def _first_line(e: BaseException) -> str:
 def train_and_evaluate(config, workdir: str, devices=None, progress: bool = True) -> dict:
   """Trains (or resumes) the configured model in `workdir`; returns the final eval metrics.
 
-  `devices` restricts the mesh to a subset of jax.devices() (default: all of them).
+  Nothing in the workdir is written until every check has passed (config, data, checkpoint, data identity, the
+  steps left): a refused or failed run leaves an existing workdir byte for byte as it was. Raises EffjaxError (a
+  user mistake), DivergedError (non-finite values; the last good checkpoint is kept) or Preempted (SIGTERM /
+  SIGINT stopped the run after its checkpoint was saved). `devices` restricts the mesh to a subset of
+  jax.devices() (default: all of them).
   """
   check_train_config(config)
   check_model_and_optimizer(config, devices)
+  check_workdir_layout(workdir)
   prepare_workdir(workdir)
-  # The signal handlers cover setup too: a SIGTERM while the data is prepared ends the run cleanly (exit 0).
-  with workdir_lock(workdir), _StopRequest() as stop:
-    return _train(config, workdir, devices, progress, stop)
+  cache = DataCache(config, workdir)
+  try:
+    # The signal handlers cover setup too: a SIGTERM while the data is prepared stops before anything is written.
+    with workdir_lock(workdir) as lock, _StopRequest() as stop:
+      try:
+        return _train(config, workdir, devices, progress, stop, lock, cache)
+      finally:
+        cache.discard()
+  except Exception as e:  # pylint: disable=broad-except
+    if errors.is_no_space(e) and not isinstance(e, EffjaxError):
+      raise errors.no_space_error(getattr(e, 'filename', None) or workdir, None, 'run files') from None
+    raise
 
 
 def check_model_and_optimizer(config, devices=None) -> None:
@@ -310,11 +462,34 @@ def check_model_and_optimizer(config, devices=None) -> None:
   if model_config.vocab_size == 0:  # filled from the tokenizer later; any positive size validates the rest
     model_config.vocab_size = 256
   build_model(model_config)
+  try:  # shape mistakes that only the layers see (e.g. model.num_blocks not dividing a width), abstractly
+    accounting.abstract_variables(model_config)
+  except (ValueError, TypeError) as e:
+    raise EffjaxError(f'the model config is invalid: {_first_line(e)}') from None
   optim.make_optimizer(config.train)
   sharding.make_mesh(config.mesh, devices)
+  sharding.rules(config.mesh)
 
 
-def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
+def check_resume(config, meta, start: int, workdir: str) -> None:
+  """Refuses a resume with nothing to train; warns (one line each) when the batch shape changed."""
+  if meta is None:
+    return
+  t = config.train
+  if t.steps < start:
+    raise EffjaxError(f'train.steps={t.steps} is below the step of the checkpoint in {workdir} ({start}); nothing '
+                      'to train: raise train.steps to continue, or use another workdir')
+  if t.stop_at and t.stop_at <= start < t.steps:
+    raise EffjaxError(f'train.stop_at={t.stop_at} is not after the step of the checkpoint in {workdir} ({start}); '
+                      'nothing to train: use a later train.stop_at, or 0')
+  for key, saved, now in (('data.seq_len', meta.get('seq_len'), config.data.seq_len),
+                          ('train.batch_size', meta.get('batch_size'), t.batch_size)):
+    if saved is not None and saved != now:
+      logging.warning('%s changed from %s (checkpoint step %d) to %s: training continues with the new value',
+                      key, saved, start, now)
+
+
+def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> dict:
   bundle, config = load_data(config, workdir)
   setup = state_lib.make_setup(config, devices=devices)
   t = config.train
@@ -329,81 +504,114 @@ def _train(config, workdir: str, devices, progress: bool, stop=None) -> dict:
   val_batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
                                       batch_size=t.batch_size, max_batches=t.eval_batches)
   val_batches = [eval_rows(b, divisor) for b in val_batches]
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep)
-  state, restored_meta = restore_or_init(setup, config, ckpt, train_iter, workdir)
-  pipeline.check_tokenizer(restored_meta, bundle, workdir)
-  start = int(state.step)
-  if jax.process_index() == 0:
-    checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
-    summary = accounting.summarize(config)
-    checkpoint.write_json_atomic(os.path.join(workdir, 'summary.json'), summary)
-  logging.info('data fingerprint %s; %d train / %d val tokens; start at step %d', bundle.fingerprint,
-               len(bundle.train_tokens), len(bundle.val_tokens), start)
-  tokens_per_step = t.batch_size * config.data.seq_len
-  step_compute = accounting.step_compute(config)
-  train_step = make_train_step(setup, config)
-  schedule = optim.learning_rate_schedule(config.train)
-  writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress)
-  clock = metrics_lib.StepClock(tokens_per_step, tokens_per_step * accounting.summarize(config)[
-      'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
-
-  def meta(step):
-    return {'step': step, 'tokens_seen': step * tokens_per_step, 'family': config.model.family,
-            'architecture': checkpoint.architecture(config.model), 'fingerprint': bundle.fingerprint,
-            'tokenizer_sha256': bundle.identity['tokenizer_sha256']}
-
-  last_eval = {}
-  pending = []
+  identity = data_identity(bundle)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep) if os.path.isdir(ckpt_dir) else None
+  writer = None
+  stopping = False
   try:
-    with contextlib.nullcontext(stop) if stop is not None else _StopRequest() as stop:
-      step = start
-      last = min(t.steps, t.stop_at) if t.stop_at else t.steps
-      stopping = _stop_agreed(stop)
-      while step < last and not stopping:
-        batch = _shard(setup, next(train_iter))
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        if step == start + 1:  # the first step compiles: the clock starts after it
-          jax.block_until_ready(step_metrics['loss'])
-          clock.resume()
-        else:
-          clock.count()
-        pending.append((step_metrics['loss'], step_metrics['grad_norm']))
-        writer.advance()
-        stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
-        boundary = (step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
-                    or step % t.eval_every == 0)
-        if boundary or stopping:
-          losses, grad_norms = np.asarray(jax.device_get(pending), np.float64).reshape(-1, 2).T
-          clock.pause()  # synced: eval and checkpointing below are not step time
-          for name, values in (('loss', losses), ('gradient norm', grad_norms)):
-            bad = np.flatnonzero(~np.isfinite(values))
-            if bad.size:
-              raise EffjaxError(f'{name} became {values[bad[0]]} at step {step - len(values) + bad[0] + 1}; '
-                                'stopping (the last good checkpoint is kept); lower train.lr or check the data')
-          if step % t.log_every == 0 or step == t.steps:
-            writer.write(step, 'train', {
-                'loss': float(losses.mean()), 'lr': float(schedule(step - 1)),
-                'grad_norm': float(step_metrics['grad_norm']), **clock.rates(),
-                'tokens_seen': step * tokens_per_step, 'compute': step * step_compute['compute'],
-                'compute_frozen_free': step * step_compute['compute_frozen_free']})
-          pending = []
-        if step % t.eval_every == 0 or step == t.steps:
-          last_eval = eval_metrics(evaluate_loss(setup, state, val_batches), bundle.val_bytes_per_token)
-          writer.write(step, 'eval', last_eval)
-        if step % config.checkpoint.every == 0 or step == last or stopping:
-          if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
-            raise EffjaxError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
-                              'is kept); lower train.lr or check the data')
-          ckpt.save(step, state, train_iter, meta(step))
+    if ckpt is not None:
+      state, saved_meta, bad = restore_newest(setup, config, ckpt, train_iter, workdir, identity)
+    else:
+      state, saved_meta, bad = setup.init_fn(jax.random.key(config.seed)), None, []
+    start = int(state.step)
+    check_resume(config, saved_meta, start, workdir)
+    if start >= t.steps:
+      logging.warning('the checkpoint in %s is at step %d = train.steps: the run is finished, nothing to train',
+                      workdir, start)
+      return {}
+    if _stop_agreed(stop):
+      raise Preempted(f'stopped by a signal before step {start + 1}; nothing was saved: rerun to resume')
+
+    # ---- every check passed: from here on the run writes to its workdir
+    lock.claim()
+    cache.commit()
+    if bad:
+      quarantine_steps(ckpt, bad, start)
+    if ckpt is None:
+      ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep)
+    logging.info('data fingerprint %s; %d train / %d val tokens; start at step %d', bundle.fingerprint,
+                 len(bundle.train_tokens), len(bundle.val_tokens), start)
+    tokens_per_step = t.batch_size * config.data.seq_len
+    tokens_at_start = saved_meta.get('tokens_seen', start * tokens_per_step) if saved_meta else 0
+    step_compute = accounting.step_compute(config)
+    train_step = make_train_step(setup, config)
+    schedule = optim.learning_rate_schedule(config.train)
+    writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress)
+    clock = metrics_lib.StepClock(tokens_per_step, tokens_per_step * accounting.summarize(config)[
+        'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
+
+    def meta(step):
+      return {'step': step, 'tokens_seen': tokens_at_start + (step - start) * tokens_per_step,
+              'family': config.model.family, 'architecture': checkpoint.architecture(config.model),
+              'seq_len': config.data.seq_len, 'batch_size': t.batch_size, **identity}
+
+    def describe_run():
+      """config.json and summary.json describe the checkpoints: written with this run's first one, so a run that
+      diverges or fails before saving leaves the previous description in place."""
+      if jax.process_index() == 0:
+        checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+        checkpoint.write_json_atomic(os.path.join(workdir, 'summary.json'), accounting.summarize(config))
+
+    last_eval, described = {}, False
+    pending = []
+    step = start
+    last = min(t.steps, t.stop_at) if t.stop_at else t.steps
+    stopping = _stop_agreed(stop)
+    while step < last and not stopping:
+      batch = _shard(setup, next(train_iter))
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      if step == start + 1:  # the first step compiles: the clock starts after it
+        jax.block_until_ready(step_metrics['loss'])
         clock.resume()
-      if stopping and step > start:
-        logging.warning('stop requested: saved a checkpoint at step %d; rerun to resume', step)
-      elif stopping:
-        logging.warning('stop requested before the first step (at step %d); nothing new to save', step)
-  finally:
+      else:
+        clock.count()
+      pending.append((step_metrics['loss'], step_metrics['grad_norm']))
+      writer.advance()
+      stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
+      boundary = (step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
+                  or step % t.eval_every == 0)
+      if boundary or stopping:
+        losses, grad_norms = np.asarray(jax.device_get(pending), np.float64).reshape(-1, 2).T
+        clock.pause()  # synced: eval and checkpointing below are not step time
+        for name, values in (('loss', losses), ('gradient norm', grad_norms)):
+          nonfinite = np.flatnonzero(~np.isfinite(values))
+          if nonfinite.size:
+            raise DivergedError(f'{name} became {values[nonfinite[0]]} at step '
+                                f'{step - len(values) + nonfinite[0] + 1}; stopping (the last good checkpoint is '
+                                'kept); lower train.lr or check the data')
+        if step % t.log_every == 0 or step == t.steps:
+          writer.write(step, 'train', {
+              'loss': float(losses.mean()), 'lr': float(schedule(step - 1)),
+              'grad_norm': float(step_metrics['grad_norm']), **clock.rates(),
+              'tokens_seen': step * tokens_per_step, 'compute': step * step_compute['compute'],
+              'compute_frozen_free': step * step_compute['compute_frozen_free']})
+        pending = []
+      if step % t.eval_every == 0 or step == t.steps:
+        last_eval = eval_metrics(evaluate_loss(setup, state, val_batches), bundle.val_bytes_per_token)
+        writer.write(step, 'eval', last_eval)
+      if step % config.checkpoint.every == 0 or step == last or stopping:
+        if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
+          raise DivergedError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
+                              'is kept); lower train.lr or check the data')
+        if not described:
+          describe_run()
+          described = True
+        ckpt.save(step, state, train_iter, meta(step))
+      clock.resume()
     ckpt.close()
-    writer.close()
+  except BaseException:
+    # The error being raised is the one to report: a second one from closing (say the disk is still full) is not.
+    for closable in (ckpt, writer):
+      if closable is not None:
+        with contextlib.suppress(Exception):
+          closable.close()
+    raise
+  writer.close()
+  if stopping:
+    raise Preempted(f'stopped by a signal: saved a checkpoint at step {step}; rerun the same command to resume'
+                    if step > start else f'stopped by a signal before step {start + 1}; rerun to resume')
   return last_eval
 
 

@@ -262,6 +262,11 @@ run_logged "$LOG" gcloud compute tpus tpu-vm ssh "$NAME" "${GC_COMMON[@]}" --wor
   --strict-host-key-checking=no --command="cd $REMOTE_DIR && . .venv/bin/activate && $MAIN_CMD"
 RC=$?
 set -e
-[[ $DRY_RUN == 1 || $RC == 0 ]] || echo "tpu_vm.sh: error: training exited with status $RC (log: $LOG)" >&2
+if [[ $RC == 75 ]]; then  # effjax's "preempted" code (effjax/errors.py): a checkpoint was saved
+  echo "tpu_vm.sh: training was preempted (exit 75, checkpoint saved): rerun this command to resume" \
+       "(add --skip-create --skip-setup while the VM is still up; with --queued a new resource is queued)" >&2
+elif [[ $DRY_RUN == 0 && $RC != 0 ]]; then
+  echo "tpu_vm.sh: error: training exited with status $RC (log: $LOG)" >&2
+fi
 # ---------------------------------------------------------------------------------------------- 5. teardown
 exit "$RC"   # the EXIT trap deletes the VM when --teardown was given

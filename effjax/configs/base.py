@@ -128,6 +128,7 @@ def get_base() -> ml_collections.ConfigDict:
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 250
   k.keep = 3
+  k.allow_other_data = False  # resume on data (fingerprint, tokenizer) other than the checkpoint's, on purpose
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1
