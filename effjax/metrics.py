@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import os
+import secrets
 import sys
 import time
 
@@ -108,11 +109,14 @@ class MetricsWriter:
   step and per evaluation, flushed at once.
   """
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True,
+               wandb_project: str = '', run_config: dict | None = None):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
-    self._jsonl = self._tb = self._bar = None
+    self._jsonl = self._tb = self._bar = self._wandb = None
     if self.active:
+      if wandb_project:
+        self._wandb = WandbRun(workdir, wandb_project, run_config or {})
       path = os.path.join(workdir, 'metrics.jsonl')
       drop_rows_after(path, initial_step)
       self._jsonl = open(path, 'a', encoding='utf-8')
@@ -130,6 +134,8 @@ class MetricsWriter:
     for key, value in record.items():
       if key not in ('step', 'split') and isinstance(value, (int, float)):
         self._tb.add_scalar(f'{split}/{key}', value, step)
+    if self._wandb is not None:
+      self._wandb.log(step, split, record)
     if self._bar is None:
       print(format_line(record, self.total_steps), flush=True)
     elif split == 'train':  # the bar's `loss` is always the train loss
@@ -147,6 +153,45 @@ class MetricsWriter:
       self._tb.close()
       if self._bar is not None:
         self._bar.close()
+      if self._wandb is not None:
+        self._wandb.close()
+
+
+class WandbRun:
+  """The same rows in a Weights & Biases run (train.wandb_project; `pip install 'effjax[wandb]'`). The run id is
+  kept in DIR/wandb_run_id, so a resumed run continues its W&B run; WANDB_MODE=offline writes under DIR/wandb.
+  W&B keeps steps increasing: after a resume from an older checkpoint it keeps the rows it already had."""
+
+  def __init__(self, workdir: str, project: str, run_config: dict):
+    import wandb  # pylint: disable=import-outside-toplevel  (an optional extra: checked by check_wandb)
+    id_path = os.path.join(workdir, 'wandb_run_id')
+    if os.path.exists(id_path):
+      with open(id_path, encoding='utf-8') as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(4)
+      with open(id_path, 'w', encoding='utf-8') as f:
+        f.write(run_id)
+    self._run = wandb.init(project=project, id=run_id, resume='allow', dir=workdir, config=run_config)
+
+  def log(self, step: int, split: str, record: dict) -> None:
+    self._run.log({f'{split}/{k}': v for k, v in record.items()
+                   if k not in ('step', 'split') and isinstance(v, (int, float))}, step=step)
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+def check_wandb(project: str) -> None:
+  """train.wandb_project needs the wandb extra: say so before the run writes anything."""
+  if not project:
+    return
+  try:
+    import wandb  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
+    raise EffjaxError(f"train.wandb_project={project!r} needs the wandb package: pip install 'effjax[wandb]' "
+                      "(or leave train.wandb_project empty)") from None
 
 
 def _rate_postfix(record: dict) -> dict:

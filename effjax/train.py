@@ -103,6 +103,7 @@ def check_train_config(config) -> None:
   for key in ('steps', 'batch_size', 'grad_accum', 'log_every', 'eval_every', 'eval_batches'):
     if not isinstance(t[key], int) or t[key] <= 0:
       raise EffjaxError(f'train.{key}={t[key]!r} is invalid; it must be a positive integer')
+  metrics_lib.check_wandb(t.wandb_project)
   if t.batch_size % t.grad_accum:
     raise EffjaxError(f'train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}')
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
@@ -537,7 +538,8 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
     step_compute = accounting.step_compute(config)
     train_step = make_train_step(setup, config)
     schedule = optim.learning_rate_schedule(config.train)
-    writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress)
+    writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress,
+                                       wandb_project=t.wandb_project, run_config=config.to_dict())
     clock = metrics_lib.StepClock(tokens_per_step, tokens_per_step * accounting.summarize(config)[
         'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
 

@@ -124,6 +124,7 @@ def get_base() -> ml_collections.ConfigDict:
   t.log_every = 50
   t.eval_every = 250
   t.eval_batches = 8
+  t.wandb_project = ''       # also log to this Weights & Biases project (pip install 'effjax[wandb]')
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 250
