@@ -1,31 +1,36 @@
 # Two entry points for a fresh clone with only python3: `make demo` and `make test`.
-# Each creates (or reuses) the virtualenv in .venv and installs what it needs.
+# Both create (or reuse) the virtualenv in .venv; demo installs only the runtime dependencies, test adds the
+# test extra (torch, transformers, tensorboard, ...).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
-CONFIG ?= configs/gpt.py
+# The demo: the default GPT (4 layers x 192, char-level, embedded Python corpus), trained for DEMO_STEPS steps.
+CONFIG ?= gpt
+DEMO_STEPS ?= 500
 
 .PHONY: demo test bench report clean-demo
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) -m effjax.main --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(PY) -m effjax.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=sample \
-	  --prompt='def ' --max_new_tokens=300 --temperature=0.7
+demo: $(VENV)/.runtime
+	$(PY) -m effjax.main --config=$(CONFIG) --workdir=$(WORKDIR) --config.train.steps=$(DEMO_STEPS)
+	$(PY) -m effjax.main --workdir=$(WORKDIR) --mode=sample --prompt='def ' --max_new_tokens=300 --temperature=0.7
 
-test: $(VENV)/.installed
+test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 tests
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.test
 	$(PY) -m experiments.bench_train
 
 # REPORT.md's tables, derived numbers (results/report.json) and figures from experiments/results/ (no training)
-report: $(VENV)/.installed
+report: $(VENV)/.runtime
 	$(PY) -m experiments.report
 
 clean-demo:
