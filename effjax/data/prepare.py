@@ -316,12 +316,16 @@ def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shar
   (out / dataset.TOKENIZER).write_text(tok_content)
   writers = {s: dataset.ShardWriter(out, s, dtype, shard_tokens) for s in dataset.SPLITS}
   stats = {s: {'bytes': 0, 'docs': 0} for s in dataset.SPLITS}
-  for result in encoded(tok, _batches(itertools.chain(buffered, assigned)), dtype, workers):
+  def drained():  # the sample's documents, released as they are encoded
+    queue = collections.deque(buffered)
+    buffered.clear()
+    while queue:
+      yield queue.popleft()
+  for result in encoded(tok, _batches(itertools.chain(drained(), assigned)), dtype, workers):
     for split, (ids, nbytes, ndocs) in result.items():
       writers[split].write(ids)
       stats[split]['bytes'] += nbytes
       stats[split]['docs'] += ndocs
-  del buffered
   splits = {s: dict(shards=writers[s].finish(), tokens=writers[s].total, **stats[s]) for s in dataset.SPLITS}
   return _manifest(settings, tok, tok_content, dtype, splits, source_files=len(files))
 
