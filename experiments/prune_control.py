@@ -11,7 +11,8 @@ Two comparisons per k, as relative validation-loss differences, mean ± sample s
   shallow vs pruned    L(shallow from scratch) / L(pruned k + fine-tune) - 1: positive = the pruned model keeps
                        something a model of its depth does not learn from scratch on the same tokens.
 Run dirs go to <root>/seed<s>/{base,shallow<L>} (git-ignored, resumable: a finished k or control is skipped).
-Writes experiments/results/prune_control.{json,md}.
+Writes experiments/results/prune_control.{json,md}. Seeds can run as parallel processes (`--seeds 1 --out X1`, ...)
+whose outputs `--combine X0.json,X1.json,...` merges (no training).
 """
 from __future__ import annotations
 
@@ -136,15 +137,28 @@ def main(argv=None) -> dict:
   p.add_argument('--finetune_steps', type=int, default=150)
   p.add_argument('--finetune_lr', type=float, default=5e-4)
   p.add_argument('--out', default=os.path.join(RESULTS, 'prune_control'))
+  p.add_argument('--combine', default='', help='comma-separated JSON outputs of earlier runs (e.g. one seed each, '
+                 'run in parallel): merge their seeds into --out without training')
   args = p.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(',')]
-  ks = [int(k) for k in args.ks.split(',')]
-  t0, load0 = time.time(), os.getloadavg()[0]
-  per_seed = [one_seed(s, ks, args.root, args.finetune_steps, args.finetune_lr, progress=False) for s in seeds]
-  res = dict(seeds=per_seed, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-             summary=summarize(per_seed), command=f"python -m experiments.prune_control --seeds {args.seeds} "
-                                                   f"--ks {args.ks}",
-             meta=f'Wall time {time.time() - t0:.0f} s on a shared 2-core CPU (load average {load0:.1f} at start).')
+  if args.combine:
+    parts = []
+    for path in args.combine.split(','):
+      with open(path, encoding='utf-8') as f:
+        parts.append(json.load(f))
+    per_seed = sorted((s for part in parts for s in part['seeds']), key=lambda s: s['seed'])
+    res = dict(parts[0], seeds=per_seed, summary=summarize(per_seed),
+               command=' + '.join(part['command'] for part in parts),
+               meta=' '.join(part['meta'] for part in parts))
+  else:
+    seeds = [int(s) for s in args.seeds.split(',')]
+    ks = [int(k) for k in args.ks.split(',')]
+    t0, load0 = time.time(), os.getloadavg()[0]
+    per_seed = [one_seed(s, ks, args.root, args.finetune_steps, args.finetune_lr, progress=False) for s in seeds]
+    res = dict(seeds=per_seed, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+               summary=summarize(per_seed), command=f'python -m experiments.prune_control --seeds {args.seeds} '
+                                                     f'--ks {args.ks}',
+               meta=f'Seed(s) {args.seeds}: wall time {time.time() - t0:.0f} s on a shared 2-core CPU (load average '
+                    f'{load0:.1f} at start).')
   md = markdown(res)
   with open(args.out + '.md', 'w', encoding='utf-8') as f:
     f.write(md)

@@ -150,6 +150,13 @@ def derive(res: dict) -> dict:
                                'L(N) max': round(100 * float(np.max(np.abs(base_dev))), 2),
                                'L(C) max': round(100 * float(np.max(np.abs(base_devc))), 2)}
   d['bootstrap'] = bootstrap_fits(res['scaling_cpu'])
+  if 'prune_control' in res:  # per-seed differences and mean ± 2 SE, in percent as the table shows them
+    d['prune_control_pct'] = {
+        str(r['k']): {key: dict(values=[round(100 * v, 2) for v in r[key]['values']],
+                                mean=round(100 * paired(r[key]['values'])[0], 2),
+                                two_se=round(100 * paired(r[key]['values'])[1], 2))
+                      for key in ('pruned_vs_unpruned', 'shallow_vs_pruned')}
+        for r in res['prune_control']['summary']}
   d['verdicts'] = claims(res, d)
   return d
 

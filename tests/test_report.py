@@ -1,6 +1,7 @@
 """experiments/REPORT.md against experiments/results/: every table number is in a results file, the tables are what
 `python -m experiments.report` regenerates from those files, and the verdict rule does what the report says.
 No training: reads JSON and markdown only."""
+import json
 import math
 import os
 import re
@@ -88,3 +89,22 @@ def test_prune_control_summary_is_mean_and_std_over_seeds():
   assert row['shallow_vs_pruned']['mean'] == pytest.approx(0.02 / 3)
   md = prune_control.markdown(dict(seeds=seeds, summary=[row], finetune_steps=150, finetune_lr=5e-4, meta=''))
   assert '| 2 | 6 | +0.73% ± 0.25% |' in md
+
+
+def test_prune_control_combines_per_seed_runs(tmp_path):
+  from experiments import prune_control  # pylint: disable=import-outside-toplevel
+  paths = []
+  for seed, after in ((1, 4.422), (0, 4.444)):
+    s = dict(seed=seed, num_layers=8, train_steps=600, budget_steps=750,
+             rows=[dict(k=0, loss_before=4.5, loss_after=4.4), dict(k=2, loss_before=4.7, loss_after=after,
+                                                                    shallow_loss=4.5)])
+    part = dict(seeds=[s], finetune_steps=150, finetune_lr=5e-4, summary=prune_control.summarize([s]),
+                command=f'python -m experiments.prune_control --seeds {seed}', meta=f'seed {seed}.')
+    paths.append(str(tmp_path / f'part{seed}.json'))
+    with open(paths[-1], 'w', encoding='utf-8') as f:
+      json.dump(part, f)
+  res = prune_control.main(['--combine', ','.join(paths), '--out', str(tmp_path / 'all')])
+  assert [s['seed'] for s in res['seeds']] == [0, 1]
+  (row,) = res['summary']
+  assert row['pruned_vs_unpruned']['values'] == pytest.approx([0.01, 0.005])
+  assert (tmp_path / 'all.md').exists() and json.loads((tmp_path / 'all.json').read_text())['summary'] == [row]
