@@ -207,6 +207,17 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join('runs', f'{name}_{preset}' if preset else name)
 
 
+def check_model_settings(config) -> None:
+  """--mode=config shows only a config the other modes would accept; the vocabulary may still be unknown (0:
+  taken from the tokenizer when the run starts), so that one key is checked with a stand-in."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from effjax.models import families, validate  # pylint: disable=import-outside-toplevel
+  model = ml_collections.ConfigDict(config.model.to_dict())
+  if model.get('vocab_size') == 0:
+    model.vocab_size = 1
+  validate.check_model_config(model, families())
+
+
 def run(argv) -> None:
   del argv
   if FLAGS.list:
@@ -222,6 +233,7 @@ def run(argv) -> None:
     raise EffjaxError(f'--from_export is for --mode=sample and --mode=eval, not --mode={FLAGS.mode}')
   filename = config_flags.get_config_filename(FLAGS['config']) if config is not None else ''
   if FLAGS.mode == 'config':
+    check_model_settings(config)
     print(config_lookup.format_origins(config_lookup.origins(config, filename, FLAGS['config'].override_values)))
     return
   if config_lookup.is_workdir_spec(filename) and FLAGS.mode in ('eval', 'sample', 'export'):
