@@ -21,6 +21,7 @@ import pytest
 
 from effjax import checkpoint, state as state_lib, train
 from effjax.errors import EffjaxError, Preempted
+from experiments.soak import handlers_installed
 from tests.helpers import ROOT, one_device, tiny_config
 from tests.test_bad_input import assert_one_error_line, cli, snapshot
 
@@ -361,15 +362,6 @@ def _cli_env():
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 
 
-def _handler_installed(pid: int) -> bool:
-  try:
-    with open(f'/proc/{pid}/status', encoding='utf-8') as f:
-      caught = next(int(line.split()[1], 16) for line in f if line.startswith('SigCgt:'))
-  except (OSError, StopIteration):
-    return False
-  return bool(caught & (1 << (signal.SIGTERM - 1)))
-
-
 def _saves(workdir) -> set:
   return set(glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
 
@@ -377,7 +369,7 @@ def _saves(workdir) -> set:
 def _mid_save(workdir):
   """A phase test: this run is writing a step (a temporary step directory that a killed run did not leave)."""
   leftover = _saves(workdir)
-  return lambda pid: _handler_installed(pid) and bool(_saves(workdir) - leftover)
+  return lambda pid: handlers_installed(pid) and bool(_saves(workdir) - leftover)
 
 
 def _signal_at(args, workdir, log, phase_reached, sig, timeout=600.0):
@@ -422,13 +414,13 @@ def test_signals_at_every_phase_then_resume_exactly(tmp_path, corpus_dir, chain_
   # 1. SIGKILL while the dataset is prepared: a half-prepared data/ without a manifest, nothing else
   manifest = os.path.join(workdir, 'data', 'manifest.json')
   code, err = _signal_at(args, workdir, log,
-                         lambda pid: _handler_installed(pid) and os.path.isdir(os.path.join(workdir, 'data')),
+                         lambda pid: handlers_installed(pid) and os.path.isdir(os.path.join(workdir, 'data')),
                          signal.SIGKILL)
   assert code == -signal.SIGKILL, err
   assert os.listdir(workdir) == ['data'] and not os.path.exists(manifest)
 
   # 2. SIGTERM in data prep / setup: exit 75 ("preempted"); the dataset this run prepared is removed again
-  code, err = _signal_at(args, workdir, log, _handler_installed, signal.SIGTERM)
+  code, err = _signal_at(args, workdir, log, handlers_installed, signal.SIGTERM)
   assert code == 75, err
   assert err.strip().splitlines()[-1].startswith('effjax: preempted: stopped by a signal before step 1; nothing '
                                                  'was saved'), err[-2000:]
@@ -444,7 +436,7 @@ def test_signals_at_every_phase_then_resume_exactly(tmp_path, corpus_dir, chain_
 
   # 4. SIGKILL during setup of the resume: nothing changes
   before = tree(workdir)
-  code, err = _signal_at(args, workdir, log, _handler_installed, signal.SIGKILL)
+  code, err = _signal_at(args, workdir, log, handlers_installed, signal.SIGKILL)
   assert code == -signal.SIGKILL and tree(workdir) == before
 
   # 5. SIGKILL mid-step: the steps since the last checkpoint are lost, nothing else
