@@ -9,6 +9,7 @@ import jax
 import optax
 
 from effjax.errors import EffjaxError
+from effjax.models import structured
 
 EMBEDDING_NAMES = ('embedding', 'pos_embedding', 'projection')
 
@@ -27,10 +28,13 @@ def learning_rate_schedule(tc) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-  """Weight decay on matrices only: not on norms, biases or diagonals, nor embeddings unless asked."""
+  """Weight decay on matrices only (the leaves each dense kind declares as such, structured.DenseKind.decayed):
+  not on norms, biases or diagonals, nor embeddings unless asked."""
+  matrices = structured.decayed_leaf_names()
+
   def wants_decay(path, _):
     name = getattr(path[-1], 'key', str(path[-1]))
-    return name == 'kernel' or (decay_embeddings and name in EMBEDDING_NAMES)
+    return name in matrices or (decay_embeddings and name in EMBEDDING_NAMES)
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 

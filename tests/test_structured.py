@@ -228,7 +228,7 @@ def test_flops_accounting():
   assert st.dense_flops('blockdiag', 1024, 4096, num_blocks=4) == 2 * 1024 * 4096 // 4 + 4096 * 3
 
 
-@pytest.mark.parametrize('kind', st.KINDS)
+@pytest.mark.parametrize('kind', st.kinds())
 def test_jit_and_grad_work_through_every_layer(kind):
   layer = st.make_dense(kind)(features=24, dtype=jnp.bfloat16)
   variables, x = _init(layer, 16, batch=(2, 3))
@@ -252,3 +252,21 @@ def test_block_diagonal_mlp_is_seed_structure():
   want = np.asarray(nn.gelu(fc + p['fc']['bias'])) @ scipy.linalg.block_diag(*p['proj']['kernel']) + p['proj']['bias']
   np.testing.assert_allclose(jax.jit(mlp.apply)(variables, x), want, rtol=1e-4, atol=1e-4)
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 64) + st.dense_params('blockdiag', 64, 16)
+
+
+def test_weight_decay_applies_to_the_matrices_each_kind_declares():
+  """optim.decay_mask reads the kind table: dense/block-diagonal kernels and the head decay, FastFood's diagonals,
+  biases, norms and (by default) embeddings do not."""
+  from effjax import optim  # pylint: disable=import-outside-toplevel
+  from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
+  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+  m = gpt_config.get_config('tiny').model
+  m.update(vocab_size=11, mlp_kind='fastfood', attn_kind='blockdiag', tie_embeddings=False)
+  model = build_model(m)
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']
+  mask = optim.decay_mask(params)
+  decayed = {'/'.join(k.key for k in path) for path, v in jax.tree_util.tree_leaves_with_path(mask) if v}
+  assert decayed == {'stack/layers/attn/query/kernel', 'stack/layers/attn/key/kernel',
+                     'stack/layers/attn/value/kernel', 'stack/layers/attn/out/kernel', 'head/head/kernel'}
+  with_embeddings = optim.decay_mask(params, decay_embeddings=True)
+  assert with_embeddings['embed']['embedding'] and not with_embeddings['stack']['layers']['mlp']['fc']['g']

@@ -80,7 +80,7 @@ def get_base() -> ml_collections.ConfigDict:
   m.num_groups = 1
   m.embed_dim = 0            # factorized embedding width E; 0 = no factorization
   # structured / doped layers
-  m.mlp_kind = 'dense'       # 'dense' | 'fastfood' | 'blockdiag'
+  m.mlp_kind = 'dense'       # a dense kind: 'dense' | 'fastfood' | 'blockdiag' | ... (structured.kinds())
   m.attn_kind = 'dense'
   m.num_blocks = 4           # blocks of the block-diagonal layers
   m.doping = ''              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);

@@ -4,6 +4,9 @@ Adding a family means writing one module and registering its builder here; the t
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import ml_collections
 
 from effjax.models import validate
@@ -31,6 +34,18 @@ def _load_families():
   _FAMILIES['pgpt'] = parallel.ParallelGPT
   _FAMILIES['lcgpt'] = compressed.LinearlyCompressedGPT
   _FAMILIES['ccgpt'] = compressed.ConvCompressedGPT
+
+
+_DISCOVERED = []
+
+
+def discover() -> None:
+  """Imports every module of this package once, so each registers what it defines (its dense kinds)."""
+  if _DISCOVERED:
+    return
+  _DISCOVERED.append(True)
+  for info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f'{__name__}.{info.name}')
 
 
 def build_model(model_config: ml_collections.ConfigDict):

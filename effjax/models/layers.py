@@ -71,9 +71,7 @@ class Attention(nn.Module):
     n, d = self.num_heads, self.d_model
     k = d // n
     b, t, _ = x_BxTxD.shape
-    dense = functools.partial(structured.make_dense(cfg.attn_kind, num_blocks=cfg.num_blocks),
-                              use_bias=cfg.use_bias, dtype=dtype_of(cfg.dtype),
-                              param_dtype=dtype_of(cfg.param_dtype))
+    dense = make_dense(cfg, cfg.attn_kind)
     q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = (
         dense(features=d, kernel_axes=('embed', 'heads'), name=name)(x_BxTxD).reshape(b, t, n, k)
         for name in ('query', 'key', 'value'))
@@ -95,7 +93,7 @@ class Attention(nn.Module):
       out_BxTxNxK = self._attend(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask, use_dropout)
     proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
     return dense(features=d, kernel_axes=('heads', 'embed'), name='out',
-                 **_kernel_init_kw(cfg.attn_kind, proj_std))(out_BxTxNxK.reshape(b, t, d))
+                 **structured.residual_init(cfg.attn_kind, proj_std))(out_BxTxNxK.reshape(b, t, d))
 
   def _update_cache(self, k_BxTxNxK, v_BxTxNxK, positions_T):
     b, _, n, k = k_BxTxNxK.shape
@@ -119,9 +117,12 @@ class Attention(nn.Module):
     return jnp.einsum('bnts,bsnk->btnk', probs_BxNxTxS.astype(v_BxSxNxK.dtype), v_BxSxNxK)
 
 
-def _kernel_init_kw(kind: str, std: float) -> dict:
-  """Residual projections of dense layers start smaller (GPT-2); structured layers keep their own init."""
-  return {'kernel_init': nn.initializers.normal(std)} if kind == 'dense' else {}
+def make_dense(cfg: Config, kind: str):
+  """The layer class of dense kind `kind` with the model's options, bias and dtypes bound (called like nn.Dense).
+  Residual projections pass `**structured.residual_init(kind, std)`: smaller at start (GPT-2) where the kind
+  takes an init, its own init otherwise."""
+  return functools.partial(structured.make_dense(kind, **structured.kind_options(kind, cfg)),
+                           use_bias=cfg.use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
 
 
 class Mlp(nn.Module):
@@ -135,14 +136,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    dense = functools.partial(structured.make_dense(cfg.mlp_kind, num_blocks=cfg.num_blocks),
-                              use_bias=cfg.use_bias, dtype=dtype_of(cfg.dtype),
-                              param_dtype=dtype_of(cfg.param_dtype))
+    dense = make_dense(cfg, cfg.mlp_kind)
     h_BxTxF = nn.gelu(dense(features=self.hidden, kernel_axes=('embed', 'mlp'), name='fc')(x_BxTxD))
     h_BxTxF = nn.Dropout(cfg.dropout)(h_BxTxF, deterministic=not self.train)
     proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
     return dense(features=self.d_model, kernel_axes=('mlp', 'embed'), name='proj',
-                 **_kernel_init_kw(cfg.mlp_kind, proj_std))(h_BxTxF)
+                 **structured.residual_init(cfg.mlp_kind, proj_std))(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -370,10 +369,11 @@ def decode_positions(module: nn.Module, length: int, decode: bool) -> jax.Array:
 # context (4·S·D per block: QKᵀ and AV), as in PaLM's MFU convention.
 
 def block_forward_flops(cfg: Config, d_model: int, seq_len: int) -> int:
-  attn = 4 * structured.dense_flops(cfg.attn_kind, d_model, d_model, num_blocks=cfg.num_blocks)
+  attn_opts, mlp_opts = (structured.kind_options(k, cfg) for k in (cfg.attn_kind, cfg.mlp_kind))
+  attn = 4 * structured.dense_flops(cfg.attn_kind, d_model, d_model, **attn_opts)
   hidden = cfg.mlp_ratio * d_model
-  mlp = (structured.dense_flops(cfg.mlp_kind, d_model, hidden, num_blocks=cfg.num_blocks)
-         + structured.dense_flops(cfg.mlp_kind, hidden, d_model, num_blocks=cfg.num_blocks))
+  mlp = (structured.dense_flops(cfg.mlp_kind, d_model, hidden, **mlp_opts)
+         + structured.dense_flops(cfg.mlp_kind, hidden, d_model, **mlp_opts))
   return attn + 4 * seq_len * d_model + mlp
 
 

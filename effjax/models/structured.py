@@ -1,10 +1,15 @@
-"""Structured replacements for dense layers (seed 004, §4): Adaptive FastFood and block-diagonal + block-Hadamard.
+"""Structured replacements for dense layers (seed 004, §4): Adaptive FastFood and block-diagonal + block-Hadamard,
+and the table of dense kinds every model layer is built from.
 
 All layers share `nn.Dense`'s call signature (features, use_bias, dtype, param_dtype, plus `kernel_axes`, the
 logical names a dense kernel's (in, out) dims would have), so `make_dense(kind)` can swap them into a model.
+A kind is one `DenseKind` entry (`register_kind`): its constructor, parameter and FLOP counts, the config keys it
+reads and the leaves weight decay applies to. A module of effjax/models registers its own kinds; nothing else
+lists them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -15,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ('dense', 'fastfood', 'blockdiag')
 Axes = tuple[str | None, str | None]
 
 
@@ -279,17 +283,6 @@ class BlockDiagonalMLP(nn.Module):
     return BlockDiagonalDense(self.features, kernel_axes=('mlp', 'embed'), name='proj', **kw)(self.activation(h_BxF))
 
 
-def make_dense(kind: str, *, num_blocks: int = 4) -> Callable[..., nn.Module]:
-  """Layer class for `kind`, called like nn.Dense: make_dense(kind)(features=..., kernel_axes=..., name=...)."""
-  if kind == 'dense':
-    return Dense
-  if kind == 'fastfood':
-    return AdaptiveFastFood
-  if kind == 'blockdiag':
-    return functools.partial(BlockDiagonalDense, num_blocks=num_blocks, mix=True)
-  raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
-
-
 def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Array:
   """The explicit [in, features] matrix a (linear) layer computes: f(I) - f(0), i.e. without the bias."""
   x_2IxI = jnp.concatenate([jnp.eye(in_features), jnp.zeros((in_features, in_features))])
@@ -300,35 +293,116 @@ def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Arr
 fastfood_dense_matrix = dense_matrix
 
 
-# -------------------------------------------------------------------------------------------- accounting
+# ---------------------------------------------------------------------------------------------- the table
+@dataclasses.dataclass(frozen=True)
+class DenseKind:
+  """Everything the stack knows about one dense kind. `build`, `params` and `flops` take the kind's options (the
+  `config_keys` of model config it reads) as keyword arguments, with their defaults in their own signatures."""
+  name: str
+  build: Callable[..., Callable[..., nn.Module]]  # (**options) -> a class called like nn.Dense
+  params: Callable[..., int]                     # (d_in, d_out, use_bias, **options) -> trainable parameters
+  flops: Callable[..., int]                      # (d_in, d_out, **options) -> forward FLOPs per token (no bias)
+  config_keys: tuple[str, ...] = ()              # model.<key> settings passed as options (and shaping params)
+  decayed: tuple[str, ...] = ()                  # names of the param leaves weight decay applies to
+  residual_init: Callable[[float], dict] | None = None  # std -> constructor kwargs of a residual projection
+  check: Callable[..., None] | None = None       # (**options) -> None; raises EffjaxError on a bad value
+
+
+_KINDS: dict[str, DenseKind] = {}
+
+
+def register_kind(kind: DenseKind) -> DenseKind:
+  _KINDS[kind.name] = kind
+  return kind
+
+
+def kinds() -> list[str]:
+  """Every registered kind, built-ins first (the modules of effjax/models register theirs on import)."""
+  from effjax import models  # pylint: disable=import-outside-toplevel
+  models.discover()
+  return list(_KINDS)
+
+
+def kind(name: str) -> DenseKind:
+  if name not in _KINDS:
+    kinds()
+  if name not in _KINDS:
+    raise ValueError(f'unknown dense kind {name!r}; valid kinds: {", ".join(_KINDS)}')
+  return _KINDS[name]
+
+
+def _options(entry: DenseKind, options: dict) -> dict:
+  return {k: v for k, v in options.items() if k in entry.config_keys}
+
+
+def kind_options(name: str, model_config) -> dict:
+  """The options of kind `name` that a model config sets (absent keys keep the kind's defaults)."""
+  return {k: model_config[k] for k in kind(name).config_keys if k in model_config}
+
+
+def make_dense(name: str, **options) -> Callable[..., nn.Module]:
+  """Layer class for a kind, called like nn.Dense: make_dense(kind)(features=..., kernel_axes=..., name=...).
+  Options the kind does not read are ignored, so a caller may pass every kind's (e.g. num_blocks)."""
+  entry = kind(name)
+  return entry.build(**_options(entry, options))
+
+
+def dense_params(name: str, d_in: int, d_out: int, use_bias: bool = True, **options) -> int:
+  """Trainable parameters that make_dense(kind) creates for a d_in -> d_out layer."""
+  entry = kind(name)
+  return entry.params(d_in, d_out, use_bias, **_options(entry, options))
+
+
+def dense_flops(name: str, d_in: int, d_out: int, **options) -> int:
+  """Algorithmic forward FLOPs per token (no bias): multiply-adds count 2, a Hadamard n·log2(n) adds."""
+  entry = kind(name)
+  return entry.flops(d_in, d_out, **_options(entry, options))
+
+
+def residual_init(name: str, std: float) -> dict:
+  """Constructor kwargs that start a residual projection at `std` (GPT-2); kinds without a hook keep their own."""
+  hook = kind(name).residual_init
+  return hook(std) if hook is not None else {}
+
+
+def check_options(name: str, **options) -> None:
+  entry = kind(name)
+  if entry.check is not None:
+    entry.check(**_options(entry, options))
+
+
+def decayed_leaf_names() -> frozenset[str]:
+  """Names of param leaves that are weight matrices of some kind (weight decay applies to them)."""
+  kinds()
+  return frozenset(n for entry in _KINDS.values() for n in entry.decayed)
+
+
 def _fastfood_shape(d_in: int, d_out: int) -> tuple[int, int]:
   n = _next_pow2(d_in)
   return n, -(-d_out // n)
 
 
-def dense_params(kind: str, d_in: int, d_out: int, use_bias: bool = True, num_blocks: int = 4) -> int:
-  """Trainable parameters that make_dense(kind) creates for a d_in -> d_out layer."""
-  bias = d_out if use_bias else 0
-  if kind == 'dense':
-    return d_in * d_out + bias
-  if kind == 'fastfood':
-    n, k = _fastfood_shape(d_in, d_out)
-    return 3 * n * k + bias
-  if kind == 'blockdiag':
-    return d_in * d_out // num_blocks + bias
-  raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
+def _fastfood_params(d_in: int, d_out: int, use_bias: bool = True) -> int:
+  n, k = _fastfood_shape(d_in, d_out)
+  return 3 * n * k + (d_out if use_bias else 0)
 
 
-def dense_flops(kind: str, d_in: int, d_out: int, num_blocks: int = 4) -> int:
-  """Algorithmic forward FLOPs per token (no bias): multiply-adds count 2, a Hadamard n·log2(n) adds."""
-  if kind == 'dense':
-    return 2 * d_in * d_out
-  if kind == 'fastfood':
-    n, k = _fastfood_shape(d_in, d_out)
-    return k * (3 * n + 2 * n * int(math.log2(n)))
-  if kind == 'blockdiag':
-    return 2 * d_in * d_out // num_blocks + d_out * (int(math.log2(num_blocks)) + 1)
-  raise ValueError(f'unknown dense kind {kind!r}; valid kinds: {", ".join(KINDS)}')
+def _fastfood_flops(d_in: int, d_out: int) -> int:
+  n, k = _fastfood_shape(d_in, d_out)
+  return k * (3 * n + 2 * n * int(math.log2(n)))
+
+
+register_kind(DenseKind(
+    'dense', build=lambda: Dense,
+    params=lambda d_in, d_out, use_bias=True: d_in * d_out + (d_out if use_bias else 0),
+    flops=lambda d_in, d_out: 2 * d_in * d_out, decayed=('kernel',),
+    residual_init=lambda std: {'kernel_init': nn.initializers.normal(std)}))
+register_kind(DenseKind('fastfood', build=lambda: AdaptiveFastFood, params=_fastfood_params, flops=_fastfood_flops))
+register_kind(DenseKind(
+    'blockdiag', build=lambda num_blocks=4: functools.partial(BlockDiagonalDense, num_blocks=num_blocks, mix=True),
+    params=lambda d_in, d_out, use_bias=True, num_blocks=4: d_in * d_out // num_blocks + (d_out if use_bias else 0),
+    flops=lambda d_in, d_out, num_blocks=4: 2 * d_in * d_out // num_blocks + d_out * (int(math.log2(num_blocks)) + 1),
+    config_keys=('num_blocks',), decayed=('kernel',)))
 
 
 def emulated_params(d_in: int, d_out: int, use_bias: bool = True) -> int:

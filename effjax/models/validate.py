@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from effjax.errors import EffjaxError
+from effjax.models import structured
 
 CHOICES = {
     'pos_emb': ('learned', 'rotary', 'none'),
@@ -9,8 +10,6 @@ CHOICES = {
     'norm_position': ('pre', 'post'),
     'remat': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable'),
     'share_layers': ('none', 'all', 'groups'),
-    'mlp_kind': ('dense', 'fastfood', 'blockdiag'),
-    'attn_kind': ('dense', 'fastfood', 'blockdiag'),
     'attention_impl': ('xla', 'cudnn'),
     'param_dtype': ('float32', 'bfloat16', 'float16'),
     'dtype': ('float32', 'bfloat16', 'float16'),
@@ -27,9 +26,12 @@ def _positive(m, key):
 def check_model_config(m, families) -> None:
   if m.family not in families:
     raise EffjaxError(f'model.family={m.family!r} is unknown; valid families: {", ".join(families)}')
-  for key, valid in CHOICES.items():
+  kinds = tuple(structured.kinds())
+  for key, valid in {**CHOICES, 'mlp_kind': kinds, 'attn_kind': kinds}.items():
     if key in m and m[key] not in valid:
       raise EffjaxError(f'model.{key}={m[key]!r} is invalid; valid values: {", ".join(valid)}')
+  for kind in {m[key] for key in ('mlp_kind', 'attn_kind') if key in m}:
+    structured.check_options(kind, **structured.kind_options(kind, m))
   for key in ('num_layers', 'd_model', 'num_heads', 'vocab_size', 'max_len', 'mlp_ratio'):
     _positive(m, key)
   if m.d_model % m.num_heads:
