@@ -18,29 +18,12 @@ from absl import logging
 from effjax import errors
 from effjax.errors import EffjaxError
 
-# Model keys that change only how a computation runs, not the parameters: they may differ on resume.
-RUNTIME_MODEL_KEYS = ('dropout', 'attn_dropout', 'remat', 'attention_impl', 'dtype', 'active_branches',
-                      'scan_unroll')
-
-
-# Keys that only shape the parameters of some configurations: ignored elsewhere, so changing them is harmless.
-CONDITIONAL_MODEL_KEYS = {
-    'num_groups': lambda m: m['share_layers'] == 'groups',
-    'num_branches': lambda m: m['family'] == 'pgpt',
-    'branch_input': lambda m: m['family'] == 'pgpt',
-    'compress_every': lambda m: m['family'] in ('lcgpt', 'ccgpt'),
-    'compress_factor': lambda m: m['family'] in ('lcgpt', 'ccgpt'),
-    'conv_kernel': lambda m: m['family'] == 'ccgpt',
-    'frozen_mlp_ratio': lambda m: bool(m.get('doping')),
-    'num_blocks': lambda m: 'blockdiag' in (m.get('mlp_kind'), m.get('attn_kind')),
-}
-
 
 def architecture(model_config) -> dict:
-  """The model settings a checkpoint's parameters depend on (compared on resume and when loading)."""
-  m = model_config.to_dict()
-  return {k: v for k, v in sorted(m.items()) if k not in RUNTIME_MODEL_KEYS
-          and CONDITIONAL_MODEL_KEYS.get(k, lambda _: True)(m)}
+  """The model settings a checkpoint's parameters depend on: the keys its family declares (models.param_keys),
+  None where the config lacks one. Recorded in each checkpoint and compared on resume and when loading."""
+  from effjax.models import param_keys  # pylint: disable=import-outside-toplevel
+  return {k: model_config.get(k) for k in sorted(set(param_keys(model_config)))}
 
 
 class Checkpointer:
@@ -155,8 +138,9 @@ def quiet_aborted_restore_callbacks() -> None:
 def check_compatible(meta: dict, model_config, where: str) -> None:
   """Refuses a checkpoint written for another architecture (family, sizes, sharing, vocab ...)."""
   saved, wanted = meta.get('architecture', {}), architecture(model_config)
-  diffs = [f'{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}'
-           for k in sorted(set(saved) | set(wanted)) if _norm(saved.get(k)) != _norm(wanted.get(k))]
+  # Compared over the declared keys the checkpoint records: one written before a key was declared predates it.
+  diffs = [f'{k}: checkpoint {saved[k]!r} vs config {v!r}'
+           for k, v in wanted.items() if k in saved and _norm(saved[k]) != _norm(v)]
   if diffs:
     raise EffjaxError(f'checkpoint in {where} does not match the config ({"; ".join(diffs)}); use another '
                       'workdir or the config it was trained with')

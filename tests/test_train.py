@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from effjax import metrics, train
+from effjax import checkpoint, metrics, train
 from effjax.errors import EffjaxError
 from tests.helpers import one_device, run_cli, tiny_config, train_losses
 
@@ -23,6 +23,22 @@ def test_resume_is_bit_identical(tmp_path, corpus_dir):
   straight, resumed = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'resumed')
   assert sorted(straight) == list(range(1, 17))
   assert [straight[s] for s in range(1, 17)] == [resumed[s] for s in range(1, 17)]
+
+
+def test_a_checkpoint_resumes_after_a_new_model_key_is_added(tmp_path, corpus_dir):
+  """Compatibility is checked over the keys families and kinds declare as shaping the parameters, so a key added
+  to the config after a checkpoint was written (here: in this test) does not make that checkpoint foreign."""
+  workdir = str(tmp_path / 'run')
+  overrides = {'train.steps': 8, 'train.log_every': 1, 'checkpoint.every': 4}
+  train.train_and_evaluate(tiny_config(corpus_dir, **overrides, **{'train.stop_at': 4}), workdir,
+                           devices=one_device(), progress=False)
+  newer = tiny_config(corpus_dir, **overrides)
+  newer.model.added_after_the_checkpoint = 3
+  assert 'added_after_the_checkpoint' not in checkpoint.architecture(newer.model)
+  assert not {'dropout', 'remat', 'dtype', 'scan_unroll'} & set(checkpoint.architecture(newer.model))
+  train.train_and_evaluate(newer, workdir, devices=one_device(), progress=False)
+  assert sorted(train_losses(workdir)) == list(range(1, 9))
+  assert checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=3, read_only=True).latest_step() == 8
 
 
 def test_one_device_equals_eight_device_mesh(tmp_path, corpus_dir):

@@ -9,6 +9,7 @@ import pkgutil
 
 import ml_collections
 
+from effjax.errors import EffjaxError
 from effjax.models import validate
 
 _FAMILIES = {}
@@ -46,6 +47,15 @@ def discover() -> None:
   _DISCOVERED.append(True)
   for info in pkgutil.iter_modules(__path__):
     importlib.import_module(f'{__name__}.{info.name}')
+
+
+def param_keys(model_config) -> tuple[str, ...]:
+  """'family' and the config keys the family declares as shaping its parameters (what a checkpoint is checked
+  against): a key no family or kind declares never makes a checkpoint incompatible."""
+  _load_families()
+  if model_config.family not in _FAMILIES:
+    raise EffjaxError(f'model.family={model_config.family!r} is unknown; valid families: {", ".join(_FAMILIES)}')
+  return ('family', *_FAMILIES[model_config.family].param_keys(model_config))
 
 
 def build_model(model_config: ml_collections.ConfigDict):

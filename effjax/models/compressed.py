@@ -102,6 +102,10 @@ class CompressedGPT(nn.Module):
     return layers.OutputHead(cfg, name='head')(x_BxTxD, tied)
 
   @staticmethod
+  def param_keys(cfg) -> tuple[str, ...]:
+    return layers.param_keys(cfg) + ('compress_every', 'compress_factor')
+
+  @staticmethod
   def compressor_flops(cfg, d_in: int, d_out: int) -> int:
     return 2 * d_in * d_out
 
@@ -142,6 +146,10 @@ class LinearlyCompressedGPT(CompressedGPT):
 class ConvCompressedGPT(CompressedGPT):
   def compressor(self, out_width, decode, name):
     return CausalConv1d(self.cfg, out_width, self.cfg.conv_kernel, decode, name=name)
+
+  @staticmethod
+  def param_keys(cfg) -> tuple[str, ...]:
+    return CompressedGPT.param_keys(cfg) + ('conv_kernel',)
 
   @staticmethod
   def compressor_flops(cfg, d_in: int, d_out: int) -> int:

@@ -90,6 +90,11 @@ def check(m, family: str) -> None:
                       'a doped stack has independent trainable blocks')
 
 
+def param_keys(cfg) -> tuple[str, ...]:
+  """The doping keys that shape a family's parameters (frozen_mlp_ratio only matters when doping is on)."""
+  return ('doping', 'frozen_mlp_ratio') if cfg.get('doping', '') else ('doping',)
+
+
 def depth(cfg) -> int:
   """All layers, trainable and frozen."""
   return cfg.num_layers + sum(parse_doping(cfg.doping, cfg.num_layers))

@@ -35,6 +35,10 @@ class GPT(nn.Module):
     return layers.OutputHead(cfg, name='head')(x_BxTxD, embedder)
 
   @staticmethod
+  def param_keys(cfg) -> tuple[str, ...]:
+    return layers.param_keys(cfg) + doped.param_keys(cfg)
+
+  @staticmethod
   def forward_flops_per_token(cfg, seq_len: int) -> int:
     """A shared block costs as much per application as an independent one: FLOPs grow with L either way."""
     return (layers.embed_forward_flops(cfg, cfg.d_model)

@@ -174,6 +174,21 @@ class Block(nn.Module):
     return (x_BxTxD, None) if self.carry_output else x_BxTxD
 
 
+# Model keys that shape the parameters of these layers in every family (checkpoint compatibility compares them;
+# `dropout`, `remat`, `dtype` ... only change how a computation runs and are not among them).
+PARAM_KEYS = ('num_layers', 'd_model', 'num_heads', 'vocab_size', 'max_len', 'mlp_ratio', 'pos_emb', 'rope_base',
+              'use_bias', 'norm', 'norm_position', 'final_norm', 'tie_embeddings', 'head_bias', 'param_dtype',
+              'scan_layers', 'share_layers', 'embed_dim', 'mlp_kind', 'attn_kind')
+
+
+def param_keys(cfg: Config) -> tuple[str, ...]:
+  """PARAM_KEYS, num_groups when blocks are grouped, and the config keys of the dense kinds in use."""
+  keys = list(PARAM_KEYS) + (['num_groups'] if cfg.get('share_layers') == 'groups' else [])
+  for kind in dict.fromkeys((cfg.mlp_kind, cfg.attn_kind)):
+    keys += structured.kind(kind).config_keys
+  return tuple(keys)
+
+
 # Collections that live per layer. 'frozen' holds doped layers' fixed weights, 'constants' fixed permutations.
 PER_LAYER_COLLECTIONS = ('params', 'frozen', 'constants', 'cache')
 

@@ -126,6 +126,10 @@ class ParallelGPT(nn.Module):
     return subset(self.cfg, train, decode, name='branches')(x_KxBxTxD, positions_T)
 
   @staticmethod
+  def param_keys(cfg) -> tuple[str, ...]:
+    return layers.param_keys(cfg) + ('num_branches', 'branch_input', 'branch_impl')
+
+  @staticmethod
   def forward_flops_per_token(cfg, seq_len: int) -> int:
     """Only active branches cost anything: k·(L/P) blocks (+ k projections in the project form) and the head."""
     k = len(active_indices(cfg))
