@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from effjax.models import build_model
+from effjax.models import build_model, family, structured
 
 EMBEDDING_MODULES = ('embed', 'head')
 
@@ -68,14 +68,14 @@ def _extra_applications(model_config, params) -> int:
 def emulated_params(model_config) -> int:
   """The parameter count of the dense model that structured layers stand in for (frozen weights included)."""
   dense = ml_collections.ConfigDict(model_config.to_dict())
-  dense.mlp_kind = dense.attn_kind = 'dense'
+  dense.mlp_kind = dense.attn_kind = structured.PLAIN
   return param_counts(dense)['total_params']
 
 
 def flops_per_token(model_config, seq_len: int) -> int:
   """Forward FLOPs per token of the network as built (each family's module knows its own structure)."""
   model = build_model(model_config)
-  return int(type(model).forward_flops_per_token(model.cfg, seq_len))
+  return int(family(model_config.family).forward_flops(model.cfg, seq_len))
 
 
 def step_compute(config) -> dict:
@@ -107,7 +107,7 @@ def summarize(config) -> dict:
       'compute_frozen_free_total': compute['compute_frozen_free'] * config.train.steps,
   }
   model = build_model(m)
-  extras = getattr(type(model), 'summary_extras', None)
+  extras = family(m.family).summary_extras
   if extras is not None:
     summary.update(extras(model.cfg, abstract_variables(m)))
   return summary

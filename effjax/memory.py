@@ -28,7 +28,8 @@ Per token and per block of width D, N heads, MLP width F, the backward keeps
   dots_saveable  only matmul outputs: (2·D + (4·D + F)/t)·a + N·T·a/t (QKᵀ), + the block input D·a
   full           only the block input D·a
 and with remat, what one block recomputes in the backward ('none' minus what it kept) is live again. Frozen MLPs
-(doping) keep 2·D·a + 2·F'·a per token, and compressed families (lcgpt/ccgpt) use each segment's own width.
+(doping) keep 2·D·a + 2·F'·a per token, and families with blocks of several widths (models.Family.memory_blocks)
+use each one's own width.
 Outside the blocks: the embedding output and final norm 2·D·a, and the loss: f32 logits, their log-softmax and
 the compute-dtype logits, V·(8 + a)/t per token. Total = b·T·(Σ blocks + outside).
 
@@ -57,7 +58,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from effjax import optim, sharding
 from effjax.errors import EffjaxError
-from effjax.models import build_model
+from effjax.models import build_model, family
 
 GiB = 2 ** 30
 
@@ -113,16 +114,8 @@ def _divides(t: int, dim: int) -> int:
 
 def _blocks(cfg) -> list[tuple[str, int, int, int]]:
   """(kind, width, heads, applications) of every layer the forward runs: 'block' transformer blocks and
-  'frozen' doped MLPs."""
-  if cfg.family in ('lcgpt', 'ccgpt'):
-    from effjax.models import compressed  # pylint: disable=import-outside-toplevel
-    out = [('block', w, cfg.num_heads, n) for w, n in compressed.segments(cfg)]
-  else:  # gpt (any sharing: a shared block is still applied num_layers times), pgpt (P branches of L/P)
-    out = [('block', cfg.d_model, cfg.num_heads, cfg.num_layers)]
-  if cfg.get('doping', ''):
-    from effjax.models import doped  # pylint: disable=import-outside-toplevel
-    out.append(('frozen', cfg.d_model, 0, doped.num_frozen_layers(cfg)))
-  return out
+  'frozen' doped MLPs, as the family declares them (models.Family.memory_blocks)."""
+  return family(cfg.family).memory_blocks(cfg)
 
 
 def activation_bytes_per_token(cfg, seq_len: int, tensor: int = 1) -> dict:
@@ -155,8 +148,9 @@ def activation_bytes_per_token(cfg, seq_len: int, tensor: int = 1) -> dict:
       saved = d * a + (2 * d + (4 * d + f) / max(th, tf)) * a + (0 if cudnn else n * seq_len * a / tn)
     blocks += count * saved
     recompute = max(recompute, full - saved)
-  if cfg.family == 'pgpt':  # the P branch outputs before mixing
-    blocks += cfg.num_branches * cfg.d_model * a
+  extra = family(cfg.family).memory_extra_bytes
+  if extra is not None:  # e.g. parallel branches' outputs before they are mixed
+    blocks += extra(cfg, a)
   outside = 2 * cfg.d_model * a + cfg.vocab_size * (8 + a) / _divides(tensor, cfg.vocab_size)
   return {'blocks': blocks, 'recompute': recompute, 'outside': outside}
 
@@ -207,7 +201,8 @@ def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, k
   fsdp = mesh.shape['fsdp']
   if fsdp > 1:
     blocks = sum(count for kind_, *_, count in _blocks(model_cfg) if kind_ == 'block')
-    stack_params = {k: v for k, v in params.items() if k not in ('embed', 'head', 'ln_f', 'branch_logits')}
+    outside = family(model_cfg.family).outside_params
+    stack_params = {k: v for k, v in params.items() if k not in outside}
     per_block = _bytes(stack_params) / max(blocks if model_cfg.share_layers == 'none' else
                                            {'all': 1, 'groups': model_cfg.num_groups}[model_cfg.share_layers], 1)
     gathered = int(2 * per_block / tensor)

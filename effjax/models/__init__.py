@@ -1,47 +1,58 @@
 """Model registry: `build_model(config.model)` returns the flax Module of the configured family.
 
-Adding a family means writing one module and registering its builder here; the training loop never changes.
+A family is one `Family` entry that its own module registers (`register_family`): how to build it, its config
+checks, forward FLOPs per token, summary extras, the config keys that shape its parameters, what the memory
+planner needs and whether it takes doping. Every module of this package is imported once (`discover`) so that
+it can register its families and dense kinds; a family defined elsewhere (a test, a user's file) registers the
+same way. The shared modules (checkpoint, memory, accounting, optim) ask this registry and name no family.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+from typing import Any, Callable
 
 import ml_collections
 
 from effjax.errors import EffjaxError
-from effjax.models import validate
-
-_FAMILIES = {}
+from effjax.models import layers, validate
 
 
-def register(family: str):
-  def wrap(cls):
-    _FAMILIES[family] = cls
-    return cls
-  return wrap
+def plain_memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
+  """num_layers transformer blocks of width d_model (a shared block is still applied num_layers times)."""
+  return [('block', cfg.d_model, cfg.num_heads, cfg.num_layers)]
 
 
-def families() -> list[str]:
-  _load_families()
-  return sorted(_FAMILIES)
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """Everything the stack knows about one model family."""
+  name: str
+  module: Callable[[Any], Any]                   # FrozenConfigDict -> the flax Module
+  forward_flops: Callable[[Any, int], int]       # (cfg, seq_len) -> forward FLOPs per token of the net as built
+  check: Callable[[Any], None] | None = None     # family-specific config checks (one EffjaxError line each)
+  param_keys: Callable[[Any], tuple[str, ...]] = layers.param_keys  # config keys that shape its parameters
+  summary_extras: Callable[[Any, dict], dict] | None = None  # (cfg, abstract variables) -> extra summary keys
+  # memory planner: ('block' | 'frozen', width, heads, applications) of every layer the forward runs, the bytes
+  # per token (given the compute dtype's size) it keeps outside them, and the top-level params outside the stack
+  memory_blocks: Callable[[Any], list[tuple[str, int, int, int]]] = plain_memory_blocks
+  memory_extra_bytes: Callable[[Any, int], float] | None = None
+  outside_params: tuple[str, ...] = ('embed', 'head', 'ln_f')
+  doping: bool = False                           # whether its stack honours model.doping (effjax/models/doped.py)
 
 
-def _load_families():
-  if _FAMILIES:
-    return
-  from effjax.models import compressed, gpt, parallel  # pylint: disable=import-outside-toplevel
-  _FAMILIES['gpt'] = gpt.GPT
-  _FAMILIES['pgpt'] = parallel.ParallelGPT
-  _FAMILIES['lcgpt'] = compressed.LinearlyCompressedGPT
-  _FAMILIES['ccgpt'] = compressed.ConvCompressedGPT
-
-
+_FAMILIES: dict[str, Family] = {}
 _DISCOVERED = []
 
 
+def register_family(entry: Family) -> Family:
+  """Adds (or replaces) a family; the built-in ones stay registered whatever is added first."""
+  _FAMILIES[entry.name] = entry
+  return entry
+
+
 def discover() -> None:
-  """Imports every module of this package once, so each registers what it defines (its dense kinds)."""
+  """Imports every module of this package once, so each registers what it defines (families, dense kinds)."""
   if _DISCOVERED:
     return
   _DISCOVERED.append(True)
@@ -49,18 +60,25 @@ def discover() -> None:
     importlib.import_module(f'{__name__}.{info.name}')
 
 
+def families() -> list[str]:
+  discover()
+  return sorted(_FAMILIES)
+
+
+def family(name: str) -> Family:
+  discover()
+  if name not in _FAMILIES:
+    raise EffjaxError(f'model.family={name!r} is unknown; valid families: {", ".join(sorted(_FAMILIES))}')
+  return _FAMILIES[name]
+
+
 def param_keys(model_config) -> tuple[str, ...]:
   """'family' and the config keys the family declares as shaping its parameters (what a checkpoint is checked
   against): a key no family or kind declares never makes a checkpoint incompatible."""
-  _load_families()
-  if model_config.family not in _FAMILIES:
-    raise EffjaxError(f'model.family={model_config.family!r} is unknown; valid families: {", ".join(_FAMILIES)}')
-  return ('family', *_FAMILIES[model_config.family].param_keys(model_config))
+  return ('family', *family(model_config.family).param_keys(model_config))
 
 
 def build_model(model_config: ml_collections.ConfigDict):
   """Checks the model config (one clear error line per mistake) and returns the Module."""
-  _load_families()
-  validate.check_model_config(model_config, sorted(_FAMILIES))
-  frozen = ml_collections.FrozenConfigDict(model_config)
-  return _FAMILIES[model_config.family](frozen)
+  validate.check_model_config(model_config, families())
+  return family(model_config.family).module(ml_collections.FrozenConfigDict(model_config))

@@ -19,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effjax.models import layers
+from effjax import models
+from effjax.errors import EffjaxError
+from effjax.models import layers, validate
 
 
 def segments(cfg) -> list[tuple[int, int]]:
@@ -158,3 +160,44 @@ class ConvCompressedGPT(CompressedGPT):
   @classmethod
   def forward_flops_per_token(cls, cfg, seq_len: int) -> int:
     return cls._flops(cfg, seq_len)
+
+
+def check(m) -> None:
+  """lc-gpt / cc-gpt config checks: every width the compressions reach must suit the heads (and rotary)."""
+  for key in ('compress_every', 'compress_factor', 'conv_kernel'):
+    validate.check_positive(m, key)
+  if m.compress_factor < 2:
+    raise EffjaxError(f'model.compress_factor={m.compress_factor} is invalid; it must be >= 2 (each compression '
+                      'divides the width by it)')
+  width, left, n = m.d_model, m.num_layers, m.compress_every
+  while left > 0:
+    blocks = min(n, left)
+    if width % m.num_heads:
+      raise EffjaxError(f'model.num_heads={m.num_heads} does not divide the compressed width {width} '
+                        f'(d_model={m.d_model} / compress_factor={m.compress_factor} per {n} blocks); choose '
+                        'heads, d_model or compress_factor so every width is a multiple of the heads')
+    if m.pos_emb == 'rotary' and (width // m.num_heads) % 2:
+      raise EffjaxError(f'rotary positions need an even head dim at every width, got {width}/{m.num_heads}')
+    if m.share_layers == 'groups' and blocks % m.num_groups:
+      raise EffjaxError(f'model.num_groups={m.num_groups} does not divide the {blocks} blocks at width {width}')
+    left -= blocks
+    if blocks == n:
+      if width % m.compress_factor:
+        raise EffjaxError(f'model.compress_factor={m.compress_factor} does not divide the width {width} reached '
+                          f'after {m.num_layers - left} blocks (d_model={m.d_model}); use a d_model divisible by '
+                          f'compress_factor^{m.num_layers // n}')
+      width //= m.compress_factor
+  if m.tie_embeddings and width != m.d_model:
+    raise EffjaxError(f'model.tie_embeddings=True does not fit {m.family}: the head reads width {width}, the '
+                      f'embedding is d_model={m.d_model} wide; use tie_embeddings=False')
+
+
+def memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
+  """Each segment's blocks at its own width."""
+  return [('block', w, cfg.num_heads, n) for w, n in segments(cfg)]
+
+
+for _name, _cls in (('lcgpt', LinearlyCompressedGPT), ('ccgpt', ConvCompressedGPT)):
+  models.register_family(models.Family(
+      _name, _cls, forward_flops=_cls.forward_flops_per_token, check=check, param_keys=_cls.param_keys,
+      summary_extras=_cls.summary_extras, memory_blocks=memory_blocks))

@@ -40,9 +40,6 @@ import jax.numpy as jnp
 from effjax.errors import EffjaxError
 from effjax.models import layers
 
-FAMILIES = ('gpt',)  # families whose stack honours model.doping
-
-
 def parse_doping(doping: str, num_layers: int) -> tuple[int, ...]:
   """The number of frozen MLPs after each of the `num_layers` trainable blocks (the last entry is always 0).
 
@@ -78,9 +75,11 @@ def check(m, family: str) -> None:
   """Config checks for doping (called by validate.check_model_config)."""
   if not m.get('doping', ''):
     return
-  if family not in FAMILIES:
+  from effjax import models  # pylint: disable=import-outside-toplevel
+  if not models.family(family).doping:
+    supported = [name for name in models.families() if models.family(name).doping]
     raise EffjaxError(f'model.doping={m.doping!r} is not supported by model.family={family!r}; doping works '
-                      f'with: {", ".join(FAMILIES)}')
+                      f'with: {", ".join(supported)}')
   parse_doping(m.doping, m.num_layers)
   ratio = m.frozen_mlp_ratio
   if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:

@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 
+from effjax import models
 from effjax.models import doped, layers
 
 
@@ -71,3 +72,13 @@ class GPT(nn.Module):
       extras.update(doped.summary_extras(cfg, abstract_variables))
     return extras
 
+
+def memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
+  """num_layers blocks of width d_model (shared or not, each is applied), and the doped frozen MLPs."""
+  frozen = [('frozen', cfg.d_model, 0, doped.num_frozen_layers(cfg))] if cfg.get('doping', '') else []
+  return models.plain_memory_blocks(cfg) + frozen
+
+
+models.register_family(models.Family(
+    'gpt', GPT, forward_flops=GPT.forward_flops_per_token, param_keys=GPT.param_keys,
+    summary_extras=GPT.summary_extras, memory_blocks=memory_blocks, doping=True))

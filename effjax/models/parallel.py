@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import models
+from effjax.errors import EffjaxError
 from effjax.models import layers
 
 
@@ -192,3 +194,37 @@ def unstack_branches(params: dict) -> dict:
   n = jax.tree.leaves(params['branches'])[0].shape[0]
   out.update({f'branch_{i}': jax.tree.map(lambda x, i=i: x[i], params['branches']) for i in range(n)})
   return out
+
+
+def check(m) -> None:
+  """p-gpt's config checks (run by validate.check_model_config through the family entry)."""
+  if m.branch_input not in ('split', 'project'):
+    raise EffjaxError(f'model.branch_input={m.branch_input!r} is invalid; valid values: split, project')
+  p = m.num_branches
+  if not isinstance(p, int) or isinstance(p, bool) or p < 2:
+    raise EffjaxError(f'model.num_branches={p!r} is invalid; p-gpt needs an integer >= 2')
+  if m.num_layers % p:
+    raise EffjaxError(f'model.num_branches={p} does not divide model.num_layers={m.num_layers}; each of the '
+                      'P branches has num_layers/P blocks')
+  if m.get('branch_impl', 'vmap') not in ('vmap', 'loop'):
+    raise EffjaxError(f'model.branch_impl={m.branch_impl!r} is invalid; valid values: vmap, loop')
+  active = m.active_branches
+  if isinstance(active, int) or not isinstance(active, (tuple, list)) or not all(
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < p for i in active) or len(set(active)) != len(
+          active):
+    raise EffjaxError(f'model.active_branches={active!r} is invalid; give distinct branch indices in 0..{p - 1} '
+                      "as a tuple, e.g. '(0,)', or () for all branches")
+  if m.branch_input == 'split' and m.tie_embeddings:
+    raise EffjaxError(f'model.tie_embeddings=True does not fit branch_input=split (the embedding is '
+                      f'num_branches*d_model={p * m.d_model} wide, the head reads d_model={m.d_model}); use '
+                      "tie_embeddings=False or branch_input='project'")
+  if m.share_layers == 'groups' and (m.num_layers // p) % m.num_groups:
+    raise EffjaxError(f'model.num_groups={m.num_groups} does not divide the {m.num_layers // p} blocks of each '
+                      'p-gpt branch (num_layers/num_branches)')
+
+
+models.register_family(models.Family(
+    'pgpt', ParallelGPT, forward_flops=ParallelGPT.forward_flops_per_token, check=check,
+    param_keys=ParallelGPT.param_keys, summary_extras=ParallelGPT.summary_extras,
+    memory_extra_bytes=lambda cfg, a: cfg.num_branches * cfg.d_model * a,  # the P branch outputs before mixing
+    outside_params=('embed', 'head', 'ln_f', 'branch_logits')))

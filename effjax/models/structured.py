@@ -309,6 +309,7 @@ class DenseKind:
 
 
 _KINDS: dict[str, DenseKind] = {}
+PLAIN = 'dense'  # the kind the structured ones stand in for (accounting's emulated_params)
 
 
 def register_kind(kind: DenseKind) -> DenseKind:
