@@ -179,7 +179,9 @@ def run_eval(config, flags) -> None:
                                   batch_size=config.train.batch_size, max_batches=config.train.eval_batches)
   from effjax import sharding  # pylint: disable=import-outside-toplevel
   divisor = sharding.batch_divisor(setup.mesh, setup.rules)
-  loss = train.evaluate_loss(setup, state, [train.eval_rows(b, divisor) for b in batches])
+  vocab = bundle.tokenizer.vocab_size
+  loss = train.evaluate_loss(setup, state, [train.eval_rows(pipeline.check_ids(b, vocab, bundle.directory), divisor)
+                                            for b in batches])
   result = {'step': meta['step'], **train.eval_metrics(loss, bundle.val_bytes_per_token)}
   if tasks:
     result['tasks'] = evaluate.run_tasks(setup.model, state.variables(), bundle.tokenizer, flags.tasks,

@@ -504,7 +504,8 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
                                             process_index=jax.process_index(), process_count=nproc)
   val_batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
                                       batch_size=t.batch_size, max_batches=t.eval_batches)
-  val_batches = [eval_rows(b, divisor) for b in val_batches]
+  vocab = bundle.tokenizer.vocab_size
+  val_batches = [eval_rows(pipeline.check_ids(b, vocab, bundle.directory), divisor) for b in val_batches]
   identity = data_identity(bundle)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep) if os.path.isdir(ckpt_dir) else None
@@ -523,6 +524,7 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
       return {}
     if _stop_agreed(stop):
       raise Preempted(f'stopped by a signal before step {start + 1}; nothing was saved: rerun to resume')
+    first_batch = pipeline.check_ids(next(train_iter), vocab, bundle.directory)  # damaged data: refused here
 
     # ---- every check passed: from here on the run writes to its workdir
     lock.claim()
@@ -561,7 +563,8 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
     last = min(t.steps, t.stop_at) if t.stop_at else t.steps
     stopping = _stop_agreed(stop)
     while step < last and not stopping:
-      batch = _shard(setup, next(train_iter))
+      raw, first_batch = (first_batch if first_batch is not None else next(train_iter)), None
+      batch = _shard(setup, pipeline.check_ids(raw, vocab, bundle.directory))
       state, step_metrics = train_step(state, batch)
       step += 1
       if step == start + 1:  # the first step compiles: the clock starts after it

@@ -198,6 +198,12 @@ CASES = {
     # train
     'train_non_utf8_corpus': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.data.corpus={T}/bad'],
                               r'not UTF-8'),
+    'train_nul_corpus': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.data.corpus={T}/nul'],
+                         r"holds no text to learn from: its \d+ training tokens use 0 distinct char token"),
+    'train_nul_corpus_bytes': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.data.corpus={T}/nul',
+                                '--config.data.tokenizer=byte'], r'use 0 distinct byte token'),
+    'train_out_of_vocab_ids': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.data.dataset={T}/ids'],
+                               r"holds token id 65535 but its tokenizer has \d+ ids: its shards are damaged"),
     'train_missing_corpus': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.data.corpus={T}/none'],
                              r'is not a file, directory or matching glob'),
     'train_unwritable_workdir': (['--config=configs/gpt.py:tiny', '--workdir={F}/w', '--config.data.corpus={C}'],
@@ -274,6 +280,11 @@ def fixtures(trained, tmp_path):
   (tmp_path / 'bad').mkdir()
   (tmp_path / 'bad' / 'a.txt').write_bytes(b'def f():\n    return 1\n' * 50 + b'\xff\xfe broken \x80\n')
   (tmp_path / 'file').write_text('a regular file, not a directory')
+  (tmp_path / 'nul').mkdir()
+  (tmp_path / 'nul' / 'zeros.txt').write_bytes(b'\0' * 20000)
+  shutil.copytree(os.path.join(trained['workdir'], 'data'), tmp_path / 'ids')  # the run's prepared dataset ...
+  for shard in (tmp_path / 'ids').glob('train-*.bin'):  # ... with every training id out of the vocabulary
+    shard.write_bytes(b'\xff' * shard.stat().st_size)
   for name in ('bad_vars', 'bad_config', 'bad_tok'):
     shutil.copytree(trained['export'], tmp_path / name)
   for root, _, files in os.walk(tmp_path / 'bad_vars' / 'variables'):

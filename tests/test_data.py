@@ -295,6 +295,16 @@ def _empty_dir(p):
   return str(p / "e"), {}
 
 
+def _nul_bytes(p):
+  (p / "zeros.txt").write_bytes(b"\0" * 5000)
+  return str(p / "zeros.txt"), {}
+
+
+def _one_char(p):
+  (p / "a.txt").write_text("a" * 5000)
+  return str(p / "a.txt"), {}
+
+
 BAD_SOURCES = {
     "corrupt gzip": (_bad_gzip, r"x\.jsonl\.gz' is corrupt or truncated"),
     "corrupt zstd": (_corrupt_zst, r"x\.jsonl\.zst' is corrupt or truncated"),
@@ -306,6 +316,8 @@ BAD_SOURCES = {
     "glob matches nothing": (lambda p: (str(p / "nothing" / "*.txt"), {}), r"nothing/\*\.txt' matches no files"),
     "unknown corpus": (lambda p: ("wikipedia", {}), r"'wikipedia' is not a file.*'embedded'"),
     "val_fraction": (lambda p: ("embedded", {"val_fraction": 0.0}), "val_fraction=0.0 must be"),
+    "all NUL bytes": (_nul_bytes, r"holds no text to learn from: its \d+ training tokens use 0 distinct"),
+    "one repeated character": (_one_char, r"use 1 distinct char token\(s\) besides NUL bytes"),
 }
 
 
@@ -318,7 +330,7 @@ def test_bad_source_one_line_and_no_dataset(case, tmp_path):
     prepare.prepare(settings(corpus=corpus, **extra), out, workers=1)
   assert "\n" not in str(e.value)
   assert not (out / "manifest.json").exists()
-  assert not any(n.endswith(".bin") for n in (os.listdir(out) if out.exists() else [])) or case == "corrupt gzip"
+  assert not any(n.endswith(".bin") for n in (os.listdir(out) if out.exists() else []))
 
 
 def _missing_shard(out, m):

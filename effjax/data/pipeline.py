@@ -119,6 +119,16 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
+def check_ids(batch: dict, vocab_size: int, where: str) -> dict:
+  """A token id outside the vocabulary would index past the embedding (NaN or garbage, reported as divergence);
+  it means damaged shards, so it is one clear error instead. Costs one max() over the batch on the host."""
+  top = int(max(batch["inputs"].max(), batch["targets"].max()))
+  if top >= vocab_size or int(min(batch["inputs"].min(), batch["targets"].min())) < 0:
+    raise EffjaxError(f"the dataset {where!r} holds token id {top} but its tokenizer has {vocab_size} ids: "
+                      f"its shards are damaged or were written by another tokenizer; prepare it again")
+  return batch
+
+
 def eval_batches(tokens, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
   """Deterministic non-overlapping windows spread evenly over the whole of `tokens` (so a few batches sample every
   part of the validation split, not just its first documents): as many full batches as fit (at most

@@ -277,8 +277,12 @@ def prepare(settings: Settings, out_dir, *, workers: int = 0, shard_tokens: int 
       return existing
     _clear_leftovers(out)
     start = time.time()
-    manifest = (_import_nanogpt(settings, nano, out, shard_tokens) if nano is not None
-                else _prepare_text(settings, files, out, workers, shard_tokens))
+    try:
+      manifest = (_import_nanogpt(settings, nano, out, shard_tokens) if nano is not None
+                  else _prepare_text(settings, files, out, workers, shard_tokens))
+    except EffjaxError:  # bad data found midway: no half-written shards are left behind
+      _clear_leftovers(out)
+      raise
     manifest['seconds'] = round(time.time() - start, 3)
     dataset.write_text_atomic(out / dataset.MANIFEST, json.dumps(manifest, indent=1))
     log('prepared %s: %d train / %d val tokens in %.1f s', out, manifest['splits']['train']['tokens'],
@@ -321,13 +325,31 @@ def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shar
     buffered.clear()
     while queue:
       yield queue.popleft()
+  counts = np.zeros(tok.vocab_size, np.int64)  # how often each id occurs in the training split
   for result in encoded(tok, _batches(itertools.chain(drained(), assigned)), dtype, workers):
     for split, (ids, nbytes, ndocs) in result.items():
       writers[split].write(ids)
       stats[split]['bytes'] += nbytes
       stats[split]['docs'] += ndocs
+      if split == 'train' and len(ids):
+        counts += np.bincount(ids, minlength=tok.vocab_size)[:tok.vocab_size]
+  check_has_text(settings, tok, counts)
   splits = {s: dict(shards=writers[s].finish(), tokens=writers[s].total, **stats[s]) for s in dataset.SPLITS}
   return _manifest(settings, tok, tok_content, dtype, splits, source_files=len(files))
+
+
+def check_has_text(settings: Settings, tok: tokenizers.Tokenizer, counts: np.ndarray) -> None:
+  """A corpus whose training tokens are (besides NUL bytes, unknown characters and the document separator) fewer
+  than two distinct ids has nothing to learn: a model would reach loss 0 predicting the one id. That is a binary
+  or empty input, refused before the dataset is complete."""
+  filler = set(tok.encode(SEPARATOR).tolist()) | set(tok.encode('\x00').tolist())
+  if tok.kind == 'char':
+    filler.add(0)  # "unknown"
+  content = [i for i in np.flatnonzero(counts).tolist() if i not in filler]
+  if len(content) < 2:
+    raise EffjaxError(f'data.corpus={settings.corpus!r} holds no text to learn from: its {int(counts.sum())} '
+                      f'training tokens use {len(content)} distinct {tok.kind} token(s) besides NUL bytes and the '
+                      f'document separator (binary files or all NUL bytes?); give a text corpus')
 
 
 def _import_nanogpt(settings: Settings, src: epath.Path, out: epath.Path, shard_tokens: int) -> dict:
