@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from effjax import config_lookup
 from effjax import errors
+from effjax import runtime
 from effjax.errors import EffjaxError
 
 MODES = ('train', 'eval', 'sample', 'summary', 'export', 'memory', 'config')
@@ -284,6 +285,7 @@ def main(argv) -> None:
 
 
 def entry() -> None:
+  runtime.reexec_with_hugepages()  # before jax allocates anything; see effjax/runtime.py
   app.run(main, flags_parser=parse_flags)
 
 

@@ -24,6 +24,7 @@ bench.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -177,18 +178,21 @@ def run_train(args) -> dict:
 
 
 IMPLS = {  # torch sub-benchmark: name -> worker kind
+    'effjax CLI': 'effjax-cli',
     'effjax': 'effjax',
+    'effjax (rolled scan)': 'effjax-rolled',
     'effjax (unrolled)': 'effjax-unrolled',
-    'effjax (scan_unroll=L)': 'effjax-scan-unroll',
     'torch eager': 'torch',
     'torch.compile': 'torch-compile',
 }
+CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + CLI_WINDOWS windows of CLI_LOG_EVERY steps
+CLI_WINDOWS = 3
 
 
 def _build_worker_step(kind: str, size):
   """(one-step callable, forward FLOPs per token, compile/warm-up seconds) for one implementation."""
   if kind.startswith('effjax'):
-    over = {'effjax-unrolled': {'scan_layers': False}, 'effjax-scan-unroll': {'scan_unroll': 0}}.get(kind, {})
+    over = {'effjax-unrolled': {'scan_layers': False}, 'effjax-rolled': {'scan_unroll': 1}}.get(kind, {})
     return make_effjax_step(bench_config('gpt', size, **over))
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -218,6 +222,9 @@ def _worker(args) -> None:
   worker threads (XLA's Eigen pool, torch's OpenMP team, both of which spin-wait a while after work) steal the
   two cores from the other: in one shared process the small torch steps were 10-20x slower than alone.
   """
+  if args._worker.startswith('effjax'):
+    from effjax import runtime  # pylint: disable=import-outside-toplevel
+    runtime.reexec_with_hugepages()  # what the CLI does for itself (effjax/runtime.py), before jax starts
   import numpy as np  # pylint: disable=import-outside-toplevel
   size = sizes_of(args)[args._size]
   if args._worker == 'peak':
@@ -276,10 +283,65 @@ class _Worker:
     return out
 
 
+class _CliWorker:
+  """`python -m effjax.main` itself, as a user runs it (its own environment, data pipeline, logging, metrics and
+  final checkpoint): each call trains a fresh run of 1 + CLI_WINDOWS * CLI_LOG_EVERY steps on the embedded corpus
+  (byte tokenizer: vocabulary 256, as the bare step) and reports the median of the step times the CLI itself
+  logs (effjax.metrics.StepClock: the loop's time between log points, compile, eval and checkpoints excluded)."""
+
+  def __init__(self, args, size_name: str):
+    layers, d, heads, seq, batch = sizes_of(args)[size_name]
+    self.root = tempfile.mkdtemp(prefix='effjax-bench-cli-')
+    steps = 1 + CLI_WINDOWS * CLI_LOG_EVERY
+    self.argv = [sys.executable, '-m', 'effjax.main', '--config=gpt', '--progress=false',
+                 f'--config.model.num_layers={layers}', f'--config.model.d_model={d}',
+                 f'--config.model.num_heads={heads}', f'--config.model.max_len={seq}', f'--config.data.seq_len={seq}',
+                 f'--config.train.batch_size={batch}', '--config.data.tokenizer=byte',
+                 f'--config.train.steps={steps}', f'--config.train.log_every={CLI_LOG_EVERY}',
+                 f'--config.train.eval_every={steps}', f'--config.checkpoint.every={steps}', '--config.mesh.data=1']
+    self.env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'XLA_FLAGS')}
+    self.runs = 0
+    self._train()  # prepares the dataset once (later runs reuse it through data.dataset) and warms the caches
+    self.info = {'compile_s': self.last_wall_s, 'fwd': None}
+
+  def _train(self) -> list[float]:
+    workdir = os.path.join(self.root, f'run{self.runs}')
+    data = [] if not self.runs else [f'--config.data.dataset={os.path.join(self.root, "run0", "data")}']
+    self.runs += 1
+    t0 = time.perf_counter()
+    subprocess.run(self.argv + [f'--workdir={workdir}', *data], env=self.env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    self.last_wall_s = time.perf_counter() - t0
+    with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+      rows = [json.loads(line) for line in f]
+    return [r['step_time'] for r in rows if r.get('split') == 'train' and r.get('step_time')]
+
+  def call(self, cmd: str) -> dict:
+    del cmd
+    times = self._train()
+    return {'t': float(sorted(times)[len(times) // 2]), 't_first': float('nan'), 'faults_per_step': float('nan')}
+
+  def close(self) -> dict:
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(self.root, ignore_errors=True)
+    return {'rss_mb': float('nan')}
+
+
+def machine() -> dict:
+  """What the figures depend on besides the code: CPU model, cores, THP mode, glibc, the load."""
+  import platform  # pylint: disable=import-outside-toplevel
+  from effjax import runtime  # pylint: disable=import-outside-toplevel
+  model = ''
+  with contextlib.suppress(OSError), open('/proc/cpuinfo', encoding='utf-8') as f:
+    model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+  return dict(cpu=model or platform.processor(), cpus=os.cpu_count(), thp=runtime.transparent_hugepages(),
+              glibc=' '.join(platform.libc_ver()), python=platform.python_version(), load=load_average())
+
+
 def run_torch(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   results = []
-  impls = {k: v for k, v in IMPLS.items() if (args.unrolled or v not in ('effjax-unrolled', 'effjax-scan-unroll'))
+  impls = {k: v for k, v in IMPLS.items() if (args.unrolled or v not in ('effjax-unrolled', 'effjax-rolled'))
            and (args.torch_compile or v != 'torch-compile')}
   for size_name, size in sizes_of(args).items():
     b, t = size[4], size[3]
@@ -288,7 +350,7 @@ def run_torch(args) -> dict:
       peak_worker = _Worker(args, 'peak', size_name)
       for name, kind in impls.items():  # one at a time, so compile times are not contended by each other
         print(f'{size_name}: starting {name}', flush=True)
-        workers[name] = _Worker(args, kind, size_name)
+        workers[name] = _CliWorker(args, size_name) if kind == 'effjax-cli' else _Worker(args, kind, size_name)
       (times, firsts, faults), peaks = ({k: [] for k in workers} for _ in range(3)), []
       start = time.time()
       names = list(workers)
@@ -326,7 +388,8 @@ def run_torch(args) -> dict:
                         first_step_times_s={k: list(v) for k, v in firsts.items()}))
   from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
   return dict(sizes=results, torch=torch.__version__, torch_threads=torch_gpt.set_threads(),
-              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), processes='one per implementation')
+              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), processes='one per implementation',
+              machine=machine())
 
 
 def run_compile(args) -> dict:
@@ -468,7 +531,10 @@ def markdown(results: dict) -> str:
   if r:
     out += ['## effjax vs the PyTorch reference (same GPT, same batch, AdamW step included)', '',
             f"torch {r['result']['torch']} with {r['result']['torch_threads']} threads; "
-            f"GLIBC_TUNABLES={r['result'].get('glibc_tunables') or '(unset)'}; {r['meta']}", '',
+            f"GLIBC_TUNABLES of the harness={r['result'].get('glibc_tunables') or '(unset)'}; {r['meta']}; "
+            f"machine: {r['result'].get('machine', {})}", '',
+            '`effjax CLI` is `python -m effjax.main` itself (data pipeline, logging, its own huge-page setting); '
+            'the other effjax rows time the bare jitted step.', '',
             '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
             'effjax speedup over it (paired median) | (best/best) | compile s | first step after idle ms | '
             'page faults/step | peak RSS MB |',
@@ -559,12 +625,10 @@ def parse(argv):
   p.add_argument('--families', default='', help='train/memory: comma-separated subset of families')
   p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True)
   p.add_argument('--unrolled', action=argparse.BooleanOptionalAction, default=True,
-                 help='torch: also time effjax with scan_layers=False and with model.scan_unroll=0 (unrolled '
-                      'inside the scan)')
-  p.add_argument('--hugepages', action=argparse.BooleanOptionalAction, default=True,
-                 help='run sub-benchmarks with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for '
-                      'malloc: XLA:CPU allocates its step temporaries afresh every step, and with 4 KB pages '
-                      'each step page-faults them in again); applies to effjax and torch alike')
+                 help='torch: also time effjax with scan_layers=False and with the rolled scan (model.scan_unroll=1)')
+  p.add_argument('--hugepages', action=argparse.BooleanOptionalAction, default=False,
+                 help='run every sub-benchmark (torch too) with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; off by '
+                      'default: effjax sets it for itself (effjax/runtime.py) and torch runs as users run it')
   p.add_argument('--quick', action='store_true', help='tiny sizes (tests, smoke runs)')
   p.add_argument('--out', default='experiments/results/bench', help='output prefix (.json / .md)')
   p.add_argument('--_child', default='', help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -88,10 +89,23 @@ def test_bench_configs_build_for_every_family():
     bench.parse(['--only', 'train,nope'])
 
 
+def test_scan_unroll_default_chooses_by_backend_and_depth():
+  """-1 (the default): unrolled on CPU up to AUTO_UNROLL_MAX_LAYERS layers, rolled beyond; explicit values kept."""
+  from effjax.models import layers  # pylint: disable=import-outside-toplevel
+  assert jax.default_backend() == 'cpu'
+  cfg = lambda u: {'cfg': ml_collections.FrozenConfigDict({'scan_unroll': u})}
+  assert layers.scan_unroll(cfg(-1), 6) == 6
+  assert layers.scan_unroll(cfg(-1), layers.AUTO_UNROLL_MAX_LAYERS) == layers.AUTO_UNROLL_MAX_LAYERS
+  assert layers.scan_unroll(cfg(-1), layers.AUTO_UNROLL_MAX_LAYERS + 1) == 1
+  assert layers.scan_unroll(cfg(1), 6) == 1 and layers.scan_unroll(cfg(2), 6) == 2
+  assert layers.scan_unroll(cfg(0), 48) == 48
+
+
 def test_scan_unroll_keeps_params_and_values():
-  """model.scan_unroll (the bench's faster CPU setting) changes the compiled loop, not the model."""
+  """model.scan_unroll changes the compiled loop, not the model: the rolled scan (1) and the full unroll (0)
+  give the same parameters, loss and gradients."""
   import optax  # pylint: disable=import-outside-toplevel
-  m, mu = tiny_model(num_layers=4), tiny_model(num_layers=4, scan_unroll=0)
+  m, mu = tiny_model(num_layers=4, scan_unroll=1), tiny_model(num_layers=4, scan_unroll=0)
   model, variables = init(m)
   unrolled_model, unrolled_vars = init(mu)
   assert jax.tree.structure(variables) == jax.tree.structure(unrolled_vars)

@@ -73,7 +73,7 @@ def get_base() -> ml_collections.ConfigDict:
   m.dtype = 'float32'        # compute dtype; 'bfloat16' on accelerators
   m.remat = 'none'           # 'none' | 'full' | 'dots_saveable'
   m.scan_layers = True
-  m.scan_unroll = 1          # layers per scan iteration (0: all); see effjax/models/layers.scan_unroll
+  m.scan_unroll = -1         # layers per scan iteration (0: all; -1: by backend and depth); see layers.scan_unroll
   m.attention_impl = 'xla'   # 'xla' | 'cudnn' (GPU only)
   # GPT-Efficio
   m.share_layers = 'none'    # 'none' | 'all' | 'groups'
