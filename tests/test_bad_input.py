@@ -335,3 +335,17 @@ def test_bad_input_subprocess(fixtures, args, pattern):
   assert_one_error_line(result.returncode, result.stderr, pattern)
   assert snapshot(fixtures['T']) == before
   assert not snapshot(os.path.join(fixtures['T'], 'w'))
+
+
+def test_prompt_outside_the_vocabulary_is_one_warning(trained, caplog):
+  """Surprising but valid: characters the run never saw are read as "unknown"; the sample says so once."""
+  before = snapshot(trained['workdir'])
+  with caplog.at_level('WARNING'):
+    code, out, err = cli(f'--workdir={trained["workdir"]}', '--mode=sample', '--prompt=def €λ(',
+                         '--max_new_tokens=4', '--progress=false')
+  assert code == 0, err
+  assert 'Traceback' not in err
+  warnings = [r.getMessage() for r in caplog.records if 'not in the vocabulary of this run' in r.getMessage()]
+  assert len(warnings) == 1 and "'λ€'" in warnings[0], warnings
+  assert out.startswith('def €λ(')
+  assert snapshot(trained['workdir']) == before
