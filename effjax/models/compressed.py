@@ -74,19 +74,18 @@ class CausalConv1d(nn.Module):
                    name='conv')(x_BxSxD)
 
 
-class CompressedGPT(nn.Module):
-  """Shared body of lc-gpt and cc-gpt; subclasses choose the compressor."""
-  cfg: layers.Config
+class CompressedGPT(layers.LanguageModel):
+  """Shared body of lc-gpt and cc-gpt (subclasses choose the compressor). The trunk: segments of compress_every
+  blocks, each followed by a compressor dividing the width by compress_factor."""
 
   def compressor(self, out_width: int, decode: bool, name: str) -> nn.Module:
     raise NotImplementedError
 
-  @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
+  def head_ties(self) -> bool:
+    return final_width(self.cfg) == self.cfg.d_model
+
+  def trunk(self, x_BxTxD: jax.Array, positions_T: jax.Array, train: bool, decode: bool) -> jax.Array:
     cfg = self.cfg
-    positions_T = layers.decode_positions(self, tokens_BxT.shape[1], decode)
-    embedder = layers.Embedder(cfg, cfg.d_model, name='embed')
-    x_BxTxD = nn.Dropout(cfg.dropout)(embedder(tokens_BxT, positions_T), deterministic=not train)
     m = 0
     for i, (width, blocks) in enumerate(segments(cfg)):
       x_BxTxD = layers.LayerStack(
@@ -98,10 +97,7 @@ class CompressedGPT(nn.Module):
       if blocks == cfg.compress_every:  # d_{m+1} = d_m / f
         x_BxTxD = self.compressor(width // cfg.compress_factor, decode, f'compress_{m}')(x_BxTxD)
         m += 1
-    if cfg.final_norm:
-      x_BxTxD = layers.make_norm(cfg, 'ln_f')(x_BxTxD)
-    tied = embedder if final_width(cfg) == cfg.d_model else None
-    return layers.OutputHead(cfg, name='head')(x_BxTxD, tied)
+    return x_BxTxD
 
   @staticmethod
   def param_keys(cfg) -> tuple[str, ...]:

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 
 from effjax import models
 from effjax.models import doped, layers
 
 
-class GPT(nn.Module):
-  cfg: layers.Config
+class GPT(layers.LanguageModel):
+  """The trunk: one LayerStack of num_layers blocks (or the doped stack)."""
 
-  @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
+  def trunk(self, x_BxTxD: jax.Array, positions_T: jax.Array, train: bool, decode: bool) -> jax.Array:
     cfg = self.cfg
-    positions_T = layers.decode_positions(self, tokens_BxT.shape[1], decode)
-    embedder = layers.Embedder(cfg, cfg.d_model, name='embed')
-    x_BxTxD = embedder(tokens_BxT, positions_T)
-    x_BxTxD = nn.Dropout(cfg.dropout)(x_BxTxD, deterministic=not train)
     if cfg.get('doping', ''):  # frozen random MLPs between trainable blocks (effjax/models/doped.py)
       stack = doped.DopedStack(cfg, train=train, decode=decode, name='stack')
     else:
@@ -30,10 +24,7 @@ class GPT(nn.Module):
                             train=train, decode=decode),
           num_layers=cfg.num_layers, scan=cfg.scan_layers, share=cfg.share_layers, num_groups=cfg.num_groups,
           remat=cfg.remat, name='stack')
-    x_BxTxD = stack(x_BxTxD, positions_T)
-    if cfg.final_norm:
-      x_BxTxD = layers.make_norm(cfg, 'ln_f')(x_BxTxD)
-    return layers.OutputHead(cfg, name='head')(x_BxTxD, embedder)
+    return stack(x_BxTxD, positions_T)
 
   @staticmethod
   def param_keys(cfg) -> tuple[str, ...]:

@@ -375,6 +375,34 @@ class OutputHead(nn.Module):
     return logits.astype(jnp.float32)
 
 
+class LanguageModel(nn.Module):
+  """The one LM skeleton: embed -> dropout -> trunk -> final norm -> head. A family subclasses it and writes its
+  `trunk` (the blocks between embedding and final norm), plus `embed_width` / `head_ties` where they differ.
+  Submodules the trunk creates live at the top level of the params (e.g. 'stack'), next to 'embed' and 'head'."""
+  cfg: Config
+
+  def embed_width(self) -> int:
+    return self.cfg.d_model
+
+  def head_ties(self) -> bool:
+    """Whether the head may read the embedding table (it does when model.tie_embeddings): widths must match."""
+    return True
+
+  def trunk(self, x_BxTxE: jax.Array, positions_T: jax.Array, train: bool, decode: bool) -> jax.Array:
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
+    cfg = self.cfg
+    positions_T = decode_positions(self, tokens_BxT.shape[1], decode)
+    embedder = Embedder(cfg, self.embed_width(), name='embed')
+    x_BxTxE = nn.Dropout(cfg.dropout)(embedder(tokens_BxT, positions_T), deterministic=not train)
+    y_BxTxD = self.trunk(x_BxTxE, positions_T, train, decode)
+    if cfg.final_norm:
+      y_BxTxD = make_norm(cfg, 'ln_f')(y_BxTxD)
+    return OutputHead(cfg, name='head')(y_BxTxD, embedder if self.head_ties() else None)
+
+
 def decode_positions(module: nn.Module, length: int, decode: bool) -> jax.Array:
   """Positions of the current tokens: 0..T-1, or continuing from the cache's write index when decoding."""
   if not decode:

@@ -77,19 +77,21 @@ def _gather(indices: tuple[int, ...], tree):
   return jax.tree.map(lambda x: x[idx], tree)
 
 
-class ParallelGPT(nn.Module):
-  cfg: layers.Config
+class ParallelGPT(layers.LanguageModel):
+  """The trunk: P branches of L/P blocks on the embedding (split: branch i reads channel slice i of a P·d-wide
+  one), mixed by softmax weights."""
 
-  @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, train: bool = False, decode: bool = False) -> jax.Array:
+  def embed_width(self) -> int:
+    return self.cfg.num_branches * self.cfg.d_model if self.cfg.branch_input == 'split' else self.cfg.d_model
+
+  def head_ties(self) -> bool:
+    return self.cfg.branch_input != 'split'
+
+  def trunk(self, x_BxTxE: jax.Array, positions_T: jax.Array, train: bool, decode: bool) -> jax.Array:
     cfg = self.cfg
     p, d = cfg.num_branches, cfg.d_model
     active = active_indices(cfg)
-    positions_T = layers.decode_positions(self, tokens_BxT.shape[1], decode)
-    split = cfg.branch_input == 'split'
-    embedder = layers.Embedder(cfg, p * d if split else d, name='embed')
-    x_BxTxE = nn.Dropout(cfg.dropout)(embedder(tokens_BxT, positions_T), deterministic=not train)
-    if split:  # channel slice i of the P·d-wide embedding feeds branch i
+    if cfg.branch_input == 'split':  # channel slice i of the P·d-wide embedding feeds branch i
       b, t, _ = x_BxTxE.shape
       x_PxBxTxD = jnp.moveaxis(x_BxTxE.reshape(b, t, p, d), 2, 0)
     else:
@@ -106,10 +108,7 @@ class ParallelGPT(nn.Module):
     w_P = self.param('branch_logits', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('branch',)),
                      (p,), layers.dtype_of(cfg.param_dtype))
     alpha_K = jax.nn.softmax(w_P[np.asarray(active)].astype(jnp.float32))
-    y_BxTxD = jnp.einsum('k,kbtd->btd', alpha_K.astype(y_KxBxTxD.dtype), y_KxBxTxD)
-    if cfg.final_norm:
-      y_BxTxD = layers.make_norm(cfg, 'ln_f')(y_BxTxD)
-    return layers.OutputHead(cfg, name='head')(y_BxTxD, None if split else embedder)
+    return jnp.einsum('k,kbtd->btd', alpha_K.astype(y_KxBxTxD.dtype), y_KxBxTxD)
 
   def _vectorised(self, x_PxBxTxD, positions_T, active, train, decode):
     """All branches in one vmapped stack; a subset runs on gathered params (and, decoding, its own cache).
