@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import sample
 from effjax.errors import EffjaxError
 
 TASK_KINDS = ('text', 'cloze', 'choice', 'qa', 'humaneval')
@@ -338,8 +339,7 @@ class Scorer:
       return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
 
     self._token_logprobs = jax.jit(token_logprobs)
-    self._generate = jax.jit(functools.partial(_generate_loop, model),
-                             static_argnames=('max_new', 'temperature', 'top_k', 'top_p'))
+    self._generate = functools.partial(sample.generate_in_buffer, model)
 
   def encode(self, text: str) -> list[int]:
     return [int(t) for t in np.asarray(self.tokenizer.encode(text)).reshape(-1)]
@@ -382,30 +382,11 @@ class Scorer:
       for r, p in enumerate(chunk):
         buf[r, :len(p)], lens[r] = p, len(p)
       key = jax.random.fold_in(jax.random.key(seed), i)
-      new = np.asarray(jax.device_get(self._generate(self.variables, buf, lens, key, max_new=max_new,
+      new = np.asarray(jax.device_get(self._generate(self.variables, buf, lens, key, max_new_tokens=max_new,
                                                      temperature=float(temperature), top_k=int(top_k),
                                                      top_p=float(top_p))))
       out.extend([int(x) for x in new[r]] for r in range(len(chunk)))
     return out
-
-
-def _generate_loop(model, variables, buf_BxT, lens_B, key, *, max_new, temperature, top_k, top_p):
-  from effjax import sample  # pylint: disable=import-outside-toplevel
-  rows = jnp.arange(buf_BxT.shape[0])
-
-  def body(i, buf_BxT):
-    logits_BxTxV = model.apply(variables, buf_BxT)
-    last_BxV = logits_BxTxV[rows, lens_B + i - 1].astype(jnp.float32)
-    if temperature == 0:
-      nxt_B = jnp.argmax(last_BxV, axis=-1)
-    else:
-      nxt_B = jax.random.categorical(jax.random.fold_in(key, i),
-                                     sample.filter_logits(last_BxV, temperature, top_k, top_p))
-    return buf_BxT.at[rows, lens_B + i].set(nxt_B.astype(buf_BxT.dtype))
-
-  buf_BxT = jax.lax.fori_loop(0, max_new, body, buf_BxT)
-  idx_BxN = lens_B[:, None] + jnp.arange(max_new)[None, :]
-  return jnp.take_along_axis(buf_BxT, idx_BxN, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Autoregressive sampling. With a KV cache the prompt is processed once (prefill) and each new token costs one
-position; without it every step re-runs the whole fixed-length buffer (kept for checking the cache)."""
+"""Autoregressive sampling through one loop (`sample_loop`, driven by a `tokens_to_logits` callback). With a KV
+cache the prompt is processed once (prefill) and each new token costs one position; without it every step
+re-runs the whole fixed-length buffer (prompts of several lengths in a batch, and the check on the cache)."""
 from __future__ import annotations
 
 import functools
@@ -43,38 +44,61 @@ def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_
                       'temperature >= 0, top_k >= 0, 0 < top_p <= 1')
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p'))
+def sample_loop(tokens_to_logits, logits_BxV, state, key, *, max_new_tokens: int, temperature: float = 1.0,
+                top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """The one sampling loop (lm1b's temperature_sample): it knows the model only through the callback
+  `tokens_to_logits(token_B, i, state) -> (logits_BxV, state)`, which takes new token i and returns the logits of
+  the token after it. Starts from the prompt's next-token logits; token i is drawn with fold_in(key, i).
+  Returns the [B, max_new_tokens] new tokens (the callback runs max_new_tokens - 1 times)."""
+  def body(carry, i):
+    logits_BxV, state = carry
+    token_B = _choose(logits_BxV, jax.random.fold_in(key, i), temperature, top_k, top_p)
+    return tokens_to_logits(token_B, i, state), token_B
+
+  (logits_BxV, _), tokens_NxB = jax.lax.scan(body, (logits_BxV, state), jnp.arange(max_new_tokens - 1))
+  last_B = _choose(logits_BxV, jax.random.fold_in(key, max_new_tokens - 1), temperature, top_k, top_p)
+  return jnp.concatenate([tokens_NxB.T, last_B[:, None]], axis=1)
+
+
+_STATIC = ('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def generate_cached(model, variables, prompt_BxP, key, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
-  b = prompt_BxP.shape[0]
+  """With a KV cache: one prefill pass over the prompt, then one position per new token."""
   cache = jax.eval_shape(lambda: model.init(jax.random.key(0), prompt_BxP[:, :1], decode=True))['cache']
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
   logits, mutated = model.apply({**variables, 'cache': cache}, prompt_BxP, decode=True, mutable=['cache'])
-  first = _choose(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)
 
-  def body(carry, i):
-    token_B, cache = carry
-    logits, mutated = model.apply({**variables, 'cache': cache}, token_B[:, None], decode=True,
-                                  mutable=['cache'])
-    nxt = _choose(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p)
-    return (nxt, mutated['cache']), token_B
+  def tokens_to_logits(token_B, _, cache):
+    logits, mutated = model.apply({**variables, 'cache': cache}, token_B[:, None], decode=True, mutable=['cache'])
+    return logits[:, -1], mutated['cache']
 
-  (last, _), tokens_NxB = jax.lax.scan(body, (first, mutated['cache']), jnp.arange(1, max_new_tokens))
-  return jnp.concatenate([tokens_NxB.T, last[:, None]], axis=1).reshape(b, max_new_tokens)
+  return sample_loop(tokens_to_logits, logits[:, -1], mutated['cache'], key, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p'))
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate_in_buffer(model, variables, buf_BxT, lens_B, key, *, max_new_tokens, temperature=1.0, top_k=0,
+                       top_p=1.0):
+  """Without a cache: row r's prompt is buf[r, :lens[r]]; each new token is written after it and the whole
+  fixed-length buffer re-run (prompts of different lengths in one batch; the check on the cache)."""
+  rows_B = jnp.arange(buf_BxT.shape[0])
+  logits_BxTxV = model.apply(variables, buf_BxT)
+
+  def tokens_to_logits(token_B, i, buf_BxT):
+    buf_BxT = buf_BxT.at[rows_B, lens_B + i].set(token_B.astype(buf_BxT.dtype))
+    return model.apply(variables, buf_BxT)[rows_B, lens_B + i], buf_BxT
+
+  return sample_loop(tokens_to_logits, logits_BxTxV[rows_B, lens_B - 1], buf_BxT, key,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
 def generate_uncached(model, variables, prompt_BxP, key, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
   b, p = prompt_BxP.shape
   buffer = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt_BxP)
-
-  def body(buffer, i):
-    logits = model.apply(variables, buffer)
-    nxt = _choose(jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False),
-                  jax.random.fold_in(key, i), temperature, top_k, top_p)
-    return jax.lax.dynamic_update_slice(buffer, nxt[:, None], (0, p + i)), None
-
-  buffer, _ = jax.lax.scan(body, buffer, jnp.arange(max_new_tokens))
-  return buffer[:, p:]
+  return generate_in_buffer(model, variables, buffer, jnp.full((b,), p, jnp.int32), key,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def generate(model, variables, prompt_BxP, key, *, max_new_tokens: int, temperature: float = 1.0,
