@@ -368,7 +368,7 @@ def run_torch(args) -> dict:
       peak_worker.close()
     finally:
       for w in [*workers.values(), *([peak_worker] if peak_worker else [])]:
-        if w.proc.poll() is None:
+        if getattr(w, 'proc', None) is not None and w.proc.poll() is None:  # (a _CliWorker has no process left)
           w.proc.kill()
     fwd = workers['effjax'].info['fwd']
     flops_per_step = 3 * fwd * b * t
@@ -534,7 +534,8 @@ def markdown(results: dict) -> str:
             f"GLIBC_TUNABLES of the harness={r['result'].get('glibc_tunables') or '(unset)'}; {r['meta']}; "
             f"machine: {r['result'].get('machine', {})}", '',
             '`effjax CLI` is `python -m effjax.main` itself (data pipeline, logging, its own huge-page setting); '
-            'the other effjax rows time the bare jitted step.', '',
+            'the other effjax rows time the bare jitted step; its `compile s` is the wall time of its first whole run '
+            '(preparing the dataset included).', '',
             '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
             'effjax speedup over it (paired median) | (best/best) | compile s | first step after idle ms | '
             'page faults/step | peak RSS MB |',
