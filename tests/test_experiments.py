@@ -244,3 +244,15 @@ def test_prune_finetune_and_evaluate(tmp_path, corpus_dir):
   summary = prune_layers.summarize(dict(num_layers=4, rows=[
       dict(k=k, loss_before=2.0 + k, loss_after=2.0 + (0.001 if k < 2 else 0.5)) for k in range(4)]))
   assert summary['max_removable_after_finetune'] == 1 and summary['max_removable_before_finetune'] == 0
+
+
+def test_peak_rss_sums_the_process_tree():
+  """experiments.peak_rss: two child processes holding ~150 MB each count twice, the largest one once."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from experiments import peak_rss  # pylint: disable=import-outside-toplevel
+  code = ('import subprocess, sys; hold = "import numpy, time; a = numpy.ones(20_000_000); time.sleep(1.5)"; '
+          'ps = [subprocess.Popen([sys.executable, "-c", hold]) for _ in range(2)]; [p.wait() for p in ps]')
+  result = peak_rss.measure([sys.executable, '-c', code], interval=0.1)
+  assert result['returncode'] == 0
+  assert 150 < result['peak_single_rss_mb'] < 260
+  assert result['peak_tree_rss_mb'] > 1.8 * 150
