@@ -107,3 +107,34 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
   assert set(counts.values()) == {1}, counts
   # Process 0 prepared the dataset once; the other process read it after the barrier.
   assert os.path.exists(os.path.join(workdir, 'data', 'manifest.json'))
+
+
+def test_two_processes_on_a_shared_prepared_dataset_read_it_and_match_one_process(tmp_path, corpus_dir):
+  """data.dataset=DIR (made once by `python -m effjax.data.prepare`): both processes only read it (nothing is
+  tokenized, no workdir gets a data/ cache) and give the losses of one process reading the same directory."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  shared = str(tmp_path / 'shared_ds')
+  subprocess.run([sys.executable, '-m', 'effjax.data.prepare', f'--corpus={corpus_dir}', f'--out={shared}',
+                  '--tokenizer=char'], cwd=ROOT, check=True, capture_output=True, timeout=300)
+  steps = 6
+  over = {**OVERRIDES, 'train.steps': steps + 1, 'train.stop_at': steps, 'checkpoint.every': steps}
+  workdir = str(tmp_path / 'mp')
+  args = ['--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.dataset={shared}',
+          '--progress=false', *(f'--config.{k}={v}' for k, v in over.items())]
+  before = {n: os.path.getmtime(os.path.join(shared, n)) for n in os.listdir(shared)}
+  procs = start_local(args, num_processes=2, devices_per_process=4, cwd=ROOT, sink=None)
+  codes = wait_all(procs, timeout=300)
+  output = '\n'.join(p.output[-3000:] for p in procs)
+  assert codes == [0, 0], output
+  assert not os.path.exists(os.path.join(workdir, 'data')), 'a process prepared data of its own'
+  assert not any('prepared ' in line for p in procs for line in p.lines), output
+  assert {n: os.path.getmtime(os.path.join(shared, n)) for n in os.listdir(shared)} == before
+
+  reference = str(tmp_path / 'one')
+  config = tiny_config(corpus_dir, **over)
+  config.data.dataset = shared
+  train.train_and_evaluate(config, reference, progress=False)
+  want = {m['step']: m['loss'] for m in metric_lines(reference)}
+  got = {m['step']: m['loss'] for m in metric_lines(workdir)}
+  assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], atol=1e-5)
