@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from effjax.models import build_model, family, structured
+from effjax import state
+from effjax.models import family, structured
 
 EMBEDDING_MODULES = ('embed', 'head')
-
-
-def abstract_variables(model_config, seq_len: int = 1) -> dict:
-  model = build_model(model_config)
-  tokens = jax.ShapeDtypeStruct((1, min(seq_len, model_config.max_len)), jnp.int32)
-  return nn.unbox(jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens))
 
 
 def _count(tree) -> int:
@@ -41,7 +34,7 @@ def _bytes(tree) -> int:
 
 
 def param_counts(model_config) -> dict:
-  variables = abstract_variables(model_config)
+  variables = state.abstract_variables(model_config)
   params, frozen = variables.get('params', {}), variables.get('frozen', {})
   embedding = _count({k: v for k, v in params.items() if k in EMBEDDING_MODULES})
   trainable = _count(params)
@@ -74,7 +67,7 @@ def emulated_params(model_config) -> int:
 
 def flops_per_token(model_config, seq_len: int) -> int:
   """Forward FLOPs per token of the network as built (each family's module knows its own structure)."""
-  model = build_model(model_config)
+  model, _ = state.abstract_model(model_config)
   return int(family(model_config.family).forward_flops(model.cfg, seq_len))
 
 
@@ -106,10 +99,10 @@ def summarize(config) -> dict:
       'compute_total': compute['compute'] * config.train.steps,
       'compute_frozen_free_total': compute['compute_frozen_free'] * config.train.steps,
   }
-  model = build_model(m)
+  model, _ = state.abstract_model(m)
   extras = family(m.family).summary_extras
   if extras is not None:
-    summary.update(extras(model.cfg, abstract_variables(m)))
+    summary.update(extras(model.cfg, state.abstract_variables(m)))
   return summary
 
 

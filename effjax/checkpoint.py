@@ -179,7 +179,7 @@ def relayout(variables: dict, model_config, layout: str):
   """(variables, model_config) with the layer stack scanned (stacked on a leading axis) or unscanned
   (`stack/layer_i`); the weights are the same. Refuses stacks it cannot map (checked against the model)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  from effjax import state  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
   if layout not in LAYOUTS:
     raise EffjaxError(f'export layout {layout!r} is unknown; valid: {", ".join(LAYOUTS)}')
@@ -190,8 +190,7 @@ def relayout(variables: dict, model_config, layout: str):
   out = {c: fn(tree) if isinstance(tree, dict) and 'stack' in tree else tree for c, tree in variables.items()}
   new_config = ml_collections.ConfigDict(model_config.to_dict())
   new_config.scan_layers = scan
-  want = accounting.abstract_variables(new_config)
-  want.pop('cache', None)
+  want = state.abstract_variables(new_config)
   shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   if shapes(out) != shapes(want):
     raise EffjaxError(f'cannot convert this {model_config.family} model to the {layout} layout; export it '
@@ -310,18 +309,16 @@ def _export_config(export_dir: str):
 
 def load_export(export_dir: str):
   """(model, variables, config) from an export directory; clear errors for missing or corrupt exports."""
-  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
-  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  from effjax import state  # pylint: disable=import-outside-toplevel
   read_export_metadata(export_dir)
   config = _export_config(export_dir)
   try:
-    model = build_model(config.model)
-    abstract = accounting.abstract_variables(config.model)
+    model, _ = state.abstract_model(config.model)
+    abstract = state.abstract_variables(config.model)
   except EffjaxError as e:
     raise EffjaxError(f'export config {export_dir}/config.json is invalid: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
     raise EffjaxError(f'export config {export_dir}/config.json is invalid ({type(e).__name__}: {_short(e)})') from None
-  abstract.pop('cache', None)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   quiet_aborted_restore_callbacks()

@@ -56,9 +56,9 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from effjax import optim, sharding
+from effjax import optim, sharding, state
 from effjax.errors import EffjaxError
-from effjax.models import build_model, family
+from effjax.models import family
 
 GiB = 2 ** 30
 
@@ -161,17 +161,8 @@ def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, k
   model_cfg = config.model
   mesh = _abstract_mesh(config.mesh, num_devices)
   rules = sharding.rules(config.mesh)
-  model = build_model(model_cfg)
-  tokens = jax.ShapeDtypeStruct((1, min(config.data.seq_len, model_cfg.max_len)), jnp.int32)
-
-  def init_boxed(rng):
-    variables = dict(model.init({'params': rng, 'dropout': rng}, jnp.zeros(tokens.shape, tokens.dtype),
-                                train=False))
-    variables.pop('cache', None)
-    params = variables.pop('params')
-    return params, variables
-
-  boxed_params, boxed_extra = jax.eval_shape(init_boxed, jax.random.key(0))
+  _, boxed = state.abstract_model(model_cfg)
+  boxed_params, boxed_extra = boxed['params'], {k: v for k, v in boxed.items() if k != 'params'}
   param_specs = sharding.logical_specs(boxed_params, mesh, rules)
   extra_specs = sharding.logical_specs(boxed_extra, mesh, rules)
   params, extra = nn.unbox(boxed_params), nn.unbox(boxed_extra)

@@ -3,12 +3,14 @@ abstract state (via jax.eval_shape, no allocation) and its shardings. Shared by 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -39,24 +41,41 @@ class Setup:
   init_fn: Any                      # rng -> TrainState, jitted with out_shardings
 
 
-def _init_variables(model, config, rng):
-  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  return model.init({'params': rng, 'dropout': rng}, tokens, train=False)
+def init_variables(model, rng, seq_len: int = 1) -> dict:
+  """model.init on [1, seq_len] zeros (params and dropout keys from rng), boxed, without the decode cache."""
+  variables = dict(model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, seq_len), jnp.int32), train=False))
+  variables.pop('cache', None)
+  return variables
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(model_config: ml_collections.FrozenConfigDict):
+  model = build_model(model_config)
+  return model, jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
+
+
+def abstract_model(model_config) -> tuple[nn.Module, dict]:
+  """The Module and its boxed abstract variables (jax.eval_shape: no allocation), built once per distinct model
+  config however many parts of a start ask (training, memory planning, accounting, export, conversion)."""
+  return _abstract(ml_collections.FrozenConfigDict(model_config))
+
+
+def abstract_variables(model_config) -> dict:
+  """Shapes and dtypes of every variable collection but the cache (a fresh tree: callers may edit it)."""
+  return nn.unbox(abstract_model(model_config)[1])
 
 
 def make_setup(config, *, with_optimizer: bool = True, devices=None) -> Setup:
-  model = build_model(config.model)
+  model, boxed = abstract_model(config.model)
   optimizer = optim.make_optimizer(config.train) if with_optimizer else optax.identity()
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.mesh)
 
   def init_boxed(rng):
-    variables = dict(_init_variables(model, config, rng))
-    params = variables.pop('params')
-    variables.pop('cache', None)
-    return params, variables
+    variables = init_variables(model, rng, config.data.seq_len)
+    return variables.pop('params'), variables
 
-  boxed_params, boxed_extra = jax.eval_shape(init_boxed, jax.random.key(0))
+  boxed_params, boxed_extra = boxed['params'], {k: v for k, v in boxed.items() if k != 'params'}
   param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
   extra_shardings = sharding.logical_shardings(boxed_extra, mesh, rules)
   abstract_params = nn.unbox(boxed_params)

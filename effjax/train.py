@@ -464,7 +464,7 @@ def check_model_and_optimizer(config, devices=None) -> None:
     model_config.vocab_size = 256
   build_model(model_config)
   try:  # shape mistakes that only the layers see (e.g. model.num_blocks not dividing a width), abstractly
-    accounting.abstract_variables(model_config)
+    state_lib.abstract_variables(model_config)
   except (ValueError, TypeError) as e:
     raise EffjaxError(f'the model config is invalid: {_first_line(e)}') from None
   optim.make_optimizer(config.train)

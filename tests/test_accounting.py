@@ -160,3 +160,16 @@ def test_cpu_presets_build(module):
     c.model.vocab_size = 100
     counts = accounting.param_counts(c.model)
     assert counts['trainable_params'] > 0
+
+
+def test_a_start_builds_and_eval_shapes_the_model_once():
+  """Training setup, memory planning and the summary share one abstract model per distinct model config (a
+  structured model's dense stand-in for emulated_params would be a second one; this one is dense already)."""
+  from effjax import memory  # pylint: disable=import-outside-toplevel
+  c = gpt_config.get_config('tiny')
+  c.model.vocab_size = 50
+  state_lib._abstract.cache_clear()  # pylint: disable=protected-access
+  state_lib.make_setup(c, devices=jax.devices()[:1])
+  memory.plan(c, 1)
+  accounting.summarize(c)
+  assert state_lib._abstract.cache_info().misses == 1  # pylint: disable=protected-access

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import effjax
-from effjax import accounting, checkpoint, modes, train
+from effjax import accounting, checkpoint, modes, state as state_lib, train
 from effjax.data import tokenizers
 from effjax.errors import EffjaxError
 from effjax.models import build_model
@@ -176,7 +176,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
   tok = tokenizers.CharTokenizer('abc')
   tok.save(str(tmp_path))
   config.model.vocab_size = tok.vocab_size
-  variables = accounting.abstract_variables(config.model)
+  variables = state_lib.abstract_variables(config.model)
   variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), {'params': variables['params']})
   real = checkpoint.write_json_atomic
 

@@ -173,7 +173,7 @@ def checkpoint_tokenizer(workdir):
 
 def boxed_variables(config):
   model = build_model(config.model)
-  return jax.eval_shape(lambda r: state_lib._init_variables(model, config, r), jax.random.key(0))  # pylint: disable=protected-access
+  return jax.eval_shape(lambda r: state_lib.init_variables(model, r, config.data.seq_len), jax.random.key(0))
 
 
 @pytest.mark.parametrize('variant,preset,overrides', CASES, ids=map(case_id, CASES))

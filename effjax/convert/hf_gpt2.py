@@ -148,7 +148,7 @@ def _take(weights: dict, name: str, shape: tuple, where: str) -> np.ndarray:
 
 def hf_to_variables(weights: dict, config, where: str) -> dict:
   """GPT-2 weights -> effjax variables ({'params': ...}) in the layout of config.model.scan_layers."""
-  from effjax import accounting  # pylint: disable=import-outside-toplevel
+  from effjax import state  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
   m = config.model
   d, f, v, p = m.d_model, m.mlp_ratio * m.d_model, m.vocab_size, m.max_len
@@ -173,8 +173,7 @@ def hf_to_variables(weights: dict, config, where: str) -> dict:
   if not m.tie_embeddings:
     params['head'] = {'head': {'kernel': take('lm_head.weight', (v, d)).T}}
   params = {'params': params}
-  want = accounting.abstract_variables(m)
-  want.pop('cache', None)
+  want = state.abstract_variables(m)
   import jax  # pylint: disable=import-outside-toplevel
   got_shapes = jax.tree.map(lambda x: tuple(x.shape), params)
   want_shapes = jax.tree.map(lambda x: tuple(x.shape), want)
