@@ -30,7 +30,7 @@ import optax
 from effjax.configs import ccgpt, gpt as gpt_config, lcgpt, pgpt
 from effjax import accounting, metrics, modes, train
 from effjax.data import pipeline
-from effjax.models import build_model
+from effjax.models import build_model, parallel
 
 OUT = pathlib.Path(__file__).parent / 'results'
 # One CPU scale for every model: widths 128 (lc/cc: 128 → 64 → 32), 4 heads, 4 blocks, ctx 64, batch 16.
@@ -117,7 +117,7 @@ def single_branch(config, workdir, summary) -> dict:
       bundle.val_tokens, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
       max_batches=config.train.eval_batches)]
   variables = jax.device_get(state.variables())
-  weights = np.asarray(jax.nn.softmax(variables['params']['branch_logits']))
+  weights = parallel.branch_weights(variables['params'])
   out['branch_weights'] = weights.tolist()
   for i in range(config.model.num_branches):
     m = ml_collections.ConfigDict(config.model.to_dict())

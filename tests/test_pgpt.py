@@ -51,7 +51,7 @@ def run_config(corpus, **overrides):
 # configs and the paper's counts
 
 def test_presets_build_and_unknown_preset_is_an_error():
-  for preset in ('', 'tiny', 'project', 'paper', 'paper_1'):
+  for preset in ('', 'tiny', 'project', 'paper', 'paper_1', 'published', 'published_1'):
     c = pgpt.get_config(preset)
     c.model.vocab_size = c.model.vocab_size or 100
     build_model(c.model)
@@ -75,6 +75,35 @@ def test_paper_param_counts_exact():
   # the forward pass of one branch costs half the blocks of both
   blocks = lambda s: s['flops_per_token'] - 2 * 384 * 2116
   assert blocks(full) == 2 * blocks(one)
+
+
+def test_published_architecture_counts_exact():
+  """The authors' April 2024 code: no norm after the mix, one scalar weight: 9,734,213 / 6,185,285 / 23.59 MB."""
+  full = accounting.summarize(pgpt.get_config('published'))
+  assert full['total_params'] == 9_734_213 == 9_734_982 - 768 - 2 + 1
+  assert (full['single_branch_params'], full['single_branch_param_mb']) == (6_185_285, 23.59)
+  one = accounting.summarize(pgpt.get_config('published_1'))
+  assert (one['active_params'], one['active_param_mb']) == (6_185_285, 23.59)
+
+
+def test_scalar_mix_keeps_the_trained_weight_of_a_subset():
+  """branch_mix='scalar': y = w·y_0 + (1-w)·y_1; a subset is not renormalised (the authors' p-gpt-1 rule scales
+  the kept branch by its weight), and strongest_branch picks the branch with weight >= 0.5."""
+  m = model_config(num_branches=2, num_layers=2, branch_mix='scalar', final_norm=False)
+  model = build_model(m)
+  variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 16), jnp.int32)))
+  assert variables['params']['branch_weight'].shape == () and 'branch_logits' not in variables['params']
+  assert float(variables['params']['branch_weight']) == 0.5
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 16)))
+  with_w = lambda w: {**variables, 'params': {**variables['params'], 'branch_weight': jnp.float32(w)}}
+  first = build_model(variant(m, active_branches=(0,)))
+  # weight 1 on branch 0: the full network is branch 0 alone
+  close(model.apply(with_w(1.0), tokens), first.apply(with_w(1.0), tokens))
+  # weight 0.7: branch 0 alone is scaled by 0.7, not renormalised to 1
+  assert not np.allclose(first.apply(with_w(0.7), tokens), first.apply(with_w(1.0), tokens), atol=1e-3)
+  assert parallel.strongest_branch(with_w(0.7)['params']) == 0
+  assert parallel.strongest_branch(with_w(0.3)['params']) == 1
+  np.testing.assert_allclose(parallel.branch_weights(with_w(0.3)['params']), [0.3, 0.7], rtol=1e-6)
 
 
 def test_project_form_counts():
@@ -188,6 +217,8 @@ def test_kv_cache_with_branch_subsets(form, active):
     ({'active_branches': (1, 1)}, r'model.active_branches=\(1, 1\) is invalid'),
     ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit branch_input=split'),
     ({'branch_input': 'concat'}, r"model.branch_input='concat' is invalid; valid values: split, project"),
+    ({'branch_mix': 'sum'}, r"model.branch_mix='sum' is invalid; valid values: softmax, scalar"),
+    ({'branch_mix': 'scalar'}, r"model.branch_mix='scalar' mixes two branches \(w, 1 - w\); model.num_branches=3"),
 ])
 def test_bad_settings_are_one_line_errors(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):

@@ -90,6 +90,7 @@ def get_base() -> ml_collections.ConfigDict:
   m.num_branches = 2
   m.branch_input = 'project'  # 'split' | 'project'
   m.active_branches = ()      # empty: all branches
+  m.branch_mix = 'softmax'    # 'softmax' (P logits) | 'scalar' (one w: w, 1 - w; the authors' code)
   # lc-gpt / cc-gpt
   m.compress_every = 2
   m.compress_factor = 2

@@ -11,6 +11,14 @@ Presets:
   paper      exactly the study's p-gpt: 9,734,982 params (9.73 M); one active branch uses 6,186,054
              (6.19 M, 23.60 MB), reported as `single_branch_params` / `single_branch_param_mb`.
   paper_1    the same network with active_branches=(0,): `active_params` = 6,186,054 (p-gpt-1).
+  published  the architecture of the authors' April 2024 public code, as we read it: no norm after the mix and
+             one scalar mixing weight (y = w·y_0 + (1-w)·y_1): 9,734,213 params, 6,185,285 for one branch
+             (23.59 MB). Its p-gpt-1 keeps the branch whose trained weight is >= 0.5, scaled by that weight
+             (`--config.model.active_branches='(I,)'` with I = parallel.strongest_branch(params)).
+  published_1  the same with active_branches=(0,).
+The default (and `paper`) keep the softmax mix and the final norm: with one LayerNorm after the mix, the
+one-branch network is a complete GPT (renormalised weight 1), so p-gpt-1 needs no retraining or rescaling, and
+the paper's 23.60 MB / 9.73 M are matched; `published` is there to compare against the authors' code.
 
 How the paper's numbers pin the architecture down (the baseline GPT, configs/gpt.py:paper_pgpt_baseline, is
 8,823,364: 4 post-LN blocks of 1,774,464 with d=384, V=2116, ctx 256; MB = params·4/2^20):
@@ -63,10 +71,12 @@ def get_config(preset: str = ''):
     tiny(c)
   elif preset == 'project':
     c.model.branch_input = 'project'
-  elif preset in ('paper', 'paper_1'):
+  elif preset in ('paper', 'paper_1', 'published', 'published_1'):
     paper_architecture(c)
-    if preset == 'paper_1':
+    if preset.startswith('published'):
+      c.model.update(final_norm=False, branch_mix='scalar')
+    if preset.endswith('_1'):
       c.model.active_branches = (0,)
   elif preset:
-    base.unknown_preset('pgpt', preset, ['tiny', 'project', 'paper', 'paper_1'])
+    base.unknown_preset('pgpt', preset, ['tiny', 'project', 'paper', 'paper_1', 'published', 'published_1'])
   return c

@@ -1,13 +1,17 @@
 """p-gpt (ParallelGPT, arXiv 2404.14462): P independent decoder stacks of L/P blocks run side by side and are
-mixed by softmax-normalised learned weights, y = Σ_i softmax(w)_i · y_i, before the output head.
+mixed by learned weights before the output head (config.model.branch_mix):
+  'softmax'  y = Σ_i softmax(w)_i · y_i over P learned logits (the default);
+  'scalar'   the authors' April 2024 code (two branches): y = w · y_0 + (1 - w) · y_1 with one learned w.
 
 Two ways to feed the branches (config.model.branch_input):
   'split'    the paper's code: one embedding P·d wide (token and position tables), cut channel-wise into P
              d-wide slices, slice i feeding branch i.
   'project'  the later form of the seed's formula h_i = P_i(x): one shared d-wide embedding and a d×d projection
              P_i (with bias) at the start of every branch.
-Selective inference: config.model.active_branches (empty = all) runs only those branches; the mixing weights are
-renormalised over them, so one active branch is exactly that branch alone with weight 1 ("p-gpt-1").
+Selective inference: config.model.active_branches (empty = all) runs only those branches. With 'softmax' the
+weights are renormalised over them, so one active branch is exactly that branch alone with weight 1 ("p-gpt-1");
+with 'scalar' each branch keeps its trained weight, the authors' p-gpt-1 rule (keep the branch whose weight is
+>= 0.5, `strongest_branch`, scaled by that weight).
 
 The branches are one vectorised stack (`nn.vmap` over a leading 'branch' param axis, each branch a
 `layers.LayerStack`): params/branches/stack/layers/... have shape [P, L/P, ...]. A subset runs on a gathered
@@ -32,6 +36,23 @@ from effjax.models import layers
 
 def branch_impl(cfg) -> str:
   return cfg.get('branch_impl', 'vmap')
+
+
+def branch_mix(cfg) -> str:
+  return cfg.get('branch_mix', 'softmax')
+
+
+def branch_weights(params: dict) -> np.ndarray:
+  """The trained mixing weights of all branches (softmax of the logits, or (w, 1 - w))."""
+  if 'branch_weight' in params:
+    w = float(params['branch_weight'])
+    return np.asarray([w, 1.0 - w])
+  return np.asarray(jax.nn.softmax(jnp.asarray(params['branch_logits'], jnp.float32)))
+
+
+def strongest_branch(params: dict) -> int:
+  """The authors' p-gpt-1 choice: the branch whose trained weight is largest (>= 0.5 with two branches)."""
+  return int(np.argmax(branch_weights(params)))
 
 
 def active_indices(cfg) -> tuple[int, ...]:
@@ -104,11 +125,20 @@ class ParallelGPT(layers.LanguageModel):
     else:
       y_KxBxTxD = self._vectorised(x_PxBxTxD, positions_T, active, train, decode)
 
-    # y = Σ_i softmax(w)_i · y_i over the active branches (renormalised: one branch gets weight 1)
-    w_P = self.param('branch_logits', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('branch',)),
-                     (p,), layers.dtype_of(cfg.param_dtype))
-    alpha_K = jax.nn.softmax(w_P[np.asarray(active)].astype(jnp.float32))
+    alpha_K = self._mixing_weights(active)
     return jnp.einsum('k,kbtd->btd', alpha_K.astype(y_KxBxTxD.dtype), y_KxBxTxD)
+
+  def _mixing_weights(self, active) -> jax.Array:
+    """softmax: softmax of P logits over the active branches (renormalised: one branch gets weight 1).
+    scalar: (w, 1 - w) from one learned w (init 0.5), each active branch keeping its own weight."""
+    cfg = self.cfg
+    if branch_mix(cfg) == 'scalar':
+      w = self.param('branch_weight', nn.with_logical_partitioning(nn.initializers.constant(0.5), ()), (),
+                     layers.dtype_of(cfg.param_dtype)).astype(jnp.float32)
+      return jnp.stack([w, 1.0 - w])[np.asarray(active)]
+    w_P = self.param('branch_logits', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('branch',)),
+                     (cfg.num_branches,), layers.dtype_of(cfg.param_dtype))
+    return jax.nn.softmax(w_P[np.asarray(active)].astype(jnp.float32))
 
   def _vectorised(self, x_PxBxTxD, positions_T, active, train, decode):
     """All branches in one vmapped stack; a subset runs on gathered params (and, decoding, its own cache).
@@ -128,7 +158,7 @@ class ParallelGPT(layers.LanguageModel):
 
   @staticmethod
   def param_keys(cfg) -> tuple[str, ...]:
-    return layers.param_keys(cfg) + ('num_branches', 'branch_input', 'branch_impl')
+    return layers.param_keys(cfg) + ('num_branches', 'branch_input', 'branch_impl', 'branch_mix')
 
   @staticmethod
   def forward_flops_per_token(cfg, seq_len: int) -> int:
@@ -205,6 +235,11 @@ def check(m) -> None:
   if m.num_layers % p:
     raise EffjaxError(f'model.num_branches={p} does not divide model.num_layers={m.num_layers}; each of the '
                       'P branches has num_layers/P blocks')
+  if branch_mix(m) not in ('softmax', 'scalar'):
+    raise EffjaxError(f'model.branch_mix={m.branch_mix!r} is invalid; valid values: softmax, scalar')
+  if branch_mix(m) == 'scalar' and p != 2:
+    raise EffjaxError(f"model.branch_mix='scalar' mixes two branches (w, 1 - w); model.num_branches={p}: use 2 "
+                      "or branch_mix='softmax'")
   if m.get('branch_impl', 'vmap') not in ('vmap', 'loop'):
     raise EffjaxError(f'model.branch_impl={m.branch_impl!r} is invalid; valid values: vmap, loop')
   active = m.active_branches
@@ -226,4 +261,4 @@ models.register_family(models.Family(
     'pgpt', ParallelGPT, forward_flops=ParallelGPT.forward_flops_per_token, check=check,
     param_keys=ParallelGPT.param_keys, summary_extras=ParallelGPT.summary_extras,
     memory_extra_bytes=lambda cfg, a: cfg.num_branches * cfg.d_model * a,  # the P branch outputs before mixing
-    outside_params=('embed', 'head', 'ln_f', 'branch_logits')))
+    outside_params=('embed', 'head', 'ln_f', 'branch_logits', 'branch_weight')))
