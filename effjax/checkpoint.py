@@ -79,13 +79,23 @@ class Checkpointer:
     return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, abstract_state, data_iterator=None):
+    """(state, meta) of `step`. An abstract state without optimizer leaves (eval, sample, export: the setup's
+    optimizer is optax.identity) restores the step, params and other collections only, not the Adam moments."""
     # The state first, on its own: restoring it together with the data iterator makes a corrupt state file
     # spray asyncio "Event loop is closed" tracebacks (tensorstore callbacks into the aborted composite restore).
-    restored = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                               meta=ocp.args.JsonRestore()))
+    if jax.tree.leaves(abstract_state.opt_state):
+      state_args = ocp.args.StandardRestore(abstract_state)
+    else:
+      item = {'step': abstract_state.step, 'params': abstract_state.params, 'extra': abstract_state.extra}
+      state_args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                          partial_restore=True)
+    restored = self._mgr.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
+    state = restored['state']
+    if isinstance(state, dict):
+      state = abstract_state.replace(step=state['step'], params=state['params'], extra=state['extra'])
     if data_iterator is not None:
       self._mgr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored['state'], restored['meta']
+    return state, restored['meta']
 
   def quarantine(self, step: int) -> str:
     """Moves an unrestorable step aside (to DIR.corrupt/STEP), so it is neither retried on every start nor

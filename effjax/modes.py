@@ -87,7 +87,7 @@ def restore_trained(config, workdir: str):
   tokenizer = tokenizers.load_tokenizer(tokenizer_dir)
   config = train.resolve_vocab(config, tokenizer)
   train.check_backend(config.model)
-  setup = state_lib.make_setup(config)
+  setup = state_lib.make_setup(config, with_optimizer=False)  # params only: no optimizer moments are read
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise EffjaxError(f'no checkpoint in {workdir}/checkpoints; train first with --mode=train')
   # Read-only: eval/sample/export never create, clean up or move anything in the workdir.

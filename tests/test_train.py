@@ -115,3 +115,20 @@ def test_cli_modes_on_tiny(tmp_path, corpus_dir):
   result = run_cli(f'--from_export={export_dir}', '--mode=sample', '--prompt=def ', '--max_new_tokens=20',
                    '--temperature=0')
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_eval_sample_and_export_restore_the_params_only(tmp_path, corpus_dir):
+  """modes.restore_trained (eval, sample, export) reads step, params and collections, not the Adam moments; the
+  params equal those of a full train-state restore."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from effjax import modes, state as state_lib  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(corpus_dir, **{'train.steps': 4, 'checkpoint.every': 4})
+  train.train_and_evaluate(config, workdir, devices=one_device(), progress=False)
+  _, params_only, resolved, _, meta = modes.restore_trained(config, workdir)
+  assert meta['step'] == 4 and int(params_only.step) == 4 and not jax.tree.leaves(params_only.opt_state)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=3, read_only=True)
+  full, _ = ckpt.restore(4, state_lib.make_setup(resolved).abstract_state)
+  assert len(jax.tree.leaves(full.opt_state)) > 2 * len(jax.tree.leaves(full.params)) - 1
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(params_only.params)):
+    np.testing.assert_array_equal(a, b)
