@@ -130,8 +130,8 @@ def test_structured_forward_flops_replace_only_the_mlp_matmuls(module, kind):
   m = module.get_config('paper').model
   d, s = m.d_model, 1024
   dense = ml_collections.ConfigDict({**m.to_dict(), 'mlp_kind': 'dense'})
-  mlp = (structured.dense_flops(kind, d, 4 * d, num_blocks=m.num_blocks)
-         + structured.dense_flops(kind, 4 * d, d, num_blocks=m.num_blocks))
+  opts = structured.kind_options(kind, m)  # blockdiag: num_blocks and where the block-Hadamard goes
+  mlp = structured.dense_flops(kind, d, 4 * d, **opts) + structured.dense_flops(kind, 4 * d, d, **opts)
   assert 0 < mlp < 16 * d * d
   assert (accounting.flops_per_token(m, s)
           == accounting.flops_per_token(dense, s) - m.num_layers * (16 * d * d - mlp))

@@ -243,15 +243,42 @@ def test_jit_and_grad_work_through_every_layer(kind):
   assert leaves and all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in leaves)
 
 
-def test_block_diagonal_mlp_is_seed_structure():
-  """Seed Fig. 5: block-diag (mixed by block-Hadamard) -> GELU -> block-diag; 1/num_blocks of the dense params."""
-  mlp = st.BlockDiagonalMLP(hidden=64, features=16)
-  variables, x = _init(mlp, 16)
+@pytest.mark.parametrize('mix', ['expanding', 'each'])
+def test_block_diagonal_mlp_mixing(mix):
+  """blockdiag_mix='expanding' is seed 004's Fig. 5: block-diag -> block-Hadamard -> GELU -> block-diag (one
+  transform per MLP); 'each' also mixes after the second matrix. Both 1/num_blocks of the dense params; the
+  FLOPs count the transforms that run."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
+  from effjax.models import layers  # pylint: disable=import-outside-toplevel
+  m = gpt_config.get_config('tiny').model
+  m.update(d_model=16, mlp_ratio=4, mlp_kind='blockdiag', num_blocks=4, blockdiag_mix=mix, dropout=0.0)
+  mlp = layers.Mlp(ml_collections.FrozenConfigDict(m), d_model=16, hidden=64)
+  variables, x = _init(mlp, 16, batch=(2, 3))
   p = variables['params']
-  fc = np.asarray(x) @ scipy.linalg.block_diag(*p['fc']['kernel']) @ np.kron(scipy.linalg.hadamard(4), np.eye(16)) / 2
-  want = np.asarray(nn.gelu(fc + p['fc']['bias'])) @ scipy.linalg.block_diag(*p['proj']['kernel']) + p['proj']['bias']
-  np.testing.assert_allclose(jax.jit(mlp.apply)(variables, x), want, rtol=1e-4, atol=1e-4)
+  mixing = lambda n: np.kron(scipy.linalg.hadamard(4), np.eye(n // 4)) / 2
+  fc = np.asarray(x) @ scipy.linalg.block_diag(*p['fc']['kernel']) @ mixing(64)
+  want = np.asarray(nn.gelu(fc + p['fc']['bias'])) @ scipy.linalg.block_diag(*p['proj']['kernel'])
+  if mix == 'each':
+    want = want @ mixing(16)
+  np.testing.assert_allclose(jax.jit(mlp.apply)(variables, x), want + p['proj']['bias'], rtol=1e-4, atol=1e-4)
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 64) + st.dense_params('blockdiag', 64, 16)
+  opts = dict(num_blocks=4, blockdiag_mix=mix)
+  assert st.dense_flops('blockdiag', 16, 64, **opts) == 2 * 16 * 64 // 4 + 64 * 3  # log2(4) + 1 per output
+  assert st.dense_flops('blockdiag', 64, 16, **opts) == 2 * 64 * 16 // 4 + (16 * 3 if mix == 'each' else 0)
+
+
+def test_blockdiag_presets_and_bad_mix():
+  from effjax.configs import blockdiag  # pylint: disable=import-outside-toplevel
+  from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
+  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+  assert blockdiag.get_config('paper').model.blockdiag_mix == 'expanding'
+  assert blockdiag.get_config('figure5').model.blockdiag_mix == 'expanding'
+  assert blockdiag.get_config('').model.blockdiag_mix == 'each'
+  m = blockdiag.get_config('tiny').model
+  m.update(vocab_size=11, blockdiag_mix='twice')
+  with pytest.raises(EffjaxError, match=r"model.blockdiag_mix='twice' is invalid; valid values: each, expanding"):
+    build_model(m)
 
 
 def test_weight_decay_applies_to_the_matrices_each_kind_declares():

@@ -83,6 +83,7 @@ def get_base() -> ml_collections.ConfigDict:
   m.mlp_kind = 'dense'       # a dense kind: 'dense' | 'fastfood' | 'blockdiag' | ... (structured.kinds())
   m.attn_kind = 'dense'
   m.num_blocks = 4           # blocks of the block-diagonal layers
+  m.blockdiag_mix = 'each'    # 'each' | 'expanding' (seed 004 Fig. 5: one block-Hadamard per MLP)
   m.doping = ''              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);
                              # num_layers counts the T's (effjax/models/doped.py)
   m.frozen_mlp_ratio = 6     # frozen MLP hidden width = frozen_mlp_ratio * d_model

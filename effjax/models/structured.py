@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.errors import EffjaxError
+
 Axes = tuple[str | None, str | None]
 
 
@@ -198,7 +200,8 @@ class BlockDiagonalDense(nn.Module):
 
   Params and FLOPs are 1/num_blocks of a Dense; LeCun-normal init on the block fan-in in/nb. With `mix=True` the
   output blocks are then mixed as by BlockHadamard, applied while blocks are the leading axis (on CPU, XLA fuses
-  a transposed dot output into the mixing ~10x slower otherwise).
+  a transposed dot output into the mixing ~10x slower otherwise); `mix='expanding'` mixes only when the layer
+  widens (features > in: an MLP's first matrix), which makes an MLP of two of them the seed's Figure 5.
   """
   features: int
   num_blocks: int = 4
@@ -207,7 +210,7 @@ class BlockDiagonalDense(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_axes: Axes = ('embed', 'mlp')
   kernel_init: Callable = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
-  mix: bool = False
+  mix: bool | str = False
 
   @nn.compact
   def __call__(self, x_BxI: jax.Array) -> jax.Array:
@@ -223,11 +226,19 @@ class BlockDiagonalDense(nn.Module):
     x_BxI, kernel_KxIxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_KxIxO, bias_O, dtype=self.dtype)
     x_KxMxI = jnp.swapaxes(x_BxI.reshape(-1, nb, d_in // nb), 0, 1)  # blocks leading: plain batched matmuls
     y_KxMxO = jnp.einsum('kmi,kio->kmo', x_KxMxI, kernel_KxIxO)
-    if self.mix:  # H_nb over the (unsharded) leading block axis, as whole-slice adds
+    if mixes(self.mix, d_in, self.features):  # H_nb over the (unsharded) leading block axis, as whole-slice adds
       _check_pow2(nb, 'BlockHadamard num_blocks')
       y_KxMxO = jnp.stack(_hadamard_list(list(y_KxMxO)), 0) * (1 / math.sqrt(nb))
     y_BxO = jnp.swapaxes(y_KxMxO, 0, 1).reshape(*lead, self.features)
     return y_BxO + bias_O if self.use_bias else y_BxO
+
+
+BLOCKDIAG_MIX = {'each': True, 'expanding': 'expanding'}  # model.blockdiag_mix -> BlockDiagonalDense.mix
+
+
+def mixes(mix: bool | str, d_in: int, d_out: int) -> bool:
+  """Whether a block-diagonal layer is followed by the block-Hadamard mixing (see BlockDiagonalDense.mix)."""
+  return d_out > d_in if mix == 'expanding' else bool(mix)
 
 
 def block_hadamard(x_BxD: jax.Array, num_blocks: int) -> jax.Array:
@@ -260,27 +271,6 @@ class BlockHadamard(nn.Module):
                            (x_BxD.shape[-1],), self.param_dtype)
       y_BxD = y_BxD * scale_D.astype(y_BxD.dtype)
     return y_BxD
-
-
-class BlockDiagonalMLP(nn.Module):
-  """The seed's structured MLP (Fig. 5): block-diag -> block-Hadamard -> activation -> block-diag.
-
-  make_dense('blockdiag') instead mixes after every block-diagonal layer (mix=True), so that any stack of them,
-  attention projections included, is not block-separable; that costs log2(nb)+1 FLOPs per output and no params.
-  """
-  hidden: int
-  features: int
-  num_blocks: int = 4
-  activation: Callable = nn.gelu
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BxD: jax.Array) -> jax.Array:
-    kw = dict(num_blocks=self.num_blocks, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-    h_BxF = BlockDiagonalDense(self.hidden, kernel_axes=('embed', 'mlp'), mix=True, name='fc', **kw)(x_BxD)
-    return BlockDiagonalDense(self.features, kernel_axes=('mlp', 'embed'), name='proj', **kw)(self.activation(h_BxF))
 
 
 def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Array:
@@ -399,11 +389,25 @@ register_kind(DenseKind(
     flops=lambda d_in, d_out: 2 * d_in * d_out, decayed=('kernel',),
     residual_init=lambda std: {'kernel_init': nn.initializers.normal(std)}))
 register_kind(DenseKind('fastfood', build=lambda: AdaptiveFastFood, params=_fastfood_params, flops=_fastfood_flops))
+def _blockdiag_flops(d_in: int, d_out: int, num_blocks: int = 4, blockdiag_mix: str = 'each') -> int:
+  mixing = d_out * (int(math.log2(num_blocks)) + 1) if mixes(BLOCKDIAG_MIX[blockdiag_mix], d_in, d_out) else 0
+  return 2 * d_in * d_out // num_blocks + mixing
+
+
+def _check_blockdiag(num_blocks: int = 4, blockdiag_mix: str = 'each') -> None:
+  del num_blocks
+  if blockdiag_mix not in BLOCKDIAG_MIX:
+    raise EffjaxError(f'model.blockdiag_mix={blockdiag_mix!r} is invalid; valid values: {", ".join(BLOCKDIAG_MIX)} '
+                      "('expanding': one block-Hadamard per MLP, after its first matrix, as in seed 004's Fig. 5)")
+
+
 register_kind(DenseKind(
-    'blockdiag', build=lambda num_blocks=4: functools.partial(BlockDiagonalDense, num_blocks=num_blocks, mix=True),
-    params=lambda d_in, d_out, use_bias=True, num_blocks=4: d_in * d_out // num_blocks + (d_out if use_bias else 0),
-    flops=lambda d_in, d_out, num_blocks=4: 2 * d_in * d_out // num_blocks + d_out * (int(math.log2(num_blocks)) + 1),
-    config_keys=('num_blocks',), decayed=('kernel',)))
+    'blockdiag', build=lambda num_blocks=4, blockdiag_mix='each': functools.partial(
+        BlockDiagonalDense, num_blocks=num_blocks, mix=BLOCKDIAG_MIX.get(blockdiag_mix, True)),
+    params=lambda d_in, d_out, use_bias=True, num_blocks=4, blockdiag_mix='each': (
+        d_in * d_out // num_blocks + (d_out if use_bias else 0)),
+    flops=_blockdiag_flops, config_keys=('num_blocks', 'blockdiag_mix'), decayed=('kernel',),
+    check=_check_blockdiag))
 
 
 def emulated_params(d_in: int, d_out: int, use_bias: bool = True) -> int:
