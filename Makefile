@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 CONFIG ?= gpt
 DEMO_STEPS ?= 500
 
-.PHONY: demo test bench report clean-demo
+.PHONY: demo test lint bench report clean-demo
 
 $(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 tests
+
+# pyproject.toml's [tool.ruff] settings on the whole tree (tests/test_lint.py runs the same check)
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
 
 bench: $(VENV)/.test
 	$(PY) -m experiments.bench_train

@@ -187,7 +187,7 @@ def check_wandb(project: str) -> None:
   if not project:
     return
   try:
-    import wandb  # pylint: disable=import-outside-toplevel,unused-import
+    import wandb  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
     raise EffjaxError(f"train.wandb_project={project!r} needs the wandb package: pip install 'effjax[wandb]' "

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
       _, secs = timed(lambda: tok.encode(whole))
       rows.append(dict(tokenizer=kind, path='single-call', mb=prefix_mb, seconds=secs, mb_per_s=prefix_mb / secs))
       print(rows[-1], flush=True)
-      del whole
+      whole = None  # the joined prefix is released before the next kind
       if kind == 'bpe':
         _, secs = timed(lambda: tok.tok.encode_batch_fast(prefix, add_special_tokens=False))
         rows.append(dict(tokenizer=kind, path='ceiling', mb=prefix_mb, seconds=secs, mb_per_s=prefix_mb / secs))
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)
-    print(f'\n| tokenizer | path | MB | s | MB/s |\n|---|---|---|---|---|')
+    print('\n| tokenizer | path | MB | s | MB/s |\n|---|---|---|---|---|')
     for r in rows:
       print(f"| {r['tokenizer']} | {r['path']} | {r['mb']:.0f} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} |")
     print(f'\n({os.cpu_count()} CPUs, {result["workers"]} prepare workers; results in {a.out})')

@@ -214,7 +214,8 @@ def write_outputs(rows, bench, meta) -> str:
       branch = ', '.join(f"branch {i}: {r[f'val_loss_branch_{i}']:.4f} (weight {w:.3f})"
                          for i, w in enumerate(r['branch_weights']))
       lines.append(f"\n{r['label']} one-branch val losses: {branch}.")
-  lines += ['', f"`{meta.get('command', '')}`. CPU scale: {meta['scale']}; {meta['steps']} steps × {meta['tokens_per_step']:,} tokens each, "
+  lines += ['', f"`{meta.get('command', '')}`. CPU scale: {meta['scale']}; {meta['steps']} steps × "
+            f"{meta['tokens_per_step']:,} tokens each, "
             f"seed 0, same batches for every run. jax {meta['jax']} on {meta['device']} ({meta['cpus']} CPUs); "
             f"total {meta['total_wall_s'] / 60:.1f} min; load average before/after "
             f"{meta['loadavg_before'][0]:.1f}/{meta['loadavg_after'][0]:.1f} on {meta['cpus']} cores — the machine "
@@ -226,7 +227,8 @@ def write_outputs(rows, bench, meta) -> str:
     lines.append(f"| {b['num_branches']} | {b['batch']} × {b['seq']} | {b['width']} × {b['layers']} | "
                  f"{b['vmap_step_ms']:.1f} | {b['loop_step_ms']:.1f} | {b['loop_step_ms'] / b['vmap_step_ms']:.2f} | "
                  f"{b['vmap_compile_s']:.1f} | {b['loop_compile_s']:.1f} |")
-  lines.append(f'\nJitted AdamW train steps (forward + backward + update), median of {bench[0]["repeats"] if bench else 0} '
+  repeats = bench[0]['repeats'] if bench else 0
+  lines.append(f'\nJitted AdamW train steps (forward + backward + update), median of {repeats} '
                'interleaved steps after a warm-up; same machine and load caveat.')
   md = '\n'.join(lines)
   OUT.mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,8 @@ def main():
     print(f'== bench {branches} branches', flush=True)
     bench.append(bench_branches(branches, args.bench_repeats, batch=16, seq=64, width=128, layers=layers))
     print(f"   {bench[-1]}", flush=True)
-  meta = dict(command='python -m experiments.pgpt_table ' + ' '.join(sys.argv[1:]), steps=args.steps, tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+  meta = dict(command='python -m experiments.pgpt_table ' + ' '.join(sys.argv[1:]), steps=args.steps,
+              tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
               scale=('4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
                      'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'),
               jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),

@@ -129,7 +129,8 @@ def derive(res: dict) -> dict:
   # ---- p-gpt: gaps to gpt per eval step
   pg = {r['label']: r for r in res['pgpt_table']['rows']}
   g = dict(pg['gpt']['val_curve'])
-  d['pgpt_val_gap'] = {k: {str(s): round(l - g[s], 3) for s, l in r['val_curve']} for k, r in pg.items() if k != 'gpt'}
+  d['pgpt_val_gap'] = {k: {str(s): round(loss - g[s], 3) for s, loss in r['val_curve']}
+                       for k, r in pg.items() if k != 'gpt'}
   d['pgpt_vs_gpt_pct'] = {k: round(100 * rel(r['final_val_loss'], pg['gpt']['final_val_loss']), 2)
                           for k, r in pg.items() if k != 'gpt'}
   d['pgpt1_vs_gpt_pct'] = round(100 * rel(pg['p-gpt']['val_loss_p_gpt_1'], pg['gpt']['final_val_loss']), 2)
@@ -198,7 +199,8 @@ def claims(res: dict, d: dict) -> list[dict]:
         f"pruned vs unpruned: {100 * p['2']:+.2f}%", (-math.inf, 0.01), 1)
   pg = d['pgpt_vs_gpt_pct']
   for label in ('p-gpt', 'lc-gpt', 'cc-gpt'):
-    add('002/003', f'{label} loss comparable to gpt (≤ +5 %)', f'{label} vs gpt: {pg[label]:+.2f}%', (-math.inf, 0.05), 1)
+    add('002/003', f'{label} loss comparable to gpt (≤ +5 %)', f'{label} vs gpt: {pg[label]:+.2f}%',
+        (-math.inf, 0.05), 1)
   dp = d['doped_vs_same_trainable_pct']
   add('004', 'frozen (doped) weights do not help (within ±2 % of the baseline with the same trainable blocks)',
       f"doped vs baseline: {dp['doped-2x96']:+.2f}% (2×96), {dp['doped-3x128']:+.2f}% (3×128)", (-0.02, 0.02), 1)
@@ -245,7 +247,8 @@ def block_targets(res, d):
       ['MFU ≥ 40 % (gpt 6L/384d, default step)', f'{mfu[0]:.1f}% / {mfu[1]:.1f}% / {mfu[2]:.1f}%',
        '`bench.md` torch table / `bench.md` train table / `bench_train.md`', met([m >= 40 for m in mfu])],
       ['effjax ≥ 1.5× torch eager (step time, 6L/384d)',
-       f"default {ratio['effjax']['torch eager']:.2f}x, scan_unroll=0 {ratio['effjax (scan_unroll=L)']['torch eager']:.2f}x",
+       f"default {ratio['effjax']['torch eager']:.2f}x, "
+       f"scan_unroll=0 {ratio['effjax (scan_unroll=L)']['torch eager']:.2f}x",
        '`bench.md` torch table (median steps)', met([best >= 1.5])],
       ['FWHT ≥ 10× dense Hadamard at n = 4096', f'{fwht:.1f}x', '`bench_structured.md`', met([fwht >= 10])],
       ['Adaptive FastFood ≥ 3× dense (1024→4096 / →6144)', f'{ff[0]:.1f}x / {ff[1]:.1f}x', '`bench_structured.md`',
@@ -264,7 +267,8 @@ def block_compile(res, d):
 def block_efficio(res, d):
   rows = []
   for r in res['efficio_ablation']['rows']:
-    rows.append([r['label'], f"{r['total_params']:,}", f"{r['flops_per_token'] / 1e6:.2f} M", f"{r['final_val_loss']:.4f}",
+    rows.append([r['label'], f"{r['total_params']:,}", f"{r['flops_per_token'] / 1e6:.2f} M",
+                 f"{r['final_val_loss']:.4f}",
                  f"{d['efficio_vs_baseline'][r['label']]:+.2f}%"])
   return table(['run (seed 0, 300 steps)', 'params', 'fwd FLOPs/token', 'final val loss', 'vs baseline'], 'lrrrr',
                rows)
@@ -288,7 +292,8 @@ def block_pgpt_counts(res, d):
 def block_pgpt_cpu(res, d):
   rows = []
   for r in res['pgpt_table']['rows']:
-    rows.append([r['label'], f"{r['total_params']:,}", f"{r['flops_per_token'] / 1e6:.2f}", f"{r['final_val_loss']:.4f}",
+    rows.append([r['label'], f"{r['total_params']:,}", f"{r['flops_per_token'] / 1e6:.2f}",
+                 f"{r['final_val_loss']:.4f}",
                  f"{d['pgpt_vs_gpt_pct'][r['label']]:+.2f}%" if r['label'] != 'gpt' else '—'])
     if r['label'] == 'p-gpt':
       w = r['branch_weights']

@@ -188,7 +188,8 @@ CASES = {
     # command line
     'unknown_mode': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--mode=bogus'], r"--mode='bogus'"),
     'missing_config': (['--workdir={T}/w'], r'--config is required'),
-    'missing_config_file': (['--config=configs/no_such_file.py', '--workdir={T}/w'], r"there is no file 'configs/no_such_file.py'"),
+    'missing_config_file': (['--config=configs/no_such_file.py', '--workdir={T}/w'],
+                            r"there is no file 'configs/no_such_file.py'"),
     'unknown_preset': (['--config=configs/gpt.py:no_such_preset', '--workdir={T}/w'], r"unknown preset"),
     'unknown_flag': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--no_such_flag=1'], r'no_such_flag'),
     'bad_flag_type': (['--config=configs/gpt.py:tiny', '--workdir={W}', '--mode=sample', '--max_new_tokens=x'],

@@ -249,7 +249,8 @@ def test_prepare_cli(tmp_path, capsys):
   r = subprocess.run([sys.executable, "-m", "effjax.data.prepare", f"--corpus={d}", f"--out={tmp_path / 'ds'}",
                       "--tokenizer=byte"], capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 0, r.stderr
-  assert json.loads(r.stdout.strip().splitlines()[-1])["fingerprint"] == dataset.identity(tmp_path / "ds")["fingerprint"]
+  printed = json.loads(r.stdout.strip().splitlines()[-1])
+  assert printed["fingerprint"] == dataset.identity(tmp_path / "ds")["fingerprint"]
   assert prepare.main([f"--corpus={tmp_path / 'nothing'}", f"--out={tmp_path / 'ds2'}"]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [
       f"effjax: error: data.corpus {str(tmp_path / 'nothing')!r} is not a file, directory or matching glob; valid: "

@@ -265,7 +265,7 @@ def test_cli_refuses_checkpoint_with_other_sharing_mode_and_changes_nothing(tmp_
             and p.name != '.lock'}
   result = run_cli(*common, '--config.model.share_layers=none')
   assert result.returncode == 2
-  lines = [l for l in result.stderr.splitlines() if l.startswith('effjax: error:')]
+  lines = [line for line in result.stderr.splitlines() if line.startswith('effjax: error:')]
   assert len(lines) == 1 and "share_layers: checkpoint 'all' vs config 'none'" in lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*') if p.is_file()

@@ -161,7 +161,8 @@ def test_tpu_runtime_version_follows_generation(fake_path, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--name", "t", "--accelerator", "v4_32", "--workdir", "gs://b/r", "--config", "c.py"], "bad --accelerator 'v4_32'"),
+    (["--name", "t", "--accelerator", "v4_32", "--workdir", "gs://b/r", "--config", "c.py"],
+     "bad --accelerator 'v4_32'"),
     (["--name", "t", "--accelerator", "tpu-32", "--workdir", "gs://b/r", "--config", "c.py"], "bad --accelerator"),
     (["--name", "t", "--accelerator", "v4-", "--workdir", "gs://b/r", "--config", "c.py"], "bad --accelerator"),
     (["--accelerator", "v4-8", "--workdir", "gs://b/r", "--config", "c.py"], "missing --name"),

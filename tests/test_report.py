@@ -18,7 +18,7 @@ def _numbers(text: str) -> list[str]:
 
 
 def _table_lines(text: str) -> list[str]:
-  return [l for l in text.splitlines() if l.startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', l)]
+  return [line for line in text.splitlines() if line.startswith('|') and not re.fullmatch(r'\|[-:| ]+\|', line)]
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +44,7 @@ def test_every_table_number_is_in_a_results_file(known):
   with open(report.REPORT, encoding='utf-8') as f:
     lines = _table_lines(f.read())
   assert len(lines) > 50
-  missing = [(t, l[:80]) for l in lines for t in _numbers(l) if not _found(t, known)]
+  missing = [(t, line[:80]) for line in lines for t in _numbers(line) if not _found(t, known)]
   assert not missing, f'{len(missing)} table numbers are in no results file, e.g. {missing[:8]}'
 
 

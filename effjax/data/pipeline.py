@@ -54,7 +54,8 @@ def open_dataset(directory, seq_len: int) -> DataBundle:
     val = dataset.open_split(directory, manifest, "val")
     sample = val[:min(len(val), 1 << 16)]
     bpt = tokenizers.count_bytes(tok.decode(sample)) / len(sample)
-  return DataBundle(tok, dataset.open_split(directory, manifest, "train"), dataset.open_split(directory, manifest, "val"),
+  return DataBundle(tok, dataset.open_split(directory, manifest, "train"),
+                    dataset.open_split(directory, manifest, "val"),
                     manifest["fingerprint"], bpt, dataset.manifest_identity(manifest), str(directory))
 
 

@@ -74,7 +74,8 @@ def settings_from_config(data_config) -> Settings:
                   bpe_vocab_size=int(data_config.bpe_vocab_size) if kind == 'bpe' else None,
                   max_bytes=int(data_config.max_bytes), val_fraction=float(data_config.val_fraction),
                   text_field=data_config.get('text_field', 'text'),
-                  tokenizer_sample_bytes=int(data_config.get('tokenizer_sample_bytes', Settings.tokenizer_sample_bytes)))
+                  tokenizer_sample_bytes=int(data_config.get('tokenizer_sample_bytes',
+                                                             Settings.tokenizer_sample_bytes)))
 
 
 def is_val(key: str, val_fraction: float) -> bool:
