@@ -16,6 +16,8 @@ PRESETS = (
     ('gpt', 'paper_pgpt_baseline', 'the p-gpt study\'s GPT', False),
     ('pgpt', 'paper', 'p-gpt, both branches (today\'s variant: final norm after the mix, softmax mix)', False),
     ('pgpt', 'paper_1', 'p-gpt-1, one branch of the above (active_params)', True),
+    ('pgpt', 'published', 'p-gpt as the authors\' code has it (no norm after the mix, one scalar weight)', False),
+    ('pgpt', 'published_1', 'p-gpt-1 of the above (the kept branch scaled by its weight; active_params)', True),
     ('lcgpt', 'paper', 'lc-gpt', False),
     ('ccgpt', 'paper', 'cc-gpt', False),
     ('efficio', 'paper', 'GPT-Efficio (our reading of the ~950M model)', False),

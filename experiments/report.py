@@ -277,6 +277,7 @@ def block_efficio(res, d):
 def block_pgpt_counts(res, d):
   counts = res.get('preset_counts', {}).get('rows', [])
   paper = {'gpt': '8.82 M / 33.66 MB', 'pgpt:paper': '— (not listed)', 'pgpt:paper_1': '6.19 M / 23.60 MB',
+           'pgpt:published': '— (not listed)', 'pgpt:published_1': '6.19 M / 23.60 MB',
            'lcgpt:paper': '5.65 M / 21.54 MB', 'ccgpt:paper': '5.65 M / 21.54 MB'}
   rows = []
   for r in counts:

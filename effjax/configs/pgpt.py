@@ -11,7 +11,7 @@ Presets:
   paper      exactly the study's p-gpt: 9,734,982 params (9.73 M); one active branch uses 6,186,054
              (6.19 M, 23.60 MB), reported as `single_branch_params` / `single_branch_param_mb`.
   paper_1    the same network with active_branches=(0,): `active_params` = 6,186,054 (p-gpt-1).
-  published  the architecture of the authors' April 2024 public code, as we read it: no norm after the mix and
+  published  the architecture of the authors' paper-era code (checked: experiments/REPORT.md): no norm after the mix and
              one scalar mixing weight (y = w·y_0 + (1-w)·y_1): 9,734,213 params, 6,185,285 for one branch
              (23.59 MB). Its p-gpt-1 keeps the branch whose trained weight is >= 0.5, scaled by that weight
              (`--config.model.active_branches='(I,)'` with I = parallel.strongest_branch(params)).
