@@ -167,10 +167,6 @@ def write_json_atomic(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def is_primary() -> bool:
-  return jax.process_index() == 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Inference exports: params (+ frozen/constant collections) only, with the config, tokenizer and metadata.
 #

@@ -76,7 +76,7 @@ def test_fastfood_equals_its_dense_matrix(d_in, d_out):
   layer = st.AdaptiveFastFood(d_out)
   variables, x = _init(layer, d_in)
   variables['params']['bias'] = _randn(5, d_out)
-  # One compiled apply on [I; 0; x] (what fastfood_dense_matrix does) gives W and the layer's output on x.
+  # One compiled apply on [I; 0; x] (what dense_matrix does) gives W and the layer's output on x.
   y = jax.jit(layer.apply)(variables, jnp.concatenate([jnp.eye(d_in), jnp.zeros((d_in, d_in)), x]))
   w = y[:d_in] - y[d_in:2 * d_in]
   np.testing.assert_allclose(y[2 * d_in:], x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
@@ -185,10 +185,6 @@ def test_blockdiag_kind_is_block_diag_then_hadamard_and_counts_match():
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 32)
   np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), x @ want + variables['params']['bias'],
                              rtol=1e-5, atol=1e-5)
-
-
-def test_fastfood_dense_matrix_is_the_generic_helper():
-  assert st.fastfood_dense_matrix is st.dense_matrix
 
 
 def test_make_dense_rejects_unknown_kind():

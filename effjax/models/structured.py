@@ -280,9 +280,6 @@ def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Arr
   return y_2IxO[:in_features] - y_2IxO[in_features:]
 
 
-fastfood_dense_matrix = dense_matrix
-
-
 # ---------------------------------------------------------------------------------------------- the table
 @dataclasses.dataclass(frozen=True)
 class DenseKind:
