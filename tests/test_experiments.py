@@ -256,3 +256,17 @@ def test_peak_rss_sums_the_process_tree():
   assert result['returncode'] == 0
   assert 150 < result['peak_single_rss_mb'] < 260
   assert result['peak_tree_rss_mb'] > 1.8 * 150
+
+
+def test_bench_decode_greedy_tokens_match_transformers(tmp_path):
+  """experiments/bench_decode.py on a small GPT-2 shape: effjax's KV-cache decoding of the imported model gives
+  exactly the tokens of transformers' greedy generate, and the table has a row per implementation and batch."""
+  from experiments import bench_decode  # pylint: disable=import-outside-toplevel
+  result = bench_decode.main(['--layers=2', '--width=64', '--heads=4', '--vocab=512', '--ctx=128',
+                              '--new_tokens=24', '--batches=1,3', '--rounds=1', f'--out={tmp_path}/bd'])
+  rows = {(r['impl'], r['batch']): r for r in result['rows']}
+  assert set(rows) == {(i, b) for i in ('effjax', 'transformers') for b in (1, 3)}
+  for b in (1, 3):
+    assert rows[('effjax', b)]['greedy_identical'] and rows[('effjax', b)]['greedy_agreement'] == 1.0
+    assert all(r['whole_s'] > 0 and r['tokens_per_sec'] > 0 for r in rows.values())
+  assert (tmp_path / 'bd.md').read_text().count('| effjax |') == 2
