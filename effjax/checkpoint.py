@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from effjax import errors
+from effjax import errors, paths
 from effjax.errors import EffjaxError
 
 
@@ -31,7 +31,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, read_only: bool = False):
     quiet_aborted_restore_callbacks()
-    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self.directory = paths.abspath(directory)
     self._mgr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                                              read_only=read_only))
@@ -64,16 +64,14 @@ class Checkpointer:
         raise
       failed, needed = self._saving if self._saving else (step, None)
       self._remove_partial_saves()
-      raise errors.no_space_error(os.path.join(self.directory, str(failed)), needed,
+      raise errors.no_space_error(paths.join(self.directory, str(failed)), needed,
                                   f'checkpoint step {failed}') from None
 
   def _remove_partial_saves(self) -> None:
     """A save that ran out of space leaves orbax's temporary step directory: removed to give the space back
     (the steps already saved are untouched)."""
-    import glob  # pylint: disable=import-outside-toplevel
-    import shutil  # pylint: disable=import-outside-toplevel
-    for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
-      shutil.rmtree(partial, ignore_errors=True)
+    for partial in paths.glob(paths.join(self.directory, '*.orbax-checkpoint-tmp*')):
+      paths.rmtree(partial)
 
   def restore_meta(self, step: int) -> dict:
     return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -103,12 +101,12 @@ class Checkpointer:
     Process 0 moves; then every process calls reload()."""
     self._mgr.wait_until_finished()
     target_root = f'{self.directory}.corrupt'
-    os.makedirs(target_root, exist_ok=True)
-    target = os.path.join(target_root, str(step))
+    paths.makedirs(target_root)
+    target = paths.join(target_root, str(step))
     n = 1
-    while os.path.exists(target):
-      target, n = os.path.join(target_root, f'{step}.{n}'), n + 1
-    os.rename(os.path.join(self.directory, str(step)), target)
+    while paths.exists(target):
+      target, n = paths.join(target_root, f'{step}.{n}'), n + 1
+    paths.move_tree(paths.join(self.directory, str(step)), target)
     return target
 
   def reload(self) -> None:
@@ -161,10 +159,8 @@ def _norm(value):
 
 
 def write_json_atomic(path: str, obj) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  """Local: renamed into place; gs://: one upload (an object appears whole)."""
+  paths.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,8 +201,9 @@ def relayout(variables: dict, model_config, layout: str):
 
 
 def check_new_dir(path: str, what: str) -> str:
-  path = os.path.abspath(path)
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+  paths.check(path, what)
+  path = paths.abspath(path)
+  if paths.exists(path) and (not paths.isdir(path) or paths.listdir(path)):
     raise EffjaxError(f'{what} {path!r} already exists and is not empty; choose a new directory (nothing is '
                       'overwritten)')
   return path
@@ -221,21 +218,24 @@ def _publish(tmp: str, final: str) -> None:
 
 def export(export_dir: str, variables: dict, config, tokenizer_path: str, metadata: dict,
            dtype: str = 'float32', layout: str = 'as_trained') -> str:
-  """Writes an inference export; returns its absolute path. Written to a temporary sibling and renamed into place."""
-  import shutil  # pylint: disable=import-outside-toplevel
+  """Writes an inference export; returns its absolute path. Locally it is written to a temporary sibling and
+  renamed into place. An object store has no rename: the export is written in place with metadata.json last, so
+  until it is complete it is no export at all (read_export_metadata refuses it), and a failed one is removed."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   export_dir = check_new_dir(export_dir, 'export_dir')
   if dtype not in EXPORT_DTYPES:
     raise EffjaxError(f'export dtype {dtype!r} is invalid; valid: {", ".join(EXPORT_DTYPES)}')
-  if not os.path.isfile(tokenizer_path):
+  if not paths.isfile(tokenizer_path):
     raise EffjaxError(f'tokenizer {tokenizer_path!r} does not exist; the export needs the run\'s tokenizer')
   variables, model_config = relayout(variables, config.model, layout)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model = model_config
-  tmp = f'{export_dir}.tmp-{os.getpid()}'
+  remote = paths.is_remote(export_dir)
+  tmp = export_dir if remote else f'{export_dir}.tmp-{os.getpid()}'
   try:
-    os.makedirs(tmp)
+    if not remote:
+      os.makedirs(tmp)
   except OSError as e:
     raise EffjaxError(f'export_dir {export_dir!r} is not writable ({e.strerror})') from None
   try:
@@ -243,19 +243,20 @@ def export(export_dir: str, variables: dict, config, tokenizer_path: str, metada
     variables = jax.tree.map(lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                              jax.device_get(variables))
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, 'variables'), variables)
+      ckptr.save(paths.join(tmp, 'variables'), variables)
     config_dict = config.to_dict()
     config_dict['model']['param_dtype'] = dtype
-    write_json_atomic(os.path.join(tmp, 'config.json'), config_dict)
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, 'tokenizer.json'))
-    write_json_atomic(os.path.join(tmp, 'metadata.json'), {
+    write_json_atomic(paths.join(tmp, 'config.json'), config_dict)
+    paths.copy_file(tokenizer_path, paths.join(tmp, 'tokenizer.json'))
+    write_json_atomic(paths.join(tmp, 'metadata.json'), {
         'format': EXPORT_FORMAT, **metadata, 'family': config.model.family,
         'scanned_layers': bool(config.model.scan_layers),
         'layout': 'scanned' if config.model.scan_layers else 'unscanned',
         'share_layers': config.model.get('share_layers', 'none'), 'dtype': dtype})
-    _publish(tmp, export_dir)
+    if not remote:
+      _publish(tmp, export_dir)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    paths.rmtree(tmp)
     raise
   return export_dir
 
@@ -268,17 +269,17 @@ def _short(e: BaseException) -> str:
 
 def read_export_metadata(export_dir: str) -> dict:
   """metadata.json of an export (after checking the directory is one)."""
-  if not os.path.exists(export_dir):
+  paths.check(export_dir, 'export')
+  if not paths.exists(export_dir):
     raise EffjaxError(f'export {export_dir!r} does not exist; create one with --mode=export --export_dir=DIR')
-  if not os.path.isdir(export_dir):
+  if not paths.isdir(export_dir):
     raise EffjaxError(f'export {export_dir!r} is not a directory; pass the directory written by --mode=export')
-  missing = [f for f in (*EXPORT_FILES, 'variables') if not os.path.exists(os.path.join(export_dir, f))]
+  missing = [f for f in (*EXPORT_FILES, 'variables') if not paths.exists(paths.join(export_dir, f))]
   if missing:
     raise EffjaxError(f'{export_dir!r} is not an effjax export (missing {", ".join(missing)}); create one with '
                       '--mode=export --export_dir=DIR')
   try:
-    with open(os.path.join(export_dir, 'metadata.json'), encoding='utf-8') as f:
-      metadata = json.load(f)
+    metadata = json.loads(paths.read_text(paths.join(export_dir, 'metadata.json')))
     if not isinstance(metadata, dict):
       raise ValueError('not a JSON object')
   except (OSError, ValueError) as e:
@@ -290,8 +291,7 @@ def _export_config(export_dir: str):
   """The export's config over today's defaults (so an export from an older effjax gains new keys)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   try:
-    with open(os.path.join(export_dir, 'config.json'), encoding='utf-8') as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(paths.join(export_dir, 'config.json')))
     if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
       raise ValueError('no "model" section')
   except (OSError, ValueError) as e:
@@ -330,7 +330,7 @@ def load_export(export_dir: str):
   quiet_aborted_restore_callbacks()
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(os.path.join(os.path.abspath(export_dir), 'variables'), abstract)
+      variables = ckptr.restore(paths.join(paths.abspath(export_dir), 'variables'), abstract)
   except Exception as e:  # pylint: disable=broad-except
     raise EffjaxError(f'export variables in {export_dir!r} are unreadable or do not match its config '
                       f'({type(e).__name__}: {_short(e)})') from None

@@ -54,10 +54,12 @@ def resolve(spec: str) -> str:
 
 def workdir_spec(workdir: str) -> str:
   """The --config value that loads `workdir/config.json` (this file's get_config)."""
-  if not os.path.isfile(os.path.join(workdir, CONFIG_JSON)):
+  from effjax import paths  # pylint: disable=import-outside-toplevel
+  paths.check(workdir, '--workdir')
+  if not paths.isfile(paths.join(workdir, CONFIG_JSON)):
     raise EffjaxError(f'--workdir={workdir} has no {CONFIG_JSON} (no run was trained there); pass '
                       '--config=VARIANT[:PRESET] or a config file')
-  return f'{os.path.abspath(__file__)}:{os.path.abspath(workdir)}'
+  return f'{os.path.abspath(__file__)}:{paths.abspath(workdir)}'
 
 
 def is_workdir_spec(filename: str) -> bool:

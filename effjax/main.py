@@ -219,6 +219,17 @@ def check_model_settings(config) -> None:
   validate.check_model_config(model, families())
 
 
+def check_paths(config) -> None:
+  """A gs:// path without the [gcs] extra (or another scheme) is one line before anything runs or is written."""
+  from effjax import paths  # pylint: disable=import-outside-toplevel
+  data = config.data if config is not None else {}
+  for what, value in (('--workdir', FLAGS.workdir), ('--export_dir', FLAGS.export_dir),
+                      ('--from_export', FLAGS.from_export), ('data.dataset', data.get('dataset')),
+                      *(('data.corpus', part.strip()) for part in str(data.get('corpus') or '').split(','))):
+    if value:
+      paths.check(value, what)
+
+
 def run(argv) -> None:
   del argv
   if FLAGS.list:
@@ -245,6 +256,7 @@ def run(argv) -> None:
   if FLAGS.mode == 'sample' and FLAGS['prompt'].present and not FLAGS.prompt:
     raise EffjaxError('--prompt is empty; give the text to continue (or leave out --prompt to start from a '
                       'newline)')
+  check_paths(config)
   from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help and --list fast)
   init_distributed()
   modes.dispatch(FLAGS.mode, config, FLAGS)

@@ -8,13 +8,17 @@ not evaluation, not checkpointing. MFU divides the network's training FLOPs (acc
 
 After a resume from step S the rows a killed run wrote past S are dropped from metrics.jsonl and purged for
 TensorBoard (its `purge_step`), so readers see exactly one row per (step, split).
+
+On gs:// nothing can be appended to: metrics.jsonl is kept in memory and the whole object is rewritten at most
+every UPLOAD_EVERY_S seconds, before every checkpoint (`flush()`) and at the end, so a killed run loses only rows
+past its last checkpoint, which a resume would drop anyway. TensorBoard writes gs:// itself (tensorboardX's
+google-cloud-storage writer, which likewise rewrites its event object on each flush).
 """
 from __future__ import annotations
 
 import datetime
 import json
 import math
-import os
 import secrets
 import sys
 import time
@@ -22,6 +26,10 @@ import time
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+from effjax import paths
+
+UPLOAD_EVERY_S = 30.0
 
 # Dense bf16 peak FLOP/s per JAX device, by the first matching substring of the lower-cased device_kind
 # ('TPU v5 lite' is v5e, 'TPU v5' alone v5p, 'TPU v6 lite' v6e; a v4/v5p device is one megacore chip).
@@ -117,10 +125,10 @@ class MetricsWriter:
     if self.active:
       if wandb_project:
         self._wandb = WandbRun(workdir, wandb_project, run_config or {})
-      path = os.path.join(workdir, 'metrics.jsonl')
+      path = paths.join(workdir, 'metrics.jsonl')
       drop_rows_after(path, initial_step)
-      self._jsonl = open(path, 'a', encoding='utf-8')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=initial_step + 1 if initial_step else None)
+      self._jsonl = open(path, 'a', encoding='utf-8') if not paths.is_remote(path) else RewrittenObject(path)
+      self._tb = SummaryWriter(paths.join(workdir, 'tb'), purge_step=initial_step + 1 if initial_step else None)
       if progress and sys.stdout.isatty():
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
                               file=sys.stdout)
@@ -143,6 +151,12 @@ class MetricsWriter:
     else:
       self._bar.write(format_line(record, self.total_steps), file=sys.stdout)
 
+  def flush(self) -> None:
+    """Everything written so far is stored (called before each checkpoint)."""
+    if self.active:
+      self._jsonl.flush(force=True) if isinstance(self._jsonl, RewrittenObject) else self._jsonl.flush()
+      self._tb.flush()
+
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:
       self._bar.update(steps)
@@ -157,6 +171,29 @@ class MetricsWriter:
         self._wandb.close()
 
 
+class RewrittenObject:
+  """An append-only text file on an object store: the lines are kept and the object rewritten whole, at most
+  every UPLOAD_EVERY_S seconds (plus forced flushes and close)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._text = paths.read_text(path) if paths.exists(path) else ''
+    self._uploaded = time.monotonic()
+    self._dirty = False
+
+  def write(self, text: str) -> None:
+    self._text += text
+    self._dirty = True
+
+  def flush(self, force: bool = False) -> None:
+    if self._dirty and (force or time.monotonic() - self._uploaded >= UPLOAD_EVERY_S):
+      paths.write_text_atomic(self.path, self._text)
+      self._uploaded, self._dirty = time.monotonic(), False
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+
 class WandbRun:
   """The same rows in a Weights & Biases run (train.wandb_project; `pip install 'effjax[wandb]'`). The run id is
   kept in DIR/wandb_run_id, so a resumed run continues its W&B run; WANDB_MODE=offline writes under DIR/wandb.
@@ -164,15 +201,15 @@ class WandbRun:
 
   def __init__(self, workdir: str, project: str, run_config: dict):
     import wandb  # pylint: disable=import-outside-toplevel  (an optional extra: checked by check_wandb)
-    id_path = os.path.join(workdir, 'wandb_run_id')
-    if os.path.exists(id_path):
-      with open(id_path, encoding='utf-8') as f:
-        run_id = f.read().strip()
+    id_path = paths.join(workdir, 'wandb_run_id')
+    if paths.exists(id_path):
+      run_id = paths.read_text(id_path).strip()
     else:
       run_id = secrets.token_hex(4)
-      with open(id_path, 'w', encoding='utf-8') as f:
-        f.write(run_id)
-    self._run = wandb.init(project=project, id=run_id, resume='allow', dir=workdir, config=run_config)
+      paths.write_text_atomic(id_path, run_id)
+    # W&B keeps its files on a local disk: under the workdir when it is one, else wandb's default (./wandb).
+    self._run = wandb.init(project=project, id=run_id, resume='allow',
+                           dir=None if paths.is_remote(workdir) else workdir, config=run_config)
 
   def log(self, step: int, split: str, record: dict) -> None:
     self._run.log({f'{split}/{k}': v for k, v in record.items()
@@ -223,17 +260,13 @@ def format_line(record: dict, total_steps: int) -> str:
 def drop_rows_after(path: str, step: int) -> None:
   """Rows of steps after `step` (written by a run killed after its last checkpoint) would be written again by
   the resumed run: remove them, rewriting the file atomically."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in paths.read_text(path).splitlines(keepends=True) if line.strip()]
   kept = [line for line in lines if _row_step(line) <= step]
   if len(kept) == len(lines):
     return
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  paths.write_text_atomic(path, ''.join(kept))
 
 
 def _row_step(line: str) -> float:
@@ -251,14 +284,13 @@ def _plain(value):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'metrics.jsonl')
+  if not paths.exists(path):
     return []
   out = []
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:  # blank, or cut short by a full disk or a kill: not a record
-        continue
+  for line in paths.read_text(path).splitlines():
+    try:
+      out.append(json.loads(line))
+    except ValueError:  # blank, or cut short by a full disk or a kill: not a record
+      continue
   return out

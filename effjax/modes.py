@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
 from absl import logging
 
-from effjax import accounting, checkpoint, sample, state as state_lib, train
+from effjax import accounting, checkpoint, paths, sample, state as state_lib, train
 from effjax.data import pipeline, tokenizers
 from effjax.errors import EffjaxError
 
@@ -33,7 +32,7 @@ def run_summary(config, flags) -> None:
     train.prepare_workdir(flags.workdir)
   print(accounting.format_table(summary))
   if flags.workdir:
-    checkpoint.write_json_atomic(os.path.join(flags.workdir, 'summary.json'), summary)
+    checkpoint.write_json_atomic(paths.join(flags.workdir, 'summary.json'), summary)
 
 
 def run_memory(config, flags) -> None:
@@ -54,7 +53,7 @@ def run_memory(config, flags) -> None:
     train.prepare_workdir(flags.workdir)
   print(memory.format_plan(result, flags.accelerator or ''))
   if flags.workdir:
-    checkpoint.write_json_atomic(os.path.join(flags.workdir, 'memory.json'), result)
+    checkpoint.write_json_atomic(paths.join(flags.workdir, 'memory.json'), result)
 
 
 def _vocab_without_corpus(config, workdir) -> int:
@@ -79,19 +78,20 @@ def _vocab_without_corpus(config, workdir) -> int:
 
 def restore_trained(config, workdir: str):
   """(setup, state, config, tokenizer) of the newest checkpoint in `workdir`."""
-  if not os.path.isdir(workdir):
+  paths.check(workdir, 'workdir')
+  if not paths.isdir(workdir):
     raise EffjaxError(f'workdir {workdir!r} does not exist; train first with --mode=train')
   tokenizer_dir = pipeline.dataset_dir(config.data, workdir)
-  if not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer.json')):
+  if not paths.exists(paths.join(tokenizer_dir, 'tokenizer.json')):
     raise EffjaxError(f'no trained run in {workdir!r} (no data/tokenizer.json); train first with --mode=train')
   tokenizer = tokenizers.load_tokenizer(tokenizer_dir)
   config = train.resolve_vocab(config, tokenizer)
   train.check_backend(config.model)
   setup = state_lib.make_setup(config, with_optimizer=False)  # params only: no optimizer moments are read
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if not paths.isdir(paths.join(workdir, 'checkpoints')):
     raise EffjaxError(f'no checkpoint in {workdir}/checkpoints; train first with --mode=train')
   # Read-only: eval/sample/export never create, clean up or move anything in the workdir.
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.checkpoint.keep, read_only=True)
+  ckpt = checkpoint.Checkpointer(paths.join(workdir, 'checkpoints'), config.checkpoint.keep, read_only=True)
   try:
     if ckpt.latest_step() is None:
       raise EffjaxError(f'no checkpoint in {workdir}/checkpoints; train first with --mode=train')
@@ -164,11 +164,11 @@ def run_eval(config, flags) -> None:
                         'workdir); pass --tasks=KIND:PATH or use --workdir without --from_export')
     model, variables, _, tokenizer = _model_and_variables(config, flags)
     metadata = checkpoint.read_export_metadata(flags.from_export)
-    result = {'export': os.path.abspath(flags.from_export), 'step': metadata.get('step'),
+    result = {'export': paths.abspath(flags.from_export), 'step': metadata.get('step'),
               'tasks': evaluate.run_tasks(model, variables, tokenizer, flags.tasks, tasks=tasks, **opts)}
     if flags.workdir and jax.process_index() == 0:
       train.prepare_workdir(flags.workdir)
-      checkpoint.write_json_atomic(os.path.join(flags.workdir, 'eval.json'), result)
+      checkpoint.write_json_atomic(paths.join(flags.workdir, 'eval.json'), result)
     print(json.dumps(result))
     return
   setup, state, config, _, meta = restore_trained(config, flags.workdir)
@@ -187,7 +187,7 @@ def run_eval(config, flags) -> None:
     result['tasks'] = evaluate.run_tasks(setup.model, state.variables(), bundle.tokenizer, flags.tasks,
                                          tasks=tasks, **opts)
   if jax.process_index() == 0:
-    checkpoint.write_json_atomic(os.path.join(flags.workdir, 'eval.json'), result)
+    checkpoint.write_json_atomic(paths.join(flags.workdir, 'eval.json'), result)
   print(json.dumps(result))
 
 
@@ -201,8 +201,9 @@ def run_export(config, flags) -> None:
   import effjax  # pylint: disable=import-outside-toplevel
   metadata = {'family': config.model.family, 'effjax_version': effjax.__version__, 'step': meta['step'],
               'tokens_seen': meta['tokens_seen'], 'tokenizer': tokenizer.kind,
-              'data_fingerprint': meta.get('fingerprint'), 'source': os.path.abspath(flags.workdir), **counts}
+              'data_fingerprint': meta.get('fingerprint'), 'source': paths.abspath(flags.workdir), **counts}
   path = checkpoint.export(flags.export_dir, jax.device_get(state.variables()), config,
-                           os.path.join(flags.workdir, 'data', 'tokenizer.json'), metadata, flags.export_dtype,
+                           paths.join(pipeline.dataset_dir(config.data, flags.workdir), 'tokenizer.json'), metadata,
+                           flags.export_dtype,
                            layout=getattr(flags, 'export_layout', 'as_trained'))
   print(f'exported step {meta["step"]} to {path}')

@@ -22,7 +22,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from effjax import accounting, checkpoint, metrics as metrics_lib, optim, sharding, state as state_lib
+from effjax import accelerator, accounting, checkpoint, metrics as metrics_lib, optim, paths, sharding, \
+  state as state_lib
 from effjax.data import dataset as dataset_lib, pipeline
 from effjax import errors
 from effjax.errors import DivergedError, EffjaxError, Preempted
@@ -104,6 +105,7 @@ def check_train_config(config) -> None:
     if not isinstance(t[key], int) or t[key] <= 0:
       raise EffjaxError(f'train.{key}={t[key]!r} is invalid; it must be a positive integer')
   metrics_lib.check_wandb(t.wandb_project)
+  accelerator.check_config(t)
   if t.batch_size % t.grad_accum:
     raise EffjaxError(f'train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}')
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
@@ -123,6 +125,7 @@ def check_train_config(config) -> None:
     raise EffjaxError(f'data.seq_len={config.data.seq_len} is invalid; it must be in 1..model.max_len='
                       f'{config.model.max_len}')
   check_backend(config.model)
+  accelerator.check_backend(t)
 
 
 def check_backend(model_config) -> None:
@@ -160,47 +163,57 @@ WORKDIR_FILES = ('config.json', 'summary.json', 'metrics.jsonl', 'eval.json', '.
 
 
 def check_workdir_layout(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if paths.isfile(workdir):
     raise EffjaxError(f'workdir {workdir!r} is a file, not a directory; choose a directory (nothing was changed)')
   for name in WORKDIR_DIRS:
-    path = os.path.join(workdir, name)
-    if os.path.exists(path) and not os.path.isdir(path):
+    path = paths.join(workdir, name)
+    if paths.isfile(path):
       raise EffjaxError(f'{path} is a file, but effjax keeps a directory there; move it aside (nothing was '
                         'changed)')
   for name in WORKDIR_FILES:
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path):
+    path = paths.join(workdir, name)
+    if paths.isdir(path):
       raise EffjaxError(f'{path} is a directory, but effjax writes a file there; move it aside (nothing was '
                         'changed)')
 
 
 def prepare_workdir(workdir: str) -> None:
+  """Makes the workdir and proves it writable with a probe file that is removed again (on gs:// an object: a
+  missing permission is one line here, not a traceback from a later write)."""
+  paths.check(workdir, 'workdir')
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe{os.getpid()}')
-    with open(probe, 'w', encoding='utf-8') as f:
-      f.write('ok')
-    os.remove(probe)
+    paths.makedirs(workdir)
+    probe = paths.join(workdir, f'.write_probe{os.getpid()}')
+    paths.write_text_atomic(probe, 'ok')
+    paths.remove(probe)
   except OSError as e:
     if errors.is_no_space(e):
       raise errors.no_space_error(workdir, None, 'the workdir') from None
-    raise EffjaxError(f'workdir {workdir!r} is not writable ({e.strerror}); choose a directory you can write')
+    raise EffjaxError(f'workdir {workdir!r} is not writable ({e.strerror or e}); choose a directory you can '
+                      'write') from None
 
 
 class WorkdirLock:
   """Two runs on one workdir would corrupt each other's checkpoints: the second one refuses.
 
-  The lock is an flock on the workdir directory itself, so taking it creates and changes nothing; `.lock` only
-  records the holder's pid for the refusal message, and is written by `claim()` once the run is known to proceed
-  (a refused run never rewrites it). Only process 0 locks (the workdir is shared by all processes).
+  Locally the lock is an flock on the workdir directory itself, so taking it creates and changes nothing;
+  `.lock` only records the holder's pid for the refusal message, and is written by `claim()` once the run is
+  known to proceed (a refused run never rewrites it). On gs:// there is no flock: `.lock` is then the lock
+  itself, an object created only if absent and deleted when the run ends (effjax/locks.py states the rules for a
+  holder that is gone). Only process 0 locks (the workdir is shared by all processes).
   """
 
   def __init__(self, workdir: str):
     self.workdir = workdir
     self._fd = None
+    self._remote = None
 
   def __enter__(self):
     if jax.process_index() != 0:
+      return self
+    if paths.is_remote(self.workdir):
+      from effjax import locks  # pylint: disable=import-outside-toplevel
+      self._remote = locks.ObjectLock(paths.join(self.workdir, '.lock'), f'workdir {self.workdir!r}').acquire()
       return self
     self._fd = os.open(self.workdir, os.O_RDONLY)
     try:
@@ -224,6 +237,9 @@ class WorkdirLock:
       _write_text_atomic(os.path.join(self.workdir, '.lock'), str(os.getpid()))
 
   def __exit__(self, *exc):
+    if self._remote is not None:
+      self._remote.release()
+      self._remote = None
     if self._fd is not None:
       os.close(self._fd)  # closing the descriptor releases the flock
       self._fd = None
@@ -507,9 +523,9 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
   vocab = bundle.tokenizer.vocab_size
   val_batches = [eval_rows(pipeline.check_ids(b, vocab, bundle.directory), divisor) for b in val_batches]
   identity = data_identity(bundle)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep) if os.path.isdir(ckpt_dir) else None
-  writer = None
+  ckpt_dir = paths.join(workdir, 'checkpoints')
+  ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep) if paths.isdir(ckpt_dir) else None
+  writer = profiler = None
   stopping = False
   try:
     if ckpt is not None:
@@ -529,6 +545,7 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
     # ---- every check passed: from here on the run writes to its workdir
     lock.claim()
     cache.commit()
+    accelerator.enable_compile_cache(t, workdir)
     if bad:
       quarantine_steps(ckpt, bad, start)
     if ckpt is None:
@@ -554,19 +571,22 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
       """config.json and summary.json describe the checkpoints: written with this run's first one, so a run that
       diverges or fails before saving leaves the previous description in place."""
       if jax.process_index() == 0:
-        checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
-        checkpoint.write_json_atomic(os.path.join(workdir, 'summary.json'), accounting.summarize(config))
+        checkpoint.write_json_atomic(paths.join(workdir, 'config.json'), config.to_dict())
+        checkpoint.write_json_atomic(paths.join(workdir, 'summary.json'), accounting.summarize(config))
 
+    profiler = accelerator.StepProfiler(t.profile_steps, workdir)
     last_eval, described = {}, False
     pending = []
     step = start
     last = min(t.steps, t.stop_at) if t.stop_at else t.steps
     stopping = _stop_agreed(stop)
     while step < last and not stopping:
+      profiler.before(step + 1)
       raw, first_batch = (first_batch if first_batch is not None else next(train_iter)), None
       batch = _shard(setup, pipeline.check_ids(raw, vocab, bundle.directory))
       state, step_metrics = train_step(state, batch)
       step += 1
+      profiler.after(step, step_metrics['loss'])
       if step == start + 1:  # the first step compiles: the clock starts after it
         jax.block_until_ready(step_metrics['loss'])
         clock.resume()
@@ -603,15 +623,17 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
         if not described:
           describe_run()
           described = True
+        writer.flush()  # the rows up to this checkpoint are stored before it (gs:// rewrites metrics.jsonl)
         ckpt.save(step, state, train_iter, meta(step))
       clock.resume()
+    profiler.stop()  # a run that ended inside its window (train.steps or a signal) still writes the trace
     ckpt.close()
   except BaseException:
     # The error being raised is the one to report: a second one from closing (say the disk is still full) is not.
-    for closable in (ckpt, writer):
-      if closable is not None:
+    for stop_fn in (profiler and profiler.stop, ckpt and ckpt.close, writer and writer.close):
+      if stop_fn:
         with contextlib.suppress(Exception):
-          closable.close()
+          stop_fn()
     raise
   writer.close()
   if stopping:

@@ -127,6 +127,9 @@ def get_base() -> ml_collections.ConfigDict:
   t.eval_every = 250
   t.eval_batches = 8
   t.wandb_project = ''       # also log to this Weights & Biases project (pip install 'effjax[wandb]')
+  t.require_backend = ''     # 'gpu' / 'tpu': stop in one line if jax's backend is another (effjax/accelerator.py)
+  t.compile_cache_dir = 'auto'  # persistent compilation cache: 'auto' = DIR/compile_cache on GPU/TPU; '' = off
+  t.profile_steps = (0, 0)   # (first, last): a jax.profiler trace of these steps in DIR/profile
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 250

@@ -240,6 +240,8 @@ def _lock(out: epath.Path):
 
 def _clear_leftovers(out: epath.Path) -> None:
   """Shards and tokenizer of an interrupted prepare (no manifest): removed so the restart starts clean."""
+  if not out.exists():  # a gs:// prefix with no objects yet (object stores have no empty directories)
+    return
   for p in out.iterdir():
     name = p.name
     if name == dataset.TOKENIZER or (name.endswith('.bin') and name.split('-')[0] in dataset.SPLITS) \

@@ -27,10 +27,8 @@ def count_bytes(text: str) -> int:
 
 
 def _atomic_write(path: str, content: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(content)
-  os.replace(tmp, path)
+  from effjax import paths  # pylint: disable=import-outside-toplevel  (local or gs://)
+  paths.write_text_atomic(path, content)
 
 
 def _chunks(text: str) -> list[str]:
@@ -69,7 +67,7 @@ class Tokenizer:
     raise NotImplementedError
 
   def save(self, directory) -> None:
-    _atomic_write(os.path.join(os.fspath(directory), FILENAME), self.to_json())
+    _atomic_write(os.fspath(epath.Path(directory) / FILENAME), self.to_json())
 
 
 class CharTokenizer(Tokenizer):
