@@ -46,10 +46,10 @@ def _pid_alive(pid: int) -> bool:
 class ObjectLock:
   """An exclusive lock held as one object; `acquire()` raises EffjaxError when another live run holds it."""
 
-  def __init__(self, url: str, what: str):
+  def __init__(self, url: str, what: str, hint: str = 'wait for it to finish or use another workdir'):
     from google.cloud import storage  # pylint: disable=import-outside-toplevel  (the [gcs] extra; checked first)
     bucket, _, name = url.split('://', 1)[1].partition('/')
-    self.url, self.what = url, what
+    self.url, self.what, self.hint = url, what, hint
     self._blob = storage.Client().bucket(bucket).blob(name)
     self._generation = None
     self._stop = threading.Event()
@@ -110,7 +110,7 @@ class ObjectLock:
         continue
       if age <= 2 * REFRESH_S:
         raise EffjaxError(f'{self.what} is in use by another effjax run ({who}, lock {self.url} refreshed '
-                          f'{age:.0f} s ago); wait for it to finish or use another workdir')
+                          f'{age:.0f} s ago); {self.hint}')
       if not waited:
         logging.warning('the lock %s of %s was last refreshed %.0f s ago; waiting until it is %.0f s old '
                         '(then its run is taken to be gone)', self.url, who, age, stale)

@@ -152,10 +152,10 @@ class MetricsWriter:
       self._bar.write(format_line(record, self.total_steps), file=sys.stdout)
 
   def flush(self) -> None:
-    """Everything written so far is stored (called before each checkpoint)."""
-    if self.active:
-      self._jsonl.flush(force=True) if isinstance(self._jsonl, RewrittenObject) else self._jsonl.flush()
-      self._tb.flush()
+    """On gs://, metrics.jsonl as written so far is uploaded (called before each checkpoint). A local file is
+    already flushed line by line: nothing to do."""
+    if self.active and isinstance(self._jsonl, RewrittenObject):
+      self._jsonl.flush(force=True)
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:

@@ -242,6 +242,18 @@ def test_dataset_and_corpus_on_gcs(gcs, corpus_dir, tmp_path):
   manifest = json.loads(gcs.read('dataset/manifest.json'))
   summary = json.loads(prepared.stdout.strip().splitlines()[-1])
   assert summary['fingerprint'] == manifest['fingerprint'] and summary['train_tokens'] > 10_000
+  assert 'dataset/.prepare.lock' not in gcs.objects('dataset/')  # the prepare lock object is released
+
+  from effjax import locks  # pylint: disable=import-outside-toplevel
+  holder = locks.ObjectLock(f'gs://{BUCKET}/busy/.prepare.lock', 'test').acquire()
+  try:  # a second prepare of a dataset being prepared refuses in one line and writes nothing
+    busy = subprocess.run([sys.executable, '-m', 'effjax.data.prepare', f'--corpus={corpus_dir}',
+                           f'--out=gs://{BUCKET}/busy', '--tokenizer=char', '--workers=1'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert busy.returncode == 2 and 'is in use by another effjax run' in busy.stderr, busy.stderr[-2000:]
+    assert list(gcs.objects('busy/')) == ['busy/.prepare.lock']
+  finally:
+    holder.release()
   workdir = str(tmp_path / 'run')
   result = effjax(gcs, '--config=gpt:tiny', '--noprogress', f'--workdir={workdir}', '--config.train.steps=4',
                   '--config.train.log_every=2', f'--config.data.dataset=gs://{BUCKET}/dataset')
@@ -282,3 +294,24 @@ def test_gs_path_without_the_gcs_extra_is_one_line(gcs, corpus_dir, tmp_path):
     assert len(errors) == 1 and "pip install 'effjax[gcs]'" in errors[0], result.stderr[-2000:]
     assert os.listdir(tmp_path) == []
   assert gcs.objects('nogcsfs/') == {}
+
+
+def test_lock_of_another_host_is_taken_over_only_when_stale(gcs, monkeypatch):
+  """A lock naming another host cannot be checked by pid: it is refused while fresh and taken over once it has not
+  been refreshed for EFFJAX_LOCK_STALE_S seconds (its run is then taken to be gone: a preempted VM)."""
+  from effjax import locks  # pylint: disable=import-outside-toplevel
+  from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
+  gcs.write('foreign/.lock', json.dumps({'host': 'another-vm', 'pid': 1, 'time': 0}).encode())
+  url = f'gs://{BUCKET}/foreign/.lock'
+  with pytest.raises(EffjaxError, match=r'in use by another effjax run \(host another-vm pid 1, lock .* refreshed'):
+    locks.ObjectLock(url, 'workdir').acquire()
+  assert json.loads(gcs.read('foreign/.lock'))['host'] == 'another-vm'  # a refusal leaves it as it was
+  monkeypatch.setenv('EFFJAX_LOCK_STALE_S', '2')
+  time.sleep(2.5)
+  lock = locks.ObjectLock(url, 'workdir').acquire()
+  try:
+    holder = json.loads(gcs.read('foreign/.lock'))
+    assert holder['host'] == socket.gethostname() and holder['pid'] == os.getpid()
+  finally:
+    lock.release()
+  assert gcs.objects('foreign/') == {}

@@ -213,9 +213,11 @@ def encoded(tok: tokenizers.Tokenizer, batches, dtype, workers: int):
 
 def _lock(out: epath.Path):
   """A local prepare holds DIR/.prepare.lock (its pid); a lock whose process is gone (a killed prepare) is taken
-  over. gs:// has no such lock: prepare one dataset directory from one place."""
+  over. On gs:// the lock is the same object, created only if absent (effjax/locks.py states its rules)."""
   if not dataset.is_local(out):
-    return None
+    from effjax import locks  # pylint: disable=import-outside-toplevel
+    return locks.ObjectLock(f'{os.fspath(out).rstrip("/")}/{LOCK}', f'the dataset {os.fspath(out)!r}',
+                            'wait for that prepare or use another directory').acquire()
   path = os.path.join(os.fspath(out), LOCK)
   for _ in range(2):
     try:
@@ -262,6 +264,8 @@ def prepare(settings: Settings, out_dir, *, workers: int = 0, shard_tokens: int 
   """Prepare `settings.corpus` into `out_dir` (local or gs://) and return its manifest; an existing complete
   dataset with the same settings is reused as it is. workers=0: one per CPU core."""
   settings.check()
+  from effjax import paths  # pylint: disable=import-outside-toplevel
+  paths.check(out_dir, 'dataset directory')  # gs:// without the [gcs] extra: one line, not a traceback
   out = epath.Path(out_dir)
   existing = dataset.read_manifest(out)
   if existing is not None:
@@ -292,7 +296,9 @@ def prepare(settings: Settings, out_dir, *, workers: int = 0, shard_tokens: int 
         manifest['splits']['val']['tokens'], manifest['seconds'])
     return manifest
   finally:
-    if lock is not None and os.path.exists(lock):
+    if lock is not None and not isinstance(lock, str):
+      lock.release()
+    elif lock is not None and os.path.exists(lock):
       os.unlink(lock)
 
 
