@@ -38,8 +38,8 @@ def check(path, what: str = 'path') -> None:
   if s != 'gs':
     raise EffjaxError(f'{what} {os.fspath(path)!r}: {s}:// is not supported; use a local path or gs://BUCKET/...')
   try:
-    import gcsfs  # pylint: disable=import-outside-toplevel,unused-import
-    import google.cloud.storage  # pylint: disable=import-outside-toplevel,unused-import
+    import gcsfs  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import google.cloud.storage  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise EffjaxError(f'{what} {os.fspath(path)!r} is on gs://, which needs gcsfs and google-cloud-storage: '
                       f'{GCS_EXTRA}') from None
