@@ -109,7 +109,7 @@ def run(args) -> dict:
 
 def markdown(result: dict) -> str:
   m = result['model']
-  out = [f"# KV-cache decoding: effjax vs transformers generate (greedy)", '',
+  out = ["# KV-cache decoding: effjax vs transformers generate (greedy)", '',
          f"`{result['command']}`; GPT-2 shape {m['layers']}L/{m['width']}d/{m['heads']}h, vocab {m['vocab']}; "
          f"torch {result['torch']} ({result['torch_threads']} threads); load after {result['load'][0]:.2f}; "
          f"{result['date']}", '',
