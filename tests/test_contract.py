@@ -1,0 +1,117 @@
+"""One contract, every family: each built-in variant's `tiny` preset (plus the GPT's rotary and post-LN forms) is
+causal, decodes with its KV cache exactly as a full forward pass, reports the parameters it creates, and (where
+the export layouts map its stack) computes the same with its layers scanned or unrolled."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from effjax import accounting, checkpoint, config_lookup, state
+from effjax.errors import EffjaxError
+from effjax.models import build_model
+
+VOCAB = 50
+CASES = [(name, {}) for name in config_lookup.variants()] + [
+    ('gpt', {'pos_emb': 'rotary'}), ('gpt', {'norm_position': 'post'})]
+IDS = [name + ''.join(f'-{k}={v}' for k, v in extra.items()) for name, extra in CASES]
+
+
+def _model_config(name, extra, **overrides) -> ml_collections.ConfigDict:
+  m = config_lookup._builtin_module(name).get_config('tiny').model  # pylint: disable=protected-access
+  m.update(vocab_size=VOCAB, **extra, **overrides)
+  return m
+
+
+def _init(m, length=12):
+  """The model and its variables (no cache), initialised in one compiled call."""
+  model = build_model(m)
+  variables = dict(jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32)))())
+  variables.pop('cache', None)
+  return model, nn.unbox(variables)
+
+
+@pytest.mark.parametrize('name,extra', CASES, ids=IDS)
+def test_causal_via_gradients(name, extra):
+  """d logits[t] / d embedding row of token t' is zero for every t' > t and non-zero for t' <= t (distinct tokens,
+  untied head, so a row's gradient is that position's input gradient)."""
+  model, variables = _init(_model_config(name, extra, tie_embeddings=False))
+  tokens_1xT = jnp.arange(12, dtype=jnp.int32)[None] + 3
+  table = variables['params']['embed']['embedding']
+
+  def logits_at(table, t):
+    params = {**variables['params'], 'embed': {**variables['params']['embed'], 'embedding': table}}
+    return model.apply({**variables, 'params': params}, tokens_1xT)[0, t].sum()
+
+  grads = jax.jit(jax.vmap(jax.grad(logits_at), in_axes=(None, 0)))(table, jnp.array([0, 5, 11]))
+  for t, grad in zip((0, 5, 11), grads):
+    norms = np.asarray(jnp.abs(grad[tokens_1xT[0]]).sum(-1))
+    assert np.all(norms[t + 1:] == 0.0) and np.all(norms[:t + 1] > 0.0), (t, norms)
+
+
+@pytest.mark.parametrize('name,extra', CASES, ids=IDS)
+def test_kv_cache_equals_full_recompute(name, extra):
+  """Token-by-token decoding through the cache gives the full forward pass's logits at every position."""
+  model, variables = _init(_model_config(name, extra))
+  seq_BxT = jax.random.randint(jax.random.key(4), (2, 10), 0, VOCAB)
+  full_BxTxV = model.apply(variables, seq_BxT)
+  cache = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), seq_BxT[:, :1], decode=True)['cache'])
+
+  @jax.jit
+  def step(cache, token_Bx1):
+    logits, mutated = model.apply({**variables, 'cache': cache}, token_Bx1, decode=True, mutable=['cache'])
+    return mutated['cache'], logits[:, 0]
+
+  steps = []
+  for i in range(seq_BxT.shape[1]):
+    cache, logits_BxV = step(cache, seq_BxT[:, i:i + 1])
+    steps.append(logits_BxV)
+  np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full_BxTxV), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name,extra', CASES, ids=IDS)
+def test_summary_counts_the_parameters_it_creates(name, extra):
+  m = _model_config(name, extra)
+  _, variables = _init(m)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  config = config_lookup._builtin_module(name).get_config('tiny')  # pylint: disable=protected-access
+  config.model = m
+  summary = accounting.summarize(config)
+  assert summary['trainable_params'] == count(variables['params'])
+  assert summary['frozen_params'] == count(variables.get('frozen', {}))
+  assert summary['total_params'] == summary['trainable_params'] + summary['frozen_params']
+  assert summary['embedding_params'] + summary['non_embedding_trainable_params'] == summary['trainable_params']
+  assert summary['flops_per_token'] > 2 * summary['non_embedding_trainable_params'] // max(m.num_layers, 1) > 0
+
+
+def _fixed_depth(m) -> bool:
+  """Presets whose depth is tied to other keys (sharing groups, doping patterns) keep their own num_layers."""
+  return m.share_layers == 'groups' or bool(m.get('doping', ''))
+
+
+def _relayout_maps(name, extra) -> bool:
+  """Whether checkpoint.relayout maps this stack to the unrolled layout (it refuses nested or segmented ones)."""
+  m = _model_config(name, extra)
+  try:
+    jax.eval_shape(lambda v: checkpoint.relayout(v, m, 'unscanned')[0], state.abstract_variables(m))
+  except EffjaxError:
+    return False
+  return True
+
+
+SCAN_CASES = [case for case in CASES if _relayout_maps(*case)]
+
+
+@pytest.mark.parametrize('name,extra', SCAN_CASES, ids=[IDS[CASES.index(c)] for c in SCAN_CASES])
+def test_scanned_equals_unrolled(name, extra):
+  """The same weights in the unrolled layout (checkpoint.relayout) give the same logits."""
+  m = _model_config(name, extra)
+  if not _fixed_depth(m):
+    m.num_layers = 3
+  model, variables = _init(m)
+  unrolled_vars, unrolled_config = checkpoint.relayout(variables, m, 'unscanned')
+  tokens_BxT = jax.random.randint(jax.random.key(2), (2, 12), 0, VOCAB)
+  a = model.apply(variables, tokens_BxT)
+  b = build_model(unrolled_config).apply(unrolled_vars, tokens_BxT)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
