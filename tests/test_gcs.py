@@ -111,9 +111,10 @@ def gcs(tmp_path_factory):
         os.environ[k] = v
 
 
-def effjax(gcs, *args, cwd=ROOT, timeout=300, **popen):
+def effjax(gcs, *args, cwd=ROOT, timeout=300, env=None, **popen):
   """The CLI in a subprocess that reaches the loopback server as it would reach GCS (one CPU device)."""
-  env = {**os.environ, **gcs.env, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**os.environ, **gcs.env, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         **(env or {})}
   cmd = [sys.executable, '-m', 'effjax.main', *args]
   if popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
@@ -256,8 +257,12 @@ def test_dataset_and_corpus_on_gcs(gcs, corpus_dir, tmp_path):
     holder.release()
   workdir = str(tmp_path / 'run')
   result = effjax(gcs, '--config=gpt:tiny', '--noprogress', f'--workdir={workdir}', '--config.train.steps=4',
-                  '--config.train.log_every=2', f'--config.data.dataset=gs://{BUCKET}/dataset')
+                  '--config.train.log_every=2', f'--config.data.dataset=gs://{BUCKET}/dataset',
+                  f'--config.train.compile_cache_dir=gs://{BUCKET}/compile_cache',
+                  env={'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'})
   assert result.returncode == 0, result.stderr[-3000:]
+  cached = [n for n in gcs.objects('compile_cache/') if n.endswith('-cache')]
+  assert len(cached) >= 2, cached  # jax's persistent compilation cache writes gs:// itself
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     assert sorted(losses(jsonl(f.read()))) == [2, 4]
   assert not os.path.exists(os.path.join(workdir, 'data'))  # the shared dataset is only read
