@@ -89,6 +89,14 @@ def timed(fn):
   return out, time.perf_counter() - start
 
 
+def markdown(result: dict) -> str:
+  lines = ['| tokenizer | path | MB | s | MB/s |', '|---|---|---:|---:|---:|']
+  lines += [f"| {r['tokenizer']} | {r['path']} | {r['mb']:.0f} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} |"
+            for r in result['rows']]
+  return '\n'.join(lines) + (f"\n\n`python -m experiments.bench_data {' '.join(result.get('argv', []))}`: "
+                              f"{result['cpus']} CPUs, {result['workers']} prepare workers.\n")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--mb', type=int, default=1024, help='corpus size in MB of text (>= 1024 for the recorded run)')
@@ -138,10 +146,10 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)
-    print('\n| tokenizer | path | MB | s | MB/s |\n|---|---|---|---|---|')
-    for r in rows:
-      print(f"| {r['tokenizer']} | {r['path']} | {r['mb']:.0f} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} |")
-    print(f'\n({os.cpu_count()} CPUs, {result["workers"]} prepare workers; results in {a.out})')
+    with open(os.path.splitext(a.out)[0] + '.md', 'w', encoding='utf-8') as f:
+      f.write(markdown(result))
+    print(markdown(result))
+    print(f'(results in {a.out})')
   finally:
     if not a.keep:
       shutil.rmtree(a.work, ignore_errors=True)

@@ -382,6 +382,40 @@ def block_prune_control(res, d):
                 'shallow from scratch vs pruned, per seed', 'mean ± 2 SE'], 'rrrrrr', rows)
 
 
+def block_bench_data(res, d):
+  if 'bench_data' not in res:
+    return 'Not run: `results/bench_data.json` is absent.\n'
+  bd = res['bench_data']
+  rows = [[r['tokenizer'], r['path'], f"{r['mb']:.0f}", f"{r['seconds']:.1f}", f"{r['mb_per_s']:.2f}"]
+          for r in bd['rows']]
+  return table(['tokenizer', 'path', 'MB of text', 'seconds', 'MB/s'], 'llrrr', rows)
+
+
+def block_data_memory(res, d):
+  if 'data_scale' not in res:
+    return 'Not run: `results/data_scale.json` is absent.\n'
+  ds = res['data_scale']
+  p, t = ds['prepare_bpe'], ds['train_on_it']
+  rows = [['prepare, BPE 4096 (all worker processes)', f"{ds['corpus']['text_bytes']:,}",
+           f"{p['peak_tree_rss_mb']:,.1f}", f"{p['peak_single_rss_mb']:,.1f}"],
+          ['gpt:tiny training on the prepared dataset', f"{ds['corpus']['text_bytes']:,}",
+           f"{t['peak_tree_rss_mb']:,.1f}", f"{t['peak_single_rss_mb']:,.1f}"]]
+  return table(['process', 'corpus bytes', 'peak RSS MB, process tree', 'largest process MB'], 'lrrr', rows)
+
+
+def block_decode(res, d):
+  if 'bench_decode' not in res:
+    return 'Not run: `results/bench_decode.json` is absent.\n'
+  rows = []
+  for r in res['bench_decode']['rows']:
+    sp = r.get('speedup_vs_transformers')
+    rows.append([r['impl'], r['batch'], r['new_tokens'], f"{r['prefill_ms']:,.1f}", f"{r['per_token_ms']:,.2f}",
+                 f"{r['tokens_per_sec']:,.1f}", f'{sp:.2f}x' if sp else '—',
+                 str(r['greedy_identical']) if 'greedy_identical' in r else '—'])
+  return table(['impl', 'batch', 'new tokens', 'prefill ms', 'per-token ms', 'tokens/s', 'effjax speedup',
+                'greedy identical'], 'lrrrrrrl', rows)
+
+
 BLOCKS = {name[6:]: fn for name, fn in globals().items() if name.startswith('block_')}
 
 
