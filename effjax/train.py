@@ -582,8 +582,9 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
     stopping = _stop_agreed(stop)
     while step < last and not stopping:
       profiler.before(step + 1)
-      raw, first_batch = (first_batch if first_batch is not None else next(train_iter)), None
-      batch = _shard(setup, pipeline.check_ids(raw, vocab, bundle.directory))
+      raw = first_batch if first_batch is not None else pipeline.check_ids(next(train_iter), vocab, bundle.directory)
+      first_batch = None
+      batch = _shard(setup, raw)
       state, step_metrics = train_step(state, batch)
       step += 1
       profiler.after(step, step_metrics['loss'])

@@ -124,8 +124,10 @@ def check_ids(batch: dict, vocab_size: int, where: str) -> dict:
   """A token id outside the vocabulary would index past the embedding (NaN or garbage, reported as divergence);
   it means damaged shards, so it is one clear error instead. Costs one max() over the batch on the host."""
   top = int(max(batch["inputs"].max(), batch["targets"].max()))
-  if top >= vocab_size or int(min(batch["inputs"].min(), batch["targets"].min())) < 0:
-    raise EffjaxError(f"the dataset {where!r} holds token id {top} but its tokenizer has {vocab_size} ids: "
+  low = int(min(batch["inputs"].min(), batch["targets"].min()))
+  if top >= vocab_size or low < 0:
+    bad = top if top >= vocab_size else low
+    raise EffjaxError(f"the dataset {where!r} holds token id {bad} but its tokenizer has {vocab_size} ids: "
                       f"its shards are damaged or were written by another tokenizer; prepare it again")
   return batch
 
