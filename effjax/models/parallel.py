@@ -1,7 +1,7 @@
 """p-gpt (ParallelGPT, arXiv 2404.14462): P independent decoder stacks of L/P blocks run side by side and are
 mixed by learned weights before the output head (config.model.branch_mix):
   'softmax'  y = Σ_i softmax(w)_i · y_i over P learned logits (the default);
-  'scalar'   the authors' April 2024 code (two branches): y = w · y_0 + (1 - w) · y_1 with one learned w.
+  'scalar'   the authors' paper-era code (two branches): y = w · y_0 + (1 - w) · y_1 with one learned w.
 
 Two ways to feed the branches (config.model.branch_input):
   'split'    the paper's code: one embedding P·d wide (token and position tables), cut channel-wise into P
@@ -100,7 +100,7 @@ def _gather(indices: tuple[int, ...], tree):
 
 class ParallelGPT(layers.LanguageModel):
   """The trunk: P branches of L/P blocks on the embedding (split: branch i reads channel slice i of a P·d-wide
-  one), mixed by softmax weights."""
+  one), mixed by learned weights (model.branch_mix)."""
 
   def embed_width(self) -> int:
     return self.cfg.num_branches * self.cfg.d_model if self.cfg.branch_input == 'split' else self.cfg.d_model
