@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 # The demo: the default GPT (4 layers x 192, char-level, embedded Python corpus), trained for DEMO_STEPS steps.
 CONFIG ?= gpt
-DEMO_STEPS ?= 500
+DEMO_STEPS ?= 1200
 
 .PHONY: demo test lint bench report clean-demo
 
