@@ -20,10 +20,42 @@ from effjax.errors import EffjaxError
 
 
 def architecture(model_config) -> dict:
-  """The model settings a checkpoint's parameters depend on: the keys its family declares (models.param_keys),
-  None where the config lacks one. Recorded in each checkpoint and compared on resume and when loading."""
+  """The model settings a checkpoint's parameters depend on: the keys its family declares (models.param_keys;
+  'section.key' for a key of a family's or kind's section), None where the config lacks one. Recorded in each
+  checkpoint and compared on resume and when loading."""
   from effjax.models import param_keys  # pylint: disable=import-outside-toplevel
-  return {k: model_config.get(k) for k in sorted(set(param_keys(model_config)))}
+  return {k: lookup(model_config, k) for k in sorted(set(param_keys(model_config)))}
+
+
+def lookup(model_config, key: str):
+  """model_config's value of a dotted key ('pgpt.num_branches'), None where it has none."""
+  node = model_config
+  for part in key.split('.'):
+    node = node.get(part) if hasattr(node, 'get') else None
+  return node
+
+
+def migrate_model(model: dict) -> dict:
+  """A saved model section (config.json) in today's layout: the flat keys of older effjax moved into their
+  sections (configs/base.py MOVED_MODEL_KEYS). A key already in its section wins over a flat one."""
+  from effjax.configs import base  # pylint: disable=import-outside-toplevel
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in model.items()}
+  for old, new in base.MOVED_MODEL_KEYS.items():
+    section, key = new.split('.')
+    if old not in out or isinstance(out[old], dict):
+      continue
+    value = out.pop(old)
+    if not isinstance(out.setdefault(section, {}), dict):
+      raise EffjaxError(f'saved model config has both model.{old} and a model.{section} value that is no section; '
+                        'it was not written by effjax')
+    out[section].setdefault(key, value)
+  return out
+
+
+def migrate_architecture(saved: dict) -> dict:
+  """A checkpoint's recorded architecture with older flat key names renamed to today's dotted ones."""
+  from effjax.configs import base  # pylint: disable=import-outside-toplevel
+  return {base.MOVED_MODEL_KEYS.get(k, k): v for k, v in saved.items()}
 
 
 class Checkpointer:
@@ -145,7 +177,7 @@ def quiet_aborted_restore_callbacks() -> None:
 
 def check_compatible(meta: dict, model_config, where: str) -> None:
   """Refuses a checkpoint written for another architecture (family, sizes, sharing, vocab ...)."""
-  saved, wanted = meta.get('architecture', {}), architecture(model_config)
+  saved, wanted = migrate_architecture(meta.get('architecture', {})), architecture(model_config)
   # Compared over the declared keys the checkpoint records: one written before a key was declared predates it.
   diffs = [f'{k}: checkpoint {saved[k]!r} vs config {v!r}'
            for k, v in wanted.items() if k in saved and _norm(saved[k]) != _norm(v)]
@@ -288,7 +320,8 @@ def read_export_metadata(export_dir: str) -> dict:
 
 
 def _export_config(export_dir: str):
-  """The export's config over today's defaults (so an export from an older effjax gains new keys)."""
+  """The export's config over today's defaults (so an export from an older effjax gains new keys, and the flat
+  model keys of older layouts move into their sections)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   try:
     saved = json.loads(paths.read_text(paths.join(export_dir, 'config.json')))
@@ -296,21 +329,28 @@ def _export_config(export_dir: str):
       raise ValueError('no "model" section')
   except (OSError, ValueError) as e:
     raise EffjaxError(f'export config {export_dir}/config.json is unreadable ({_short(e)})') from None
+  saved = {**saved, 'model': migrate_model(saved['model'])}
   from effjax.configs import base  # pylint: disable=import-outside-toplevel
   config = base.get_base()
   try:
     with config.unlocked():
-      for section, values in saved.items():
-        if isinstance(values, dict) and isinstance(config.get(section), ml_collections.ConfigDict):
-          for key, value in values.items():
-            if isinstance(config[section].get(key), tuple) and isinstance(value, list):
-              value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-            config[section][key] = value
-        else:
-          config[section] = values
+      _merge(config, saved)
   except (TypeError, ValueError, KeyError):  # a value of another type than today's default: keep it as saved
     return ml_collections.ConfigDict(saved)
   return config
+
+
+def _merge(config, saved: dict) -> None:
+  """Saved values into a default config, section by section (JSON lists back to the defaults' tuples)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  for key, value in saved.items():
+    default = config.get(key)
+    if isinstance(value, dict) and isinstance(default, ml_collections.ConfigDict):
+      _merge(default, value)
+      continue
+    if isinstance(default, tuple) and isinstance(value, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    config[key] = value
 
 
 def load_export(export_dir: str):

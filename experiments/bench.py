@@ -47,7 +47,8 @@ def family_overrides(family: str, d_model: int) -> dict:
   return {
       'gpt': {},
       'efficio': dict(share_layers='all', embed_dim=max(d_model // 4, 8)),
-      'pgpt': dict(family='pgpt', num_branches=2, branch_input='split', tie_embeddings=False, head_bias=True),
+      'pgpt': dict(family='pgpt', pgpt=dict(num_branches=2, branch_input='split'), tie_embeddings=False,
+                   head_bias=True),
       'lcgpt': dict(family='lcgpt', compress_every=2, compress_factor=2, tie_embeddings=False, head_bias=True),
       'ccgpt': dict(family='ccgpt', compress_every=2, compress_factor=2, conv_kernel=3, tie_embeddings=False,
                     head_bias=True),

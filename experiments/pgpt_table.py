@@ -108,7 +108,7 @@ def single_branch(config, workdir, summary) -> dict:
   out = {'single_branch_params': summary['single_branch_params']}
   setup, state, config, _, _ = modes.restore_trained(config, workdir)  # config now has the vocabulary
   one = ml_collections.ConfigDict(config.model.to_dict())
-  one.active_branches = (0,)
+  one.pgpt.active_branches = (0,)
   out['single_branch_flops_per_token'] = accounting.flops_per_token(one, config.data.seq_len)
   bundle, _ = train.load_data(config, workdir)
   from effjax import sharding  # pylint: disable=import-outside-toplevel
@@ -119,9 +119,9 @@ def single_branch(config, workdir, summary) -> dict:
   variables = jax.device_get(state.variables())
   weights = parallel.branch_weights(variables['params'])
   out['branch_weights'] = weights.tolist()
-  for i in range(config.model.num_branches):
+  for i in range(config.model.pgpt.num_branches):
     m = ml_collections.ConfigDict(config.model.to_dict())
-    m.active_branches = (i,)
+    m.pgpt.active_branches = (i,)
     model = build_model(m)
     apply = jax.jit(model.apply)
     losses = [float(train.cross_entropy(apply(variables, b['inputs']), b['targets'])) for b in batches]
@@ -139,8 +139,8 @@ def bench_branches(num_branches: int, repeats: int, batch: int, seq: int, width:
   compile_s = {}
   for impl in ('vmap', 'loop'):
     c = pgpt.get_config('')
-    c.model.update(d_model=width, num_heads=4, num_layers=layers, num_branches=num_branches, max_len=seq,
-                   vocab_size=100, dropout=0.0, branch_impl=impl)
+    c.model.update(d_model=width, num_heads=4, num_layers=layers, max_len=seq, vocab_size=100, dropout=0.0,
+                   pgpt=dict(num_branches=num_branches, branch_impl=impl))
     model = build_model(c.model)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 100)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1]))['params']

@@ -23,7 +23,7 @@ V = 50
 
 def model_config(**overrides):
   m = pgpt.get_config('tiny').model
-  m.update(vocab_size=V, num_branches=3, num_layers=3)
+  m.update(vocab_size=V, num_layers=3, pgpt=dict(num_branches=3))
   m.update(overrides)
   return m
 
@@ -38,7 +38,7 @@ def init(m, seed=0, length=16):
   model = build_model(m)
   variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
   # distinct mixing weights, so a wrong renormalisation cannot pass by symmetry
-  logits = jnp.linspace(-0.7, 0.9, m.num_branches)
+  logits = jnp.linspace(-0.7, 0.9, m.pgpt.num_branches)
   return model, {**variables, 'params': {**variables['params'], 'branch_logits': logits}}
 
 
@@ -55,7 +55,7 @@ def test_presets_build_and_unknown_preset_is_an_error():
     c = pgpt.get_config(preset)
     c.model.vocab_size = c.model.vocab_size or 100
     build_model(c.model)
-  assert pgpt.get_config('project').model.branch_input == 'project'
+  assert pgpt.get_config('project').model.pgpt.branch_input == 'project'
   with pytest.raises(EffjaxError, match="unknown preset 'nope' for configs/pgpt.py"):
     pgpt.get_config('nope')
 
@@ -89,14 +89,14 @@ def test_published_architecture_counts_exact():
 def test_scalar_mix_keeps_the_trained_weight_of_a_subset():
   """branch_mix='scalar': y = w·y_0 + (1-w)·y_1; a subset is not renormalised (the authors' p-gpt-1 rule scales
   the kept branch by its weight), and strongest_branch picks the branch with weight >= 0.5."""
-  m = model_config(num_branches=2, num_layers=2, branch_mix='scalar', final_norm=False)
+  m = model_config(num_layers=2, final_norm=False, pgpt=dict(num_branches=2, branch_mix='scalar'))
   model = build_model(m)
   variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 16), jnp.int32)))
   assert variables['params']['branch_weight'].shape == () and 'branch_logits' not in variables['params']
   assert float(variables['params']['branch_weight']) == 0.5
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 16)))
   with_w = lambda w: {**variables, 'params': {**variables['params'], 'branch_weight': jnp.float32(w)}}
-  first = build_model(variant(m, active_branches=(0,)))
+  first = build_model(variant(m, pgpt=dict(active_branches=(0,))))
   # weight 1 on branch 0: the full network is branch 0 alone
   close(model.apply(with_w(1.0), tokens), first.apply(with_w(1.0), tokens))
   # weight 0.7: branch 0 alone is scaled by 0.7, not renormalised to 1
@@ -108,10 +108,10 @@ def test_scalar_mix_keeps_the_trained_weight_of_a_subset():
 
 def test_project_form_counts():
   """Shared d-wide embedding + a d×d projection (with bias) per branch."""
-  m = model_config(branch_input='project')
-  split = accounting.param_counts(variant(m, branch_input='split'))['total_params']
+  m = model_config(pgpt=dict(branch_input='project'))
+  split = accounting.param_counts(variant(m, pgpt=dict(branch_input='split')))['total_params']
   proj = accounting.param_counts(m)['total_params']
-  d, p = m.d_model, m.num_branches
+  d, p = m.d_model, m.pgpt.num_branches
   assert proj - split == p * (d * d + d) - (p - 1) * d * (V + m.max_len)
 
 
@@ -122,7 +122,7 @@ def test_project_form_counts():
                                                      ('split', 'loop', 'pre')])
 def test_causality_via_gradients(form, impl, norm_position):
   """d logits[t] / d input-embedding[t'] is exactly zero for t' > t (and non-zero for t' <= t)."""
-  model, variables = init(model_config(branch_input=form, branch_impl=impl, norm_position=norm_position))
+  model, variables = init(model_config(norm_position=norm_position, pgpt=dict(branch_input=form, branch_impl=impl)))
   tokens = jnp.arange(12, dtype=jnp.int32)[None] + 3  # distinct tokens: an embedding row is one position
   assert_causal(model, variables, tokens)
 
@@ -132,14 +132,14 @@ def _branch_alone(m, params, i, tokens):
   cfg = ml_collections.FrozenConfigDict(m)
   d = cfg.d_model
   positions = jnp.arange(tokens.shape[1])
-  width = cfg.num_branches * d if cfg.branch_input == 'split' else d
+  width = cfg.pgpt.num_branches * d if cfg.pgpt.branch_input == 'split' else d
   x = layers.Embedder(cfg, width).apply({'params': params['embed']}, tokens, positions)
   branch = jax.tree.map(lambda a: a[i], params['branches'])
-  if cfg.branch_input == 'split':
+  if cfg.pgpt.branch_input == 'split':
     x = x[..., i * d:(i + 1) * d]
   else:
     x = nn.Dense(d).apply({'params': branch['proj']}, x)
-  depth = cfg.num_layers // cfg.num_branches
+  depth = cfg.num_layers // cfg.pgpt.num_branches
   stack = layers.LayerStack(layers.Block, dict(cfg=cfg, d_model=d, num_heads=cfg.num_heads, num_layers=depth),
                             num_layers=depth)
   y = stack.apply({'params': branch['stack']}, x, positions)
@@ -152,16 +152,16 @@ def _branch_alone(m, params, i, tokens):
 def test_one_branch_inference_equals_that_branch_alone(form):
   """active_branches=(i,) renormalises the mixing weights to exactly 1 for branch i: the output is branch i
   alone, computed here by hand from the same params; a pair mixes with softmax over the pair only."""
-  m = model_config(branch_input=form)
+  m = model_config(pgpt=dict(branch_input=form))
   _, variables = init(m)
   params = variables['params']
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, V)
   alone = {i: _branch_alone(m, params, i, tokens) for i in range(3)}
   for i in range(3):
-    close(build_model(variant(m, active_branches=(i,))).apply(variables, tokens), alone[i])
+    close(build_model(variant(m, pgpt=dict(active_branches=(i,)))).apply(variables, tokens), alone[i])
   # two branches: y = softmax(w_0, w_2)·(y_0, y_2) before ln_f/head; check through the loop implementation
-  pair = build_model(variant(m, active_branches=(2, 0))).apply(variables, tokens)
-  loop = build_model(variant(m, active_branches=(0, 2), branch_impl='loop'))
+  pair = build_model(variant(m, pgpt=dict(active_branches=(2, 0)))).apply(variables, tokens)
+  loop = build_model(variant(m, pgpt=dict(active_branches=(0, 2), branch_impl='loop')))
   close(pair, loop.apply({'params': parallel.unstack_branches(params)}, tokens))
   full = build_model(m).apply(variables, tokens)
   assert float(jnp.abs(full - pair).max()) > 1e-3 and float(jnp.abs(full - alone[0]).max()) > 1e-3
@@ -169,9 +169,9 @@ def test_one_branch_inference_equals_that_branch_alone(form):
 
 @pytest.mark.parametrize('form', ['split', 'project'])
 def test_vmap_equals_loop_values_and_grads(form):
-  m = model_config(branch_input=form, dropout=0.0)
+  m = model_config(dropout=0.0, pgpt=dict(branch_input=form))
   model, variables = init(m)
-  loop = build_model(variant(m, branch_impl='loop'))
+  loop = build_model(variant(m, pgpt=dict(branch_impl='loop')))
   loop_params = parallel.unstack_branches(variables['params'])
   expected = jax.eval_shape(lambda: nn.unbox(loop.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
   assert jax.tree.structure(expected['params']) == jax.tree.structure(loop_params)
@@ -184,21 +184,21 @@ def test_vmap_equals_loop_values_and_grads(form):
 
 
 def test_inactive_branches_get_no_gradient_and_cost_no_flops():
-  m = model_config(active_branches=(1,))
+  m = model_config(pgpt=dict(active_branches=(1,)))
   model, variables = init(m)
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, V)
   grads = jax.grad(lambda p: model.apply({'params': p}, tokens).mean())(variables['params'])
   per_branch = jax.tree.leaves(jax.tree.map(lambda g: jnp.abs(g).reshape(3, -1).sum(-1), grads['branches']))
   totals = np.sum([np.asarray(x) for x in per_branch], axis=0)
   assert totals[0] == 0 and totals[2] == 0 and totals[1] > 0
-  flops = {k: accounting.flops_per_token(variant(m, active_branches=a), 16) for k, a in ((1, (1,)), (3, ()))}
+  flops = {k: accounting.flops_per_token(variant(m, pgpt=dict(active_branches=a)), 16) for k, a in ((1, (1,)), (3, ()))}
   head = 2 * m.d_model * V
   assert flops[3] - head == 3 * (flops[1] - head)
 
 
 @pytest.mark.parametrize('form,active', [('split', (1,)), ('project', (0, 2)), ('split', ())])
 def test_kv_cache_with_branch_subsets(form, active):
-  m = model_config(branch_input=form, active_branches=active)
+  m = model_config(pgpt=dict(branch_input=form, active_branches=active))
   model, variables = init(m)
   prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, V)
   kw = dict(max_new_tokens=10, temperature=0.0, top_k=0, top_p=1.0)
@@ -211,14 +211,17 @@ def test_kv_cache_with_branch_subsets(form, active):
 
 
 @pytest.mark.parametrize('overrides,pattern', [
-    ({'num_branches': 1}, r'model.num_branches=1 is invalid'),
-    ({'num_branches': 2}, r'model.num_branches=2 does not divide model.num_layers=3'),
-    ({'active_branches': (3,)}, r'model.active_branches=\(3,\) is invalid; give distinct branch indices in 0..2'),
-    ({'active_branches': (1, 1)}, r'model.active_branches=\(1, 1\) is invalid'),
+    ({'pgpt': {'num_branches': 1}}, r'model.pgpt.num_branches=1 is invalid'),
+    ({'pgpt': {'num_branches': 2}}, r'model.pgpt.num_branches=2 does not divide model.num_layers=3'),
+    ({'pgpt': {'active_branches': (3,)}},
+     r'model.pgpt.active_branches=\(3,\) is invalid; give distinct branch indices in 0..2'),
+    ({'pgpt': {'active_branches': (1, 1)}}, r'model.pgpt.active_branches=\(1, 1\) is invalid'),
     ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit branch_input=split'),
-    ({'branch_input': 'concat'}, r"model.branch_input='concat' is invalid; valid values: split, project"),
-    ({'branch_mix': 'sum'}, r"model.branch_mix='sum' is invalid; valid values: softmax, scalar"),
-    ({'branch_mix': 'scalar'}, r"model.branch_mix='scalar' mixes two branches \(w, 1 - w\); model.num_branches=3"),
+    ({'pgpt': {'branch_input': 'concat'}},
+     r"model.pgpt.branch_input='concat' is invalid; valid values: split, project"),
+    ({'pgpt': {'branch_mix': 'sum'}}, r"model.pgpt.branch_mix='sum' is invalid; valid values: softmax, scalar"),
+    ({'pgpt': {'branch_mix': 'scalar'}},
+     r"model.pgpt.branch_mix='scalar' mixes two branches \(w, 1 - w\); model.pgpt.num_branches=3"),
 ])
 def test_bad_settings_are_one_line_errors(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):
@@ -245,14 +248,14 @@ def test_resume_mesh_and_selective_eval(tmp_path, corpus_dir):
   one = train_losses(tmp_path / 'one')
   np.testing.assert_allclose([one[s] for s in range(1, 9)], [straight[s] for s in range(1, 9)], atol=1e-5)
 
-  config = run_config(corpus_dir, **overrides, **mesh8, **{'model.active_branches': (1,)})
+  config = run_config(corpus_dir, **overrides, **mesh8, **{'model.pgpt.active_branches': (1,)})
   _, state, config, _, _ = modes.restore_trained(config, str(tmp_path / 'straight'))
   bundle, _ = train.load_data(config, str(tmp_path / 'straight'))
   batch = next(iter(pipeline.eval_batches(bundle.val_tokens, seq_len=32, batch_size=8, max_batches=1)))
   variables = jax.device_get(state.variables())
   losses = {}
   for active in ((), (0,), (1,)):
-    model = build_model(variant(config.model, active_branches=active))
+    model = build_model(variant(config.model, pgpt=dict(active_branches=active)))
     losses[active] = float(train.cross_entropy(jax.jit(model.apply)(variables, batch['inputs']), batch['targets']))
   assert len({round(v, 6) for v in losses.values()}) == 3, losses
 
@@ -264,7 +267,7 @@ def test_cli_train_then_sample_one_branch(tmp_path, corpus_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
   assert summary['family'] == 'pgpt' and summary['active_params'] == summary['total_params']
-  result = run_cli(*common, '--mode=sample', "--config.model.active_branches=(1,)", '--prompt=def ',
+  result = run_cli(*common, '--mode=sample', "--config.model.pgpt.active_branches=(1,)", '--prompt=def ',
                    '--max_new_tokens=12', '--temperature=0')
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith('def ')

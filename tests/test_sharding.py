@@ -40,8 +40,8 @@ RUN_CASES = [
 CASES = RUN_CASES + [
     ('fastfood', 'tiny', {}),
     ('blockdiag', 'tiny', {}),
-    ('pgpt', 'tiny', {'model.branch_input': 'project'}),
-    ('pgpt', 'tiny', {'model.branch_impl': 'loop'}),
+    ('pgpt', 'tiny', {'model.pgpt.branch_input': 'project'}),
+    ('pgpt', 'tiny', {'model.pgpt.branch_impl': 'loop'}),
     ('doped', 'tiny', {'model.scan_layers': False}),
     ('gpt', 'tiny', {'model.scan_layers': False}),
 ]

@@ -47,6 +47,19 @@ RULE_SETS = {'fsdp_tp': FSDP_TP_RULES, 'fsdp': FSDP_RULES, 'dp': DP_RULES}
 DEFAULT_RULES = FSDP_TP_RULES
 
 
+# Keys of the flat `model` namespace of older effjax -> where they live now. A config.json or a checkpoint's
+# recorded architecture written with them is migrated on read (effjax.checkpoint.migrate_model).
+MOVED_MODEL_KEYS = {
+    'num_branches': 'pgpt.num_branches', 'branch_input': 'pgpt.branch_input',
+    'active_branches': 'pgpt.active_branches', 'branch_mix': 'pgpt.branch_mix', 'branch_impl': 'pgpt.branch_impl',
+}
+
+
+def section(**defaults) -> ml_collections.ConfigDict:
+  """One family's or dense kind's own keys under config.model (`--config.model.pgpt.num_branches=4`)."""
+  return ml_collections.ConfigDict(defaults)
+
+
 def get_base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -87,11 +100,13 @@ def get_base() -> ml_collections.ConfigDict:
   m.doping = ''              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);
                              # num_layers counts the T's (effjax/models/doped.py)
   m.frozen_mlp_ratio = 6     # frozen MLP hidden width = frozen_mlp_ratio * d_model
-  # p-gpt
-  m.num_branches = 2
-  m.branch_input = 'project'  # 'split' | 'project'
-  m.active_branches = ()      # empty: all branches
-  m.branch_mix = 'softmax'    # 'softmax' (P logits) | 'scalar' (one w: w, 1 - w; the authors' code)
+  m.pgpt = section(  # p-gpt (effjax/models/parallel.py)
+      num_branches=2,
+      branch_input='project',  # 'split' | 'project'
+      active_branches=(),      # empty: all branches
+      branch_mix='softmax',    # 'softmax' (P logits) | 'scalar' (one w: w, 1 - w; the authors' code)
+      branch_impl='vmap',      # 'vmap' (one vectorised stack) | 'loop' (P stacks, Python loop; reference)
+  )
   # lc-gpt / cc-gpt
   m.compress_every = 2
   m.compress_factor = 2

@@ -1,5 +1,5 @@
 """p-gpt (ParallelGPT, arXiv 2404.14462): two parallel decoders of L/2 blocks, mixed by softmax-normalised learned
-weights; any subset of branches can run at inference (`--config.model.active_branches='(0,)'` = "p-gpt-1").
+weights; any subset of branches can run at inference (`--config.model.pgpt.active_branches='(0,)'` = "p-gpt-1").
 
 Presets:
   tiny       2 branches x 1 block, 64 wide, char tokens, ctx 32: tests and smoke runs (seconds).
@@ -14,7 +14,7 @@ Presets:
   published  the architecture of the authors' paper-era code (checked: experiments/REPORT.md): no norm after the mix and
              one scalar mixing weight (y = w·y_0 + (1-w)·y_1): 9,734,213 params, 6,185,285 for one branch
              (23.59 MB). Its p-gpt-1 keeps the branch whose trained weight is >= 0.5, scaled by that weight
-             (`--config.model.active_branches='(I,)'` with I = parallel.strongest_branch(params)).
+             (`--config.model.pgpt.active_branches='(I,)'` with I = parallel.strongest_branch(params)).
   published_1  the same with active_branches=(0,).
 The default (and `paper`) keep the softmax mix and the final norm: with one LayerNorm after the mix, the
 one-branch network is a complete GPT (renormalised weight 1), so p-gpt-1 needs no retraining or rescaling, and
@@ -53,14 +53,14 @@ def tiny(c):
 def paper_architecture(c):
   """The study's p-gpt around the 4-block post-LN baseline: split embedding, one final norm, one untied head."""
   gpt_config.pgpt_baseline(c)
-  c.model.update(family='pgpt', num_branches=2, branch_input='split', active_branches=(), final_norm=True)
+  c.model.update(family='pgpt', final_norm=True)
+  c.model.pgpt.update(num_branches=2, branch_input='split', active_branches=())
   return c
 
 
 def get_config(preset: str = ''):
   c = base.get_base()
   paper_architecture(c)
-  c.model.branch_impl = 'vmap'  # 'vmap' (one vectorised stack) | 'loop' (P stacks, Python loop; reference)
   # CPU scale: the paper's network at half width, ctx 128, char tokens on the embedded corpus.
   c.model.update(vocab_size=0, d_model=192, num_heads=6, max_len=128, dropout=0.0)
   c.data.update(corpus='embedded', tokenizer='char', seq_len=128, max_bytes=4_000_000)
@@ -70,13 +70,14 @@ def get_config(preset: str = ''):
   if preset == 'tiny':
     tiny(c)
   elif preset == 'project':
-    c.model.branch_input = 'project'
+    c.model.pgpt.branch_input = 'project'
   elif preset in ('paper', 'paper_1', 'published', 'published_1'):
     paper_architecture(c)
     if preset.startswith('published'):
-      c.model.update(final_norm=False, branch_mix='scalar')
+      c.model.final_norm = False
+      c.model.pgpt.branch_mix = 'scalar'
     if preset.endswith('_1'):
-      c.model.active_branches = (0,)
+      c.model.pgpt.active_branches = (0,)
   elif preset:
     base.unknown_preset('pgpt', preset, ['tiny', 'project', 'paper', 'paper_1', 'published', 'published_1'])
   return c

@@ -1,21 +1,21 @@
 """p-gpt (ParallelGPT, arXiv 2404.14462): P independent decoder stacks of L/P blocks run side by side and are
-mixed by learned weights before the output head (config.model.branch_mix):
+mixed by learned weights before the output head (config.model.pgpt.branch_mix):
   'softmax'  y = Σ_i softmax(w)_i · y_i over P learned logits (the default);
   'scalar'   the authors' paper-era code (two branches): y = w · y_0 + (1 - w) · y_1 with one learned w.
 
-Two ways to feed the branches (config.model.branch_input):
+Two ways to feed the branches (config.model.pgpt.branch_input):
   'split'    the paper's code: one embedding P·d wide (token and position tables), cut channel-wise into P
              d-wide slices, slice i feeding branch i.
   'project'  the later form of the seed's formula h_i = P_i(x): one shared d-wide embedding and a d×d projection
              P_i (with bias) at the start of every branch.
-Selective inference: config.model.active_branches (empty = all) runs only those branches. With 'softmax' the
+Selective inference: config.model.pgpt.active_branches (empty = all) runs only those branches. With 'softmax' the
 weights are renormalised over them, so one active branch is exactly that branch alone with weight 1 ("p-gpt-1");
 with 'scalar' each branch keeps its trained weight, the authors' p-gpt-1 rule (keep the branch whose weight is
 >= 0.5, `strongest_branch`, scaled by that weight).
 
 The branches are one vectorised stack (`nn.vmap` over a leading 'branch' param axis, each branch a
 `layers.LayerStack`): params/branches/stack/layers/... have shape [P, L/P, ...]. A subset runs on a gathered
-[k, ...] view of those params, so inactive branches cost nothing. `model.branch_impl='loop'` builds the same
+[k, ...] view of those params, so inactive branches cost nothing. `model.pgpt.branch_impl='loop'` builds the same
 network as P separately named stacks applied in a Python loop (params/branch_{i}/...), kept for the
 vectorised-vs-loop measurement (experiments/pgpt_table.py) and as a numerical reference.
 """
@@ -35,11 +35,11 @@ from effjax.models import layers
 
 
 def branch_impl(cfg) -> str:
-  return cfg.get('branch_impl', 'vmap')
+  return cfg.pgpt.get('branch_impl', 'vmap')
 
 
 def branch_mix(cfg) -> str:
-  return cfg.get('branch_mix', 'softmax')
+  return cfg.pgpt.get('branch_mix', 'softmax')
 
 
 def branch_weights(params: dict) -> np.ndarray:
@@ -57,7 +57,7 @@ def strongest_branch(params: dict) -> int:
 
 def active_indices(cfg) -> tuple[int, ...]:
   """The running branches in increasing order (config order does not matter); empty config = all."""
-  active = tuple(cfg.active_branches) if cfg.active_branches else tuple(range(cfg.num_branches))
+  active = tuple(cfg.pgpt.active_branches) if cfg.pgpt.active_branches else tuple(range(cfg.pgpt.num_branches))
   return tuple(sorted(int(i) for i in active))
 
 
@@ -70,13 +70,13 @@ class Branch(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array) -> jax.Array:
     cfg = self.cfg
-    if cfg.branch_input == 'project':
+    if cfg.pgpt.branch_input == 'project':
       x_BxTxD = nn.Dense(cfg.d_model, use_bias=cfg.use_bias, dtype=layers.dtype_of(cfg.dtype),
                          param_dtype=layers.dtype_of(cfg.param_dtype),
                          kernel_init=layers.normal_init(layers.INIT_STD, ('embed', None)),
                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
                          name='proj')(x_BxTxD)
-    depth = cfg.num_layers // cfg.num_branches
+    depth = cfg.num_layers // cfg.pgpt.num_branches
     return layers.LayerStack(
         block_cls=layers.Block,
         block_kwargs=dict(cfg=cfg, d_model=cfg.d_model, num_heads=cfg.num_heads, num_layers=depth,
@@ -100,19 +100,20 @@ def _gather(indices: tuple[int, ...], tree):
 
 class ParallelGPT(layers.LanguageModel):
   """The trunk: P branches of L/P blocks on the embedding (split: branch i reads channel slice i of a P·d-wide
-  one), mixed by learned weights (model.branch_mix)."""
+  one), mixed by learned weights (model.pgpt.branch_mix)."""
 
   def embed_width(self) -> int:
-    return self.cfg.num_branches * self.cfg.d_model if self.cfg.branch_input == 'split' else self.cfg.d_model
+    own = self.cfg.pgpt
+    return own.num_branches * self.cfg.d_model if own.branch_input == 'split' else self.cfg.d_model
 
   def head_ties(self) -> bool:
-    return self.cfg.branch_input != 'split'
+    return self.cfg.pgpt.branch_input != 'split'
 
   def trunk(self, x_BxTxE: jax.Array, positions_T: jax.Array, train: bool, decode: bool) -> jax.Array:
     cfg = self.cfg
-    p, d = cfg.num_branches, cfg.d_model
+    p, d = cfg.pgpt.num_branches, cfg.d_model
     active = active_indices(cfg)
-    if cfg.branch_input == 'split':  # channel slice i of the P·d-wide embedding feeds branch i
+    if cfg.pgpt.branch_input == 'split':  # channel slice i of the P·d-wide embedding feeds branch i
       b, t, _ = x_BxTxE.shape
       x_PxBxTxD = jnp.moveaxis(x_BxTxE.reshape(b, t, p, d), 2, 0)
     else:
@@ -137,7 +138,7 @@ class ParallelGPT(layers.LanguageModel):
                      layers.dtype_of(cfg.param_dtype)).astype(jnp.float32)
       return jnp.stack([w, 1.0 - w])[np.asarray(active)]
     w_P = self.param('branch_logits', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('branch',)),
-                     (cfg.num_branches,), layers.dtype_of(cfg.param_dtype))
+                     (cfg.pgpt.num_branches,), layers.dtype_of(cfg.param_dtype))
     return jax.nn.softmax(w_P[np.asarray(active)].astype(jnp.float32))
 
   def _vectorised(self, x_PxBxTxD, positions_T, active, train, decode):
@@ -146,7 +147,7 @@ class ParallelGPT(layers.LanguageModel):
     Initialising creates every branch's params (the whole network), except for a decode init with a subset,
     which only needs (and only creates) the active branches' KV cache.
     """
-    p, k = self.cfg.num_branches, len(active)
+    p, k = self.cfg.pgpt.num_branches, len(active)
     if k == p or (self.is_initializing() and not decode):
       y_PxBxTxD = _vmapped_branches(p)(self.cfg, train, decode, name='branches')(x_PxBxTxD, positions_T)
       return y_PxBxTxD if k == p else _gather(active, y_PxBxTxD)
@@ -158,18 +159,20 @@ class ParallelGPT(layers.LanguageModel):
 
   @staticmethod
   def param_keys(cfg) -> tuple[str, ...]:
-    return layers.param_keys(cfg) + ('num_branches', 'branch_input', 'branch_impl', 'branch_mix')
+    own = ('num_branches', 'branch_input', 'branch_impl', 'branch_mix')  # active_branches: a runtime choice
+    return layers.param_keys(cfg) + tuple(f'pgpt.{k}' for k in own)
 
   @staticmethod
   def forward_flops_per_token(cfg, seq_len: int) -> int:
     """Only active branches cost anything: k·(L/P) blocks (+ k projections in the project form) and the head."""
     k = len(active_indices(cfg))
-    depth = cfg.num_layers // cfg.num_branches
+    depth = cfg.num_layers // cfg.pgpt.num_branches
     per_branch = depth * layers.block_forward_flops(cfg, cfg.d_model, seq_len)
-    if cfg.branch_input == 'project':
+    if cfg.pgpt.branch_input == 'project':
       per_branch += 2 * cfg.d_model * cfg.d_model
     head = 2 * cfg.d_model * cfg.vocab_size
-    factor_in = 2 * cfg.embed_dim * cfg.d_model * (cfg.num_branches if cfg.branch_input == 'split' else 1)
+    split = cfg.pgpt.branch_input == 'split'
+    factor_in = 2 * cfg.embed_dim * cfg.d_model * (cfg.pgpt.num_branches if split else 1)
     return int(k * per_branch + head + (factor_in if cfg.embed_dim else 0))
 
   @staticmethod
@@ -180,7 +183,7 @@ class ParallelGPT(layers.LanguageModel):
     params = abstract_variables.get('params', {})
     count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
     total = count(params) + count(abstract_variables.get('frozen', {}))
-    p = cfg.num_branches
+    p = cfg.pgpt.num_branches
     if branch_impl(cfg) == 'loop':
       branch_total = sum(count(params.get(f'branch_{i}', {})) for i in range(p))
     else:
@@ -191,10 +194,10 @@ class ParallelGPT(layers.LanguageModel):
     one = total - (p - 1) * per_branch
     embed = params.get('embed', {})
     tables = count(embed.get('embedding', ())) + count(embed.get('pos_embedding', ()))
-    inactive_columns = (p - k) * tables // p if cfg.branch_input == 'split' and not cfg.embed_dim else 0
+    inactive_columns = (p - k) * tables // p if cfg.pgpt.branch_input == 'split' and not cfg.embed_dim else 0
     return {
         'num_branches': p,
-        'branch_input': cfg.branch_input,
+        'branch_input': cfg.pgpt.branch_input,
         'active_branches': list(active_indices(cfg)),
         'params_per_branch': per_branch,
         'active_params': active,
@@ -227,28 +230,28 @@ def unstack_branches(params: dict) -> dict:
 
 def check(m) -> None:
   """p-gpt's config checks (run by validate.check_model_config through the family entry)."""
-  if m.branch_input not in ('split', 'project'):
-    raise EffjaxError(f'model.branch_input={m.branch_input!r} is invalid; valid values: split, project')
-  p = m.num_branches
+  if m.pgpt.branch_input not in ('split', 'project'):
+    raise EffjaxError(f'model.pgpt.branch_input={m.pgpt.branch_input!r} is invalid; valid values: split, project')
+  p = m.pgpt.num_branches
   if not isinstance(p, int) or isinstance(p, bool) or p < 2:
-    raise EffjaxError(f'model.num_branches={p!r} is invalid; p-gpt needs an integer >= 2')
+    raise EffjaxError(f'model.pgpt.num_branches={p!r} is invalid; p-gpt needs an integer >= 2')
   if m.num_layers % p:
-    raise EffjaxError(f'model.num_branches={p} does not divide model.num_layers={m.num_layers}; each of the '
+    raise EffjaxError(f'model.pgpt.num_branches={p} does not divide model.num_layers={m.num_layers}; each of the '
                       'P branches has num_layers/P blocks')
   if branch_mix(m) not in ('softmax', 'scalar'):
-    raise EffjaxError(f'model.branch_mix={m.branch_mix!r} is invalid; valid values: softmax, scalar')
+    raise EffjaxError(f'model.pgpt.branch_mix={m.pgpt.branch_mix!r} is invalid; valid values: softmax, scalar')
   if branch_mix(m) == 'scalar' and p != 2:
-    raise EffjaxError(f"model.branch_mix='scalar' mixes two branches (w, 1 - w); model.num_branches={p}: use 2 "
-                      "or branch_mix='softmax'")
-  if m.get('branch_impl', 'vmap') not in ('vmap', 'loop'):
-    raise EffjaxError(f'model.branch_impl={m.branch_impl!r} is invalid; valid values: vmap, loop')
-  active = m.active_branches
+    raise EffjaxError(f"model.pgpt.branch_mix='scalar' mixes two branches (w, 1 - w); model.pgpt.num_branches={p}: "
+                      "use 2 or branch_mix='softmax'")
+  if branch_impl(m) not in ('vmap', 'loop'):
+    raise EffjaxError(f'model.pgpt.branch_impl={m.pgpt.branch_impl!r} is invalid; valid values: vmap, loop')
+  active = m.pgpt.active_branches
   if isinstance(active, int) or not isinstance(active, (tuple, list)) or not all(
       isinstance(i, int) and not isinstance(i, bool) and 0 <= i < p for i in active) or len(set(active)) != len(
           active):
-    raise EffjaxError(f'model.active_branches={active!r} is invalid; give distinct branch indices in 0..{p - 1} '
+    raise EffjaxError(f'model.pgpt.active_branches={active!r} is invalid; give distinct branch indices in 0..{p - 1} '
                       "as a tuple, e.g. '(0,)', or () for all branches")
-  if m.branch_input == 'split' and m.tie_embeddings:
+  if m.pgpt.branch_input == 'split' and m.tie_embeddings:
     raise EffjaxError(f'model.tie_embeddings=True does not fit branch_input=split (the embedding is '
                       f'num_branches*d_model={p * m.d_model} wide, the head reads d_model={m.d_model}); use '
                       "tie_embeddings=False or branch_input='project'")
@@ -260,5 +263,5 @@ def check(m) -> None:
 models.register_family(models.Family(
     'pgpt', ParallelGPT, forward_flops=ParallelGPT.forward_flops_per_token, check=check,
     param_keys=ParallelGPT.param_keys, summary_extras=ParallelGPT.summary_extras,
-    memory_extra_bytes=lambda cfg, a: cfg.num_branches * cfg.d_model * a,  # the P branch outputs before mixing
+    memory_extra_bytes=lambda cfg, a: cfg.pgpt.num_branches * cfg.d_model * a,  # the P branch outputs before mixing
     outside_params=('embed', 'head', 'ln_f', 'branch_logits', 'branch_weight')))

@@ -1,0 +1,112 @@
+"""Per-family config sections (`model.pgpt.*`, ...) and the run directories and exports of the older flat layout.
+
+A run written by an effjax whose `model` namespace was flat (`model.num_branches`) keeps working: its
+config.json and its checkpoints' recorded architecture are migrated on read (checkpoint.migrate_model /
+migrate_architecture), so sample, eval, export and resume run on it unchanged.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+import effjax
+from effjax import checkpoint, train
+from effjax.configs import base, pgpt
+from effjax.errors import EffjaxError
+from tests.helpers import run_cli, train_losses, variant_config
+
+
+def old_layout(model: dict) -> dict:
+  """A model config as effjax wrote it before the sections: every moved key flat again."""
+  flat = {old: model[new.split('.')[0]][new.split('.')[1]] for old, new in base.MOVED_MODEL_KEYS.items()
+          if new.split('.')[1] in (model.get(new.split('.')[0]) or {})}
+  out = {k: v for k, v in model.items() if k not in {new.split('.')[0] for new in base.MOVED_MODEL_KEYS.values()}}
+  return {**out, **flat}
+
+
+def old_architecture(arch: dict) -> dict:
+  renamed = {new: old for old, new in base.MOVED_MODEL_KEYS.items()}
+  return {renamed.get(k, k): v for k, v in arch.items()}
+
+
+def to_old_layout(run_dir: str) -> None:
+  """Rewrites a run directory (config.json and every checkpoint's meta) as the flat-key effjax wrote it."""
+  path = os.path.join(run_dir, 'config.json')
+  config = json.load(open(path, encoding='utf-8'))
+  config['model'] = old_layout(config['model'])
+  json.dump(config, open(path, 'w', encoding='utf-8'))
+  metas = glob.glob(os.path.join(run_dir, 'checkpoints', '*', 'meta', 'metadata'))
+  assert metas
+  for meta_path in metas:
+    meta = json.load(open(meta_path, encoding='utf-8'))
+    meta['architecture'] = old_architecture(meta['architecture'])
+    json.dump(meta, open(meta_path, 'w', encoding='utf-8'))
+
+
+def test_pgpt_keys_live_in_their_section_and_take_overrides():
+  m = pgpt.get_config('paper').model
+  assert (m.pgpt.num_branches, m.pgpt.branch_input, m.pgpt.branch_impl) == (2, 'split', 'vmap')
+  assert 'num_branches' not in m and 'pgpt.num_branches' in checkpoint.architecture(m)
+  result = run_cli('--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=1',
+                   '--config.model.num_layers=4')
+  assert result.returncode == 2 and 'model.pgpt.num_branches=1 is invalid' in result.stderr
+  result = run_cli('--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=4',
+                   '--config.model.num_layers=4')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert any(line.split()[:3] == ['model.pgpt.num_branches', '4', 'override'] for line in result.stdout.splitlines())
+
+
+def test_flat_model_keys_are_migrated_into_sections():
+  saved = {'family': 'pgpt', 'num_layers': 2, 'num_branches': 3, 'branch_input': 'split', 'active_branches': [1]}
+  model = checkpoint.migrate_model(saved)
+  assert model['pgpt'] == {'num_branches': 3, 'branch_input': 'split', 'active_branches': [1]}
+  assert 'num_branches' not in model and model['num_layers'] == 2
+  # a key already in its section wins over a stray flat one
+  assert checkpoint.migrate_model({'num_branches': 3, 'pgpt': {'num_branches': 4}})['pgpt'] == {'num_branches': 4}
+  with pytest.raises(EffjaxError, match='both model.num_branches and a model.pgpt value that is no section'):
+    checkpoint.migrate_model({'num_branches': 3, 'pgpt': 7})
+  assert checkpoint.migrate_architecture({'num_branches': 2, 'd_model': 64}) == {'pgpt.num_branches': 2,
+                                                                                   'd_model': 64}
+
+
+def test_flat_checkpoint_architecture_is_still_checked():
+  config = pgpt.get_config('tiny')
+  config.model.vocab_size = 50
+  meta = {'architecture': {**old_architecture(checkpoint.architecture(config.model)), 'num_branches': 4}}
+  with pytest.raises(EffjaxError, match=r'pgpt.num_branches: checkpoint 4 vs config 2'):
+    checkpoint.check_compatible(meta, config.model, 'old/checkpoints')
+  meta['architecture']['num_branches'] = 2
+  checkpoint.check_compatible(meta, config.model, 'old/checkpoints')
+
+
+def test_flat_key_run_dir_samples_evaluates_exports_and_resumes(tmp_path, corpus_dir):
+  run = str(tmp_path / 'run')
+  overrides = {'train.steps': 4, 'train.log_every': 1, 'checkpoint.every': 2, 'train.eval_every': 100}
+  train.train_and_evaluate(variant_config(pgpt, corpus_dir, **overrides, **{'train.stop_at': 2}), run)
+  to_old_layout(run)
+  saved = json.load(open(os.path.join(run, 'config.json'), encoding='utf-8'))['model']
+  assert saved['num_branches'] == 2 and 'pgpt' not in saved
+
+  result = run_cli(f'--workdir={run}', '--mode=sample', '--prompt=def ', '--max_new_tokens=8', '--temperature=0')
+  assert result.returncode == 0 and result.stdout.startswith('def '), result.stderr[-2000:]
+  result = run_cli(f'--workdir={run}', '--mode=eval', '--config.train.eval_batches=1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.load(open(os.path.join(run, 'eval.json'), encoding='utf-8'))['loss'] > 0
+  result = run_cli(f'--workdir={run}', '--mode=sample', '--config.model.pgpt.branch_input=project')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "model.pgpt.branch_input='project' (the run has 'split') conflicts with the architecture" in result.stderr
+
+  export = str(tmp_path / 'export')
+  result = run_cli(f'--workdir={run}', '--mode=export', f'--export_dir={export}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  path = os.path.join(export, 'config.json')  # an export written by the flat-key effjax loads too
+  config = json.load(open(path, encoding='utf-8'))
+  json.dump({**config, 'model': old_layout(config['model'])}, open(path, 'w', encoding='utf-8'))
+  _, _, loaded = effjax.load_export(export)
+  assert loaded.model.pgpt.num_branches == 2 and loaded.model.pgpt.branch_input == 'split'
+
+  train.train_and_evaluate(variant_config(pgpt, corpus_dir, **overrides), run)  # resumes from step 2
+  assert sorted(train_losses(run)) == [1, 2, 3, 4]
