@@ -1,4 +1,5 @@
-"""lc-gpt (LinearlyCompressedGPT, arXiv 2404.14462): after every n=model.compress_every blocks a Linear(d, d/f)
+"""lc-gpt (LinearlyCompressedGPT, arXiv 2404.14462): after every n=model.compress.compress_every blocks a
+Linear(d, d/f) ...
 
 The presets and defaults live in the library (effjax/configs/lcgpt.py);
 this file keeps `--config=configs/lcgpt.py[:preset]` working from the repository root.

@@ -43,7 +43,7 @@ def test_presets_build_and_unknown_preset_is_an_error():
       c = module.get_config(preset)
       c.model.vocab_size = c.model.vocab_size or 100
       build_model(c.model)
-  assert ccgpt.get_config('k3').model.conv_kernel == 3
+  assert ccgpt.get_config('k3').model.compress.conv_kernel == 3
   with pytest.raises(EffjaxError, match="unknown preset 'nope' for configs/ccgpt.py"):
     ccgpt.get_config('nope')
 
@@ -59,7 +59,7 @@ def test_paper_param_counts_exact(module):
 
 
 def test_segments_when_depth_is_not_a_multiple_of_n():
-  m = model_config(num_layers=5, d_model=64, compress_every=2)
+  m = model_config(num_layers=5, d_model=64, compress=dict(compress_every=2))
   assert compressed.segments(m) == [(64, 2), (32, 2), (16, 1)]
   assert compressed.compressions(m) == [(64, 32), (32, 16)] and compressed.final_width(m) == 16
   shapes = jax.eval_shape(build_model(m).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
@@ -68,7 +68,7 @@ def test_segments_when_depth_is_not_a_multiple_of_n():
 
 
 def test_conv_kernel_scales_compressor_params_and_flops():
-  k1, k3 = model_config('ccgpt', conv_kernel=1), model_config('ccgpt', conv_kernel=3)
+  k1, k3 = model_config('ccgpt', compress=dict(conv_kernel=1)), model_config('ccgpt', compress=dict(conv_kernel=3))
   weights = sum(a * b for a, b in compressed.compressions(k1))
   assert accounting.param_counts(k3)['total_params'] - accounting.param_counts(k1)['total_params'] == 2 * weights
   assert accounting.flops_per_token(k3, 32) - accounting.flops_per_token(k1, 32) == 4 * weights
@@ -81,7 +81,7 @@ def test_conv_kernel_scales_compressor_params_and_flops():
                                                          ('ccgpt', 3, 'post'), ('ccgpt', 3, 'pre')])
 def test_causality_via_gradients(family, kernel, norm_position):
   """d logits[t] / d input-embedding[t'] == 0 for t' > t; with kernel 3 the causal padding keeps it so."""
-  model, variables = init(model_config(family, conv_kernel=kernel, norm_position=norm_position))
+  model, variables = init(model_config(family, norm_position=norm_position, compress=dict(conv_kernel=kernel)))
   tokens = jnp.arange(12, dtype=jnp.int32)[None] + 3
   assert_causal(model, variables, tokens)
 
@@ -97,7 +97,7 @@ def test_causal_conv_sees_exactly_the_last_k_positions():
 
 
 def test_kernel1_conv_equals_linear_with_the_same_weights():
-  lc, cc = model_config('lcgpt'), model_config('ccgpt', conv_kernel=1)
+  lc, cc = model_config('lcgpt'), model_config('ccgpt', compress=dict(conv_kernel=1))
   lc_model, variables = init(lc)
   params = dict(variables['params'])
   for name in ('compress_0', 'compress_1'):
@@ -109,7 +109,7 @@ def test_kernel1_conv_equals_linear_with_the_same_weights():
 
 @pytest.mark.parametrize('family,kernel', [('lcgpt', 1), ('ccgpt', 3)])
 def test_kv_cache_matches_full_recompute(family, kernel):
-  m = model_config(family, conv_kernel=kernel)
+  m = model_config(family, compress=dict(conv_kernel=kernel))
   model, variables = init(m)
   prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, V)
   kw = dict(max_new_tokens=12, temperature=0.0, top_k=0, top_p=1.0)
@@ -131,10 +131,11 @@ def test_kv_cache_matches_full_recompute(family, kernel):
 
 
 @pytest.mark.parametrize('overrides,pattern', [
-    ({'d_model': 12, 'num_heads': 3, 'num_layers': 6}, r'model.compress_factor=2 does not divide the width 3 '),
+    ({'d_model': 12, 'num_heads': 3, 'num_layers': 6},
+     r'model.compress.compress_factor=2 does not divide the width 3 '),
     ({'d_model': 48, 'num_heads': 8, 'num_layers': 6}, r'model.num_heads=8 does not divide the compressed width 12'),
-    ({'compress_factor': 1}, r'model.compress_factor=1 is invalid'),
-    ({'compress_every': 0}, r'model.compress_every=0 is invalid'),
+    ({'compress': {'compress_factor': 1}}, r'model.compress.compress_factor=1 is invalid'),
+    ({'compress': {'compress_every': 0}}, r'model.compress.compress_every=0 is invalid'),
     ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit lcgpt'),
 ])
 def test_bad_widths_are_one_line_errors(overrides, pattern):
@@ -143,8 +144,8 @@ def test_bad_widths_are_one_line_errors(overrides, pattern):
 
 
 def test_bad_conv_kernel_is_an_error():
-  with pytest.raises(EffjaxError, match=r'model.conv_kernel=0 is invalid'):
-    build_model(model_config('ccgpt', conv_kernel=0))
+  with pytest.raises(EffjaxError, match=r'model.compress.conv_kernel=0 is invalid'):
+    build_model(model_config('ccgpt', compress=dict(conv_kernel=0)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def test_bad_conv_kernel_is_an_error():
 def test_resume_and_8_device_mesh(tmp_path, corpus_dir, family, kernel):
   """stop_at + resume == straight on the data=2 x fsdp=4 mesh, dropout on."""
   overrides = {'train.steps': 8, 'train.log_every': 1, 'checkpoint.every': 4, 'model.dropout': 0.1,
-               'model.conv_kernel': kernel}
+               'model.compress.conv_kernel': kernel}
   mesh8 = {'mesh.data': 2, 'mesh.fsdp': 4}
   train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8), str(tmp_path / 'straight'))
   train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8, **{'train.stop_at': 3}),

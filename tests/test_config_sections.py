@@ -14,7 +14,7 @@ import pytest
 
 import effjax
 from effjax import checkpoint, train
-from effjax.configs import base, pgpt
+from effjax.configs import base, ccgpt, pgpt
 from effjax.errors import EffjaxError
 from tests.helpers import run_cli, train_losses, variant_config
 
@@ -46,10 +46,13 @@ def to_old_layout(run_dir: str) -> None:
     json.dump(meta, open(meta_path, 'w', encoding='utf-8'))
 
 
-def test_pgpt_keys_live_in_their_section_and_take_overrides():
+def test_family_keys_live_in_their_sections_and_take_overrides():
   m = pgpt.get_config('paper').model
   assert (m.pgpt.num_branches, m.pgpt.branch_input, m.pgpt.branch_impl) == (2, 'split', 'vmap')
   assert 'num_branches' not in m and 'pgpt.num_branches' in checkpoint.architecture(m)
+  m = ccgpt.get_config('k3').model
+  assert (m.compress.compress_every, m.compress.compress_factor, m.compress.conv_kernel) == (2, 2, 3)
+  assert {'compress.compress_every', 'compress.conv_kernel'} <= set(checkpoint.architecture(m))
   result = run_cli('--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=1',
                    '--config.model.num_layers=4')
   assert result.returncode == 2 and 'model.pgpt.num_branches=1 is invalid' in result.stderr
@@ -64,6 +67,8 @@ def test_flat_model_keys_are_migrated_into_sections():
   model = checkpoint.migrate_model(saved)
   assert model['pgpt'] == {'num_branches': 3, 'branch_input': 'split', 'active_branches': [1]}
   assert 'num_branches' not in model and model['num_layers'] == 2
+  model = checkpoint.migrate_model({'family': 'ccgpt', 'compress_every': 3, 'compress_factor': 4, 'conv_kernel': 5})
+  assert model == {'family': 'ccgpt', 'compress': {'compress_every': 3, 'compress_factor': 4, 'conv_kernel': 5}}
   # a key already in its section wins over a stray flat one
   assert checkpoint.migrate_model({'num_branches': 3, 'pgpt': {'num_branches': 4}})['pgpt'] == {'num_branches': 4}
   with pytest.raises(EffjaxError, match='both model.num_branches and a model.pgpt value that is no section'):

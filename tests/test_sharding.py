@@ -35,7 +35,7 @@ RUN_CASES = [
     ('doped', 'tiny', {'model.mlp_kind': 'blockdiag'}),
     ('pgpt', 'tiny', {}),
     ('lcgpt', 'tiny', {}),
-    ('ccgpt', 'tiny', {'model.conv_kernel': 3}),
+    ('ccgpt', 'tiny', {'model.compress.conv_kernel': 3}),
 ]
 CASES = RUN_CASES + [
     ('fastfood', 'tiny', {}),

@@ -52,6 +52,8 @@ DEFAULT_RULES = FSDP_TP_RULES
 MOVED_MODEL_KEYS = {
     'num_branches': 'pgpt.num_branches', 'branch_input': 'pgpt.branch_input',
     'active_branches': 'pgpt.active_branches', 'branch_mix': 'pgpt.branch_mix', 'branch_impl': 'pgpt.branch_impl',
+    'compress_every': 'compress.compress_every', 'compress_factor': 'compress.compress_factor',
+    'conv_kernel': 'compress.conv_kernel',
 }
 
 
@@ -107,10 +109,11 @@ def get_base() -> ml_collections.ConfigDict:
       branch_mix='softmax',    # 'softmax' (P logits) | 'scalar' (one w: w, 1 - w; the authors' code)
       branch_impl='vmap',      # 'vmap' (one vectorised stack) | 'loop' (P stacks, Python loop; reference)
   )
-  # lc-gpt / cc-gpt
-  m.compress_every = 2
-  m.compress_factor = 2
-  m.conv_kernel = 1
+  m.compress = section(  # lc-gpt / cc-gpt (effjax/models/compressed.py)
+      compress_every=2,        # a compressor after every n blocks
+      compress_factor=2,       # ... divides the width by f
+      conv_kernel=1,           # cc-gpt's causal Conv1d kernel
+  )
 
   d = c.data = ml_collections.ConfigDict()
   d.dataset = ''             # a prepared dataset dir (python -m effjax.data.prepare), local or gs://; it wins over

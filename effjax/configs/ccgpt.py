@@ -1,5 +1,5 @@
 """cc-gpt (ConvCompressedGPT, arXiv 2404.14462): lc-gpt with each compressor a Conv1d over time
-(kernel model.conv_kernel, causal: kernel-1 zeros on the left, so position t never sees t' > t).
+(kernel model.compress.conv_kernel, causal: kernel-1 zeros on the left, so position t never sees t' > t).
 
 Presets:
   tiny       4 blocks, widths 64 → 32 (head reads 16), conv kernel 1, ctx 32: tests and smoke runs.
@@ -13,7 +13,7 @@ from effjax.configs import lcgpt
 
 
 def k3(c):
-  c.model.conv_kernel = 3
+  c.model.compress.conv_kernel = 3
   return c
 
 

@@ -1,5 +1,6 @@
-"""lc-gpt (LinearlyCompressedGPT, arXiv 2404.14462): after every n=model.compress_every blocks a Linear(d, d/f)
-(f=model.compress_factor) shrinks the width, d_m = d_0 / f^m; the head maps the last width to the vocabulary.
+"""lc-gpt (LinearlyCompressedGPT, arXiv 2404.14462): after every n=model.compress.compress_every blocks a
+Linear(d, d/f) (f=model.compress.compress_factor) shrinks the width, d_m = d_0 / f^m; the head maps the last width
+to the vocabulary.
 
 Presets:
   tiny       4 blocks, widths 64 → 32 (head reads 16), 4 heads, char tokens, ctx 32: tests and smoke runs.
@@ -32,7 +33,8 @@ def tiny(c):
 def paper_architecture(c, family: str):
   """The study's compressed GPT around the 4-block post-LN baseline: compress after every 2 blocks by 2."""
   gpt_config.pgpt_baseline(c)
-  c.model.update(family=family, compress_every=2, compress_factor=2, conv_kernel=1, final_norm=False)
+  c.model.update(family=family, final_norm=False)
+  c.model.compress.update(compress_every=2, compress_factor=2, conv_kernel=1)
   return c
 
 

@@ -1,11 +1,11 @@
 """lc-gpt and cc-gpt (LinearlyCompressedGPT / ConvCompressedGPT, arXiv 2404.14462): the width shrinks as depth
-grows. After every n = config.model.compress_every blocks a compressor maps the width d_m to d_m / f
-(f = config.model.compress_factor), so with L blocks the segments run at d_0, d_0/f, ... and the head reads
-d_0 / f^⌊L/n⌋ (the paper: 384 → 192 → 96 with L=4, n=2, f=2).
+grows. After every n = config.model.compress.compress_every blocks a compressor maps the width d_m to d_m / f
+(f = config.model.compress.compress_factor), so with L blocks the segments run at d_0, d_0/f, ... and the head
+reads d_0 / f^⌊L/n⌋ (the paper: 384 → 192 → 96 with L=4, n=2, f=2).
 
   lcgpt   the compressor is a Linear(d_m, d_m/f) (with bias when model.use_bias).
-  ccgpt   the compressor is a Conv1d over time, kernel config.model.conv_kernel (1 in the paper, which is the
-          same map as the Linear), left-padded by kernel-1 so position t only sees t-k+1..t; when decoding it
+  ccgpt   the compressor is a Conv1d over time, kernel config.model.compress.conv_kernel (1 in the paper, which is
+          the same map as the Linear), left-padded by kernel-1 so position t only sees t-k+1..t; when decoding it
           keeps the last kernel-1 inputs in the 'cache' collection.
 
 Each constant-width segment is one `layers.LayerStack` (params/stack_{m}/...), compressors are
@@ -26,23 +26,24 @@ from effjax.models import layers, validate
 
 def segments(cfg) -> list[tuple[int, int]]:
   """(width, blocks) of each constant-width segment, in order."""
-  n, out, width, left = cfg.compress_every, [], cfg.d_model, cfg.num_layers
+  n, out, width, left = cfg.compress.compress_every, [], cfg.d_model, cfg.num_layers
   while left > 0:
     blocks = min(n, left)
     out.append((width, blocks))
     left -= blocks
     if blocks == n:
-      width //= cfg.compress_factor
+      width //= cfg.compress.compress_factor
   return out
 
 
 def compressions(cfg) -> list[tuple[int, int]]:
   """(in width, out width) of each compressor: one after every full segment of compress_every blocks."""
-  return [(w, w // cfg.compress_factor) for w, blocks in segments(cfg) if blocks == cfg.compress_every]
+  f, n = cfg.compress.compress_factor, cfg.compress.compress_every
+  return [(w, w // f) for w, blocks in segments(cfg) if blocks == n]
 
 
 def final_width(cfg) -> int:
-  return cfg.d_model // cfg.compress_factor ** (cfg.num_layers // cfg.compress_every)
+  return cfg.d_model // cfg.compress.compress_factor ** (cfg.num_layers // cfg.compress.compress_every)
 
 
 class CausalConv1d(nn.Module):
@@ -94,14 +95,14 @@ class CompressedGPT(layers.LanguageModel):
                             train=train, decode=decode),
           num_layers=blocks, scan=cfg.scan_layers, share=cfg.share_layers, num_groups=cfg.num_groups,
           remat=cfg.remat, name=f'stack_{i}')(x_BxTxD, positions_T)
-      if blocks == cfg.compress_every:  # d_{m+1} = d_m / f
-        x_BxTxD = self.compressor(width // cfg.compress_factor, decode, f'compress_{m}')(x_BxTxD)
+      if blocks == cfg.compress.compress_every:  # d_{m+1} = d_m / f
+        x_BxTxD = self.compressor(width // cfg.compress.compress_factor, decode, f'compress_{m}')(x_BxTxD)
         m += 1
     return x_BxTxD
 
   @staticmethod
   def param_keys(cfg) -> tuple[str, ...]:
-    return layers.param_keys(cfg) + ('compress_every', 'compress_factor')
+    return layers.param_keys(cfg) + ('compress.compress_every', 'compress.compress_factor')
 
   @staticmethod
   def compressor_flops(cfg, d_in: int, d_out: int) -> int:
@@ -143,15 +144,15 @@ class LinearlyCompressedGPT(CompressedGPT):
 
 class ConvCompressedGPT(CompressedGPT):
   def compressor(self, out_width, decode, name):
-    return CausalConv1d(self.cfg, out_width, self.cfg.conv_kernel, decode, name=name)
+    return CausalConv1d(self.cfg, out_width, self.cfg.compress.conv_kernel, decode, name=name)
 
   @staticmethod
   def param_keys(cfg) -> tuple[str, ...]:
-    return CompressedGPT.param_keys(cfg) + ('conv_kernel',)
+    return CompressedGPT.param_keys(cfg) + ('compress.conv_kernel',)
 
   @staticmethod
   def compressor_flops(cfg, d_in: int, d_out: int) -> int:
-    return 2 * cfg.conv_kernel * d_in * d_out
+    return 2 * cfg.compress.conv_kernel * d_in * d_out
 
   @classmethod
   def forward_flops_per_token(cls, cfg, seq_len: int) -> int:
@@ -161,16 +162,18 @@ class ConvCompressedGPT(CompressedGPT):
 def check(m) -> None:
   """lc-gpt / cc-gpt config checks: every width the compressions reach must suit the heads (and rotary)."""
   for key in ('compress_every', 'compress_factor', 'conv_kernel'):
-    validate.check_positive(m, key)
-  if m.compress_factor < 2:
-    raise EffjaxError(f'model.compress_factor={m.compress_factor} is invalid; it must be >= 2 (each compression '
+    validate.check_positive(m, f'compress.{key}')
+  own = m.compress
+  f = own.compress_factor
+  if f < 2:
+    raise EffjaxError(f'model.compress.compress_factor={f} is invalid; it must be >= 2 (each compression '
                       'divides the width by it)')
-  width, left, n = m.d_model, m.num_layers, m.compress_every
+  width, left, n = m.d_model, m.num_layers, own.compress_every
   while left > 0:
     blocks = min(n, left)
     if width % m.num_heads:
       raise EffjaxError(f'model.num_heads={m.num_heads} does not divide the compressed width {width} '
-                        f'(d_model={m.d_model} / compress_factor={m.compress_factor} per {n} blocks); choose '
+                        f'(d_model={m.d_model} / compress_factor={f} per {n} blocks); choose '
                         'heads, d_model or compress_factor so every width is a multiple of the heads')
     if m.pos_emb == 'rotary' and (width // m.num_heads) % 2:
       raise EffjaxError(f'rotary positions need an even head dim at every width, got {width}/{m.num_heads}')
@@ -178,11 +181,11 @@ def check(m) -> None:
       raise EffjaxError(f'model.num_groups={m.num_groups} does not divide the {blocks} blocks at width {width}')
     left -= blocks
     if blocks == n:
-      if width % m.compress_factor:
-        raise EffjaxError(f'model.compress_factor={m.compress_factor} does not divide the width {width} reached '
+      if width % f:
+        raise EffjaxError(f'model.compress.compress_factor={f} does not divide the width {width} reached '
                           f'after {m.num_layers - left} blocks (d_model={m.d_model}); use a d_model divisible by '
                           f'compress_factor^{m.num_layers // n}')
-      width //= m.compress_factor
+      width //= f
   if m.tie_embeddings and width != m.d_model:
     raise EffjaxError(f'model.tie_embeddings=True does not fit {m.family}: the head reads width {width}, the '
                       f'embedding is d_model={m.d_model} wide; use tie_embeddings=False')

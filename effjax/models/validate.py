@@ -17,7 +17,10 @@ CHOICES = {
 
 
 def check_positive(m, key):
-  value = m[key]
+  """m[key] (a dotted key reads a section: 'compress.conv_kernel') is an integer > 0."""
+  value = m
+  for part in key.split('.'):
+    value = value[part]
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise EffjaxError(f'model.{key}={value!r} is invalid; it must be a positive integer')
 
