@@ -126,7 +126,7 @@ def activation_bytes_per_token(cfg, seq_len: int, tensor: int = 1) -> dict:
   for kind, d, n, count in _blocks(cfg):
     f = cfg.mlp_ratio * d
     if kind == 'frozen':
-      ff = cfg.frozen_mlp_ratio * d
+      ff = cfg.doping.frozen_mlp_ratio * d
       full = 2 * d * a + 2 * ff * a / _divides(tensor, ff)
       saved = full if remat == 'none' else d * a
       blocks += count * saved

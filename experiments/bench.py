@@ -53,7 +53,7 @@ def family_overrides(family: str, d_model: int) -> dict:
                     head_bias=True),
       'ccgpt': dict(family='ccgpt', compress=dict(compress_every=2, compress_factor=2, conv_kernel=3),
                     tie_embeddings=False, head_bias=True),
-      'doped': dict(doping='interleave', frozen_mlp_ratio=6),
+      'doped': dict(doping=dict(pattern='interleave', frozen_mlp_ratio=6)),
       'fastfood': dict(mlp_kind='fastfood'),
       'blockdiag': dict(mlp_kind='blockdiag', num_blocks=4),
   }[family]

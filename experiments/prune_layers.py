@@ -59,9 +59,9 @@ def prune(config, variables: dict, k: int):
   """(config with num_layers = L - k, variables without the last k blocks) for a plain GPT."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   m = config.model
-  if m.family != 'gpt' or m.share_layers != 'none' or m.get('doping', ''):
+  if m.family != 'gpt' or m.share_layers != 'none' or m.doping.pattern:
     raise ValueError(f'prune_layers supports a plain GPT (family gpt, no sharing, no doping); got family='
-                     f'{m.family!r}, share_layers={m.share_layers!r}, doping={m.get("doping", "")!r}')
+                     f'{m.family!r}, share_layers={m.share_layers!r}, doping={m.doping.pattern!r}')
   if not 0 <= k < m.num_layers:
     raise ValueError(f'k={k} must be in 0..num_layers-1={m.num_layers - 1}')
   pruned = ml_collections.ConfigDict(config.to_dict())

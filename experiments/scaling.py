@@ -54,7 +54,7 @@ class Run:
 
 FAMILY_MODEL = {
     'baseline': {},
-    'doped': {'doping': 'interleave', 'frozen_mlp_ratio': 6},
+    'doped': {'doping': {'pattern': 'interleave', 'frozen_mlp_ratio': 6}},
     'fastfood': {'mlp_kind': 'fastfood'},
     'blockdiag': {'mlp_kind': 'blockdiag', 'num_blocks': 4},
 }

@@ -18,16 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effjax import checkpoint
+
 
 def check_supported(m) -> None:
   """The reference covers the plain GPT; anything else would make the comparison meaningless."""
   problems = []
   if m.family != 'gpt':
     problems.append(f'family={m.family!r}')
-  for key, plain in (('share_layers', 'none'), ('mlp_kind', 'dense'), ('attn_kind', 'dense'), ('doping', ''),
-                     ('embed_dim', 0)):
-    if m.get(key, plain) != plain:
-      problems.append(f'{key}={m.get(key)!r}')
+  for key, plain in (('share_layers', 'none'), ('mlp_kind', 'dense'), ('attn_kind', 'dense'),
+                     ('doping.pattern', ''), ('embed_dim', 0)):
+    value = checkpoint.lookup(m, key)
+    if value not in (None, plain):
+      problems.append(f'{key}={value!r}')
   if problems:
     raise ValueError(f'experiments.torch_gpt supports the plain GPT only; got {", ".join(problems)}')
 

@@ -69,6 +69,10 @@ def test_flat_model_keys_are_migrated_into_sections():
   assert 'num_branches' not in model and model['num_layers'] == 2
   model = checkpoint.migrate_model({'family': 'ccgpt', 'compress_every': 3, 'compress_factor': 4, 'conv_kernel': 5})
   assert model == {'family': 'ccgpt', 'compress': {'compress_every': 3, 'compress_factor': 4, 'conv_kernel': 5}}
+  # the flat string model.doping becomes the section's pattern
+  model = checkpoint.migrate_model({'family': 'gpt', 'doping': 'TFTFT', 'frozen_mlp_ratio': 4, 'num_layers': 3})
+  assert model == {'family': 'gpt', 'num_layers': 3, 'doping': {'pattern': 'TFTFT', 'frozen_mlp_ratio': 4}}
+  assert checkpoint.migrate_model({'doping': {'pattern': 'TFT'}}) == {'doping': {'pattern': 'TFT'}}
   # a key already in its section wins over a stray flat one
   assert checkpoint.migrate_model({'num_branches': 3, 'pgpt': {'num_branches': 4}})['pgpt'] == {'num_branches': 4}
   with pytest.raises(EffjaxError, match='both model.num_branches and a model.pgpt value that is no section'):

@@ -87,7 +87,7 @@ def test_summary_counts_the_parameters_it_creates(name, extra):
 
 def _fixed_depth(m) -> bool:
   """Presets whose depth is tied to other keys (sharing groups, doping patterns) keep their own num_layers."""
-  return m.share_layers == 'groups' or bool(m.get('doping', ''))
+  return m.share_layers == 'groups' or bool(m.doping.pattern)
 
 
 def _relayout_maps(name, extra) -> bool:

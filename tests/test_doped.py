@@ -65,21 +65,21 @@ def test_tiny_preset_is_tftft_and_presets_build():
     c = doped_config.get_config(preset)
     c.model.vocab_size = 100
     build_model(c.model)
-  assert doped_config.get_config('nodoping').model.doping == ''
+  assert doped_config.get_config('nodoping').model.doping.pattern == ''
   with pytest.raises(EffjaxError, match="unknown preset 'nope' for configs/doped.py"):
     doped_config.get_config('nope')
 
 
 @pytest.mark.parametrize('overrides,pattern', [
-    ({'doping': 'FTT', 'num_layers': 2}, r"model.doping='FTT' is invalid: the first and last layers must be "
-                                          r'trainable'),
-    ({'doping': 'TTF', 'num_layers': 2}, r'first and last layers must be trainable'),
-    ({'doping': 'TXT', 'num_layers': 2}, r"model.doping='TXT' is invalid: 'X' is not T or F"),
-    ({'doping': 'tft', 'num_layers': 2}, r"'ft' is not T or F"),
-    ({'doping': 'TFTFT', 'num_layers': 5}, r"model.doping='TFTFT' has 3 trainable blocks \(T\) but "
-                                           r'model.num_layers=5; .* set it to 3'),
-    ({'frozen_mlp_ratio': 0}, r'model.frozen_mlp_ratio=0 is invalid; it must be a positive integer'),
-    ({'share_layers': 'all'}, r"model.doping='interleave' needs model.share_layers='none'"),
+    ({'doping': {'pattern': 'FTT'}, 'num_layers': 2},
+     r"model.doping.pattern='FTT' is invalid: the first and last layers must be trainable"),
+    ({'doping': {'pattern': 'TTF'}, 'num_layers': 2}, r'first and last layers must be trainable'),
+    ({'doping': {'pattern': 'TXT'}, 'num_layers': 2}, r"model.doping.pattern='TXT' is invalid: 'X' is not T or F"),
+    ({'doping': {'pattern': 'tft'}, 'num_layers': 2}, r"'ft' is not T or F"),
+    ({'doping': {'pattern': 'TFTFT'}, 'num_layers': 5},
+     r"model.doping.pattern='TFTFT' has 3 trainable blocks \(T\) but model.num_layers=5; .* set it to 3"),
+    ({'doping': {'frozen_mlp_ratio': 0}}, r'model.doping.frozen_mlp_ratio=0 is invalid; it must be a positive integer'),
+    ({'share_layers': 'all'}, r"model.doping.pattern='interleave' needs model.share_layers='none'"),
 ])
 def test_bad_doping_is_one_clear_error(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):
@@ -87,7 +87,7 @@ def test_bad_doping_is_one_clear_error(overrides, pattern):
 
 
 def test_doping_refused_by_families_that_ignore_it():
-  with pytest.raises(EffjaxError, match=r"model.doping='interleave' is not supported by model.family='pgpt'"):
+  with pytest.raises(EffjaxError, match=r"model.doping.pattern='interleave' is not supported by model.family='pgpt'"):
     doped.check(model_config(), 'pgpt')
 
 
@@ -96,8 +96,8 @@ def test_frozen_layers_add_only_frozen_params_with_logical_axes():
   layer is W1 [d, r·d] + W2 [r·d, d] in 'frozen', stacked with the 'layers' axis, distinct per layer."""
   m = model_config()
   _, variables = init(m)
-  _, plain = init(model_config(doping=''))
-  d, r = m.d_model, m.frozen_mlp_ratio
+  _, plain = init(model_config(doping=dict(pattern='')))
+  d, r = m.d_model, m.doping.frozen_mlp_ratio
   assert count(variables['params']) == count(plain['params'])
   assert count(variables['frozen']) == 2 * (2 * r * d * d)
   boxed = jax.eval_shape(lambda: build_model(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
@@ -112,7 +112,7 @@ def test_frozen_layers_add_only_frozen_params_with_logical_axes():
 @pytest.mark.parametrize('doping,num_layers,remat,norm_position', [
     ('interleave', 3, 'none', 'pre'), ('TFFTTFT', 4, 'full', 'post')])
 def test_scanned_equals_unscanned(doping, num_layers, remat, norm_position):
-  m = model_config(doping=doping, num_layers=num_layers, remat=remat, norm_position=norm_position)
+  m = model_config(doping=dict(pattern=doping), num_layers=num_layers, remat=remat, norm_position=norm_position)
   model, variables = init(m)
   unrolled = build_model(ml_collections.ConfigDict({**m.to_dict(), 'scan_layers': False}))
   tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, V)
@@ -211,7 +211,7 @@ def test_resume_and_mesh_are_exact_and_checkpoint_stores_the_frozen_weights(tmp_
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)),
                                                       jax.tree.leaves(jax.device_get(fresh.params))))
 
-  m, d, r = config.model, config.model.d_model, config.model.frozen_mlp_ratio
+  m, d, r = config.model, config.model.d_model, config.model.doping.frozen_mlp_ratio
   n_frozen = 2 * 2 * r * d * d
   n_train = m.num_layers * (12 * d * d + 13 * d) + 2 * d  # blocks + ln_f (tied head, learned positions: embedding)
   tokens = config.train.batch_size * config.data.seq_len

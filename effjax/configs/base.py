@@ -53,7 +53,7 @@ MOVED_MODEL_KEYS = {
     'num_branches': 'pgpt.num_branches', 'branch_input': 'pgpt.branch_input',
     'active_branches': 'pgpt.active_branches', 'branch_mix': 'pgpt.branch_mix', 'branch_impl': 'pgpt.branch_impl',
     'compress_every': 'compress.compress_every', 'compress_factor': 'compress.compress_factor',
-    'conv_kernel': 'compress.conv_kernel',
+    'conv_kernel': 'compress.conv_kernel', 'doping': 'doping.pattern', 'frozen_mlp_ratio': 'doping.frozen_mlp_ratio',
 }
 
 
@@ -99,9 +99,11 @@ def get_base() -> ml_collections.ConfigDict:
   m.attn_kind = 'dense'
   m.num_blocks = 4           # blocks of the block-diagonal layers
   m.blockdiag_mix = 'each'    # 'each' | 'expanding' (seed 004 Fig. 5: one block-Hadamard per MLP)
-  m.doping = ''              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);
-                             # num_layers counts the T's (effjax/models/doped.py)
-  m.frozen_mlp_ratio = 6     # frozen MLP hidden width = frozen_mlp_ratio * d_model
+  m.doping = section(  # frozen random MLPs between trainable blocks (effjax/models/doped.py)
+      pattern='',              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);
+                               # num_layers counts the T's
+      frozen_mlp_ratio=6,      # frozen MLP hidden width = frozen_mlp_ratio * d_model
+  )
   m.pgpt = section(  # p-gpt (effjax/models/parallel.py)
       num_branches=2,
       branch_input='project',  # 'split' | 'project'

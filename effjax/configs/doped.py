@@ -1,7 +1,7 @@
 """Doped GPT (seed 004, §3): trainable transformer blocks with frozen random MLPs (hidden 6·d) between them, the
-first and last layer trainable. Family `gpt`; the technique is config only: model.doping (see
-effjax/models/doped.py) and model.frozen_mlp_ratio. model.num_layers counts the *trainable* blocks; with
-doping='interleave' the stack has num_layers + (num_layers - 1) layers.
+first and last layer trainable. Family `gpt`; the technique is config only: model.doping.pattern (see
+effjax/models/doped.py) and model.doping.frozen_mlp_ratio. model.num_layers counts the *trainable* blocks; with
+doping.pattern='interleave' the stack has num_layers + (num_layers - 1) layers.
 
 Presets:
   tiny       3 trainable 64-wide blocks + 2 frozen MLPs (TFTFT), char tokens, ctx 32: tests (seconds).
@@ -25,7 +25,8 @@ DOPED_SIZES = {
 
 
 def doped(c, trainable_blocks: int):
-  c.model.update(num_layers=trainable_blocks, doping='interleave', frozen_mlp_ratio=6)
+  c.model.num_layers = trainable_blocks
+  c.model.doping.update(pattern='interleave', frozen_mlp_ratio=6)
   return c
 
 
@@ -38,7 +39,7 @@ def get_config(preset: str = ''):
     gpt_config.tiny(c)
     doped(c, 3)
   elif preset == 'nodoping':
-    c.model.doping = ''
+    c.model.doping.pattern = ''
   elif preset in DOPED_SIZES or preset == 'paper':
     size, blocks = DOPED_SIZES['medium' if preset == 'paper' else preset]
     gpt_config.lighton(c, size)

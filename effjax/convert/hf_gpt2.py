@@ -131,7 +131,7 @@ def effjax_config(hf_cfg: dict, scan_layers: bool = True):
                  norm_position='pre', final_norm=True, tie_embeddings=bool(hf_cfg.get('tie_word_embeddings', True)),
                  head_bias=False, dropout=float(hf_cfg.get('resid_pdrop', 0.0)),
                  attn_dropout=float(hf_cfg.get('attn_pdrop', 0.0)), scan_layers=bool(scan_layers),
-                 share_layers='none', embed_dim=0, mlp_kind='dense', attn_kind='dense', doping='')
+                 share_layers='none', embed_dim=0, mlp_kind='dense', attn_kind='dense', doping=dict(pattern=''))
   c.data.update(tokenizer='bpe', bpe_vocab_size=vocab, seq_len=min(n_positions, 1024))
   return c
 
@@ -244,8 +244,9 @@ def _check_exportable(m) -> None:
   for key, value in wants.items():
     if m.get(key, value) != value:
       problems.append(f'model.{key}={m.get(key)!r} (GPT-2 needs {value!r})')
-  if m.get('doping', ''):
-    problems.append(f'model.doping={m.doping!r} (GPT-2 has no frozen MLP layers)')
+  doping = (m.get('doping') or {}).get('pattern', '')
+  if doping:
+    problems.append(f'model.doping.pattern={doping!r} (GPT-2 has no frozen MLP layers)')
   if not m.tie_embeddings and m.get('head_bias', False):
     problems.append('model.head_bias=True (GPT-2\'s lm_head has no bias)')
   if problems:

@@ -1,6 +1,6 @@
 """Doping (seed 004, §3): frozen, randomly initialised MLP layers interleaved with trainable transformer blocks.
 
-`config.model.doping` picks the layout of the stack, read bottom (input side) to top:
+`config.model.doping.pattern` picks the layout of the stack, read bottom (input side) to top:
   ''            off: a plain GPT.
   'interleave'  T(FT)^(L-1): the model.num_layers = L trainable blocks with one frozen MLP between each pair,
                 2L-1 layers in all (the seed's Doped XSmall / Small / Medium: 3+2, 6+5, 12+11).
@@ -9,7 +9,7 @@
 
 A frozen layer (seed: "replace a decoder layer with a single frozen MLP ... hidden 6·d") is a residual MLP
 without attention, x + W2·gelu(W1·norm(x)) (pre-LN; post-LN models use norm(x + W2·gelu(W1·x))), with
-W1 [d, r·d], W2 [r·d, d], r = model.frozen_mlp_ratio. It has no trainable parameter at all: its norm has no
+W1 [d, r·d], W2 [r·d, d], r = model.doping.frozen_mlp_ratio. It has no trainable parameter at all: its norm has no
 scale or bias, and it has no biases (a frozen zero bias would only be a stored zero). So a frozen layer holds
 exactly 2·r·d² weights (12·d² for r=6, the size of the transformer layer it replaces), and a doped model has
 exactly the trainable parameters of the undoped GPT with the same trainable blocks. W1, W2 are drawn once at
@@ -46,7 +46,7 @@ def parse_doping(doping: str, num_layers: int) -> tuple[int, ...]:
   Raises EffjaxError (one line) for a malformed pattern.
   """
   if not isinstance(doping, str):
-    raise EffjaxError(f"model.doping={doping!r} is invalid; use '' (off), 'interleave' or a T/F pattern "
+    raise EffjaxError(f"model.doping.pattern={doping!r} is invalid; use '' (off), 'interleave' or a T/F pattern "
                       "such as 'TFTFT'")
   if doping == '':
     return (0,) * num_layers
@@ -54,49 +54,55 @@ def parse_doping(doping: str, num_layers: int) -> tuple[int, ...]:
     return (1,) * (num_layers - 1) + (0,)
   bad = sorted(set(doping) - set('TF'))
   if bad:
-    raise EffjaxError(f"model.doping={doping!r} is invalid: {''.join(bad)!r} is not T or F; use '' (off), "
+    raise EffjaxError(f"model.doping.pattern={doping!r} is invalid: {''.join(bad)!r} is not T or F; use '' (off), "
                       "'interleave' or a pattern of T (trainable block) and F (frozen MLP) such as 'TFTFT'")
   if doping[0] != 'T' or doping[-1] != 'T':
-    raise EffjaxError(f"model.doping={doping!r} is invalid: the first and last layers must be trainable (T), "
+    raise EffjaxError(f"model.doping.pattern={doping!r} is invalid: the first and last layers must be trainable (T), "
                       "e.g. 'TFTFT'")
   trainable = doping.count('T')
   if trainable != num_layers:
-    raise EffjaxError(f'model.doping={doping!r} has {trainable} trainable blocks (T) but model.num_layers='
+    raise EffjaxError(f'model.doping.pattern={doping!r} has {trainable} trainable blocks (T) but model.num_layers='
                       f'{num_layers}; num_layers counts the trainable blocks: set it to {trainable}')
   return tuple(len(run) for run in doping.split('T')[1:])
 
 
+def doping(cfg) -> str:
+  """model.doping.pattern: '' (off), 'interleave' or a T/F pattern."""
+  section = cfg.get('doping')
+  return section.get('pattern', '') if section is not None else ''
+
+
 def pattern(cfg) -> str:
   """The layer pattern as T/F letters, input side first ('T' * L when doping is off)."""
-  return ''.join('T' + 'F' * k for k in parse_doping(cfg.doping, cfg.num_layers))
+  return ''.join('T' + 'F' * k for k in parse_doping(doping(cfg), cfg.num_layers))
 
 
 def check(m, family: str) -> None:
   """Config checks for doping (called by validate.check_model_config)."""
-  if not m.get('doping', ''):
+  if not doping(m):
     return
   from effjax import models  # pylint: disable=import-outside-toplevel
   if not models.family(family).doping:
     supported = [name for name in models.families() if models.family(name).doping]
-    raise EffjaxError(f'model.doping={m.doping!r} is not supported by model.family={family!r}; doping works '
+    raise EffjaxError(f'model.doping.pattern={doping(m)!r} is not supported by model.family={family!r}; doping works '
                       f'with: {", ".join(supported)}')
-  parse_doping(m.doping, m.num_layers)
-  ratio = m.frozen_mlp_ratio
+  parse_doping(doping(m), m.num_layers)
+  ratio = m.doping.frozen_mlp_ratio
   if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
-    raise EffjaxError(f'model.frozen_mlp_ratio={ratio!r} is invalid; it must be a positive integer')
+    raise EffjaxError(f'model.doping.frozen_mlp_ratio={ratio!r} is invalid; it must be a positive integer')
   if m.share_layers != 'none':
-    raise EffjaxError(f"model.doping={m.doping!r} needs model.share_layers='none' (got {m.share_layers!r}): "
+    raise EffjaxError(f"model.doping.pattern={doping(m)!r} needs model.share_layers='none' (got {m.share_layers!r}): "
                       'a doped stack has independent trainable blocks')
 
 
 def param_keys(cfg) -> tuple[str, ...]:
   """The doping keys that shape a family's parameters (frozen_mlp_ratio only matters when doping is on)."""
-  return ('doping', 'frozen_mlp_ratio') if cfg.get('doping', '') else ('doping',)
+  return ('doping.pattern', 'doping.frozen_mlp_ratio') if doping(cfg) else ('doping.pattern',)
 
 
 def depth(cfg) -> int:
   """All layers, trainable and frozen."""
-  return cfg.num_layers + sum(parse_doping(cfg.doping, cfg.num_layers))
+  return cfg.num_layers + sum(parse_doping(doping(cfg), cfg.num_layers))
 
 
 class FrozenMlp(nn.Module):
@@ -109,7 +115,7 @@ class FrozenMlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    d, f = self.d_model, cfg.frozen_mlp_ratio * self.d_model
+    d, f = self.d_model, cfg.doping.frozen_mlp_ratio * self.d_model
     pdt, dt = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.dtype)
     fc_init = layers.normal_init(layers.INIT_STD, ('embed', 'mlp'))
     proj_init = layers.normal_init(layers.INIT_STD / math.sqrt(2 * self.num_layers), ('mlp', 'embed'))
@@ -165,7 +171,7 @@ class DopedStack(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array) -> jax.Array:
     cfg = self.cfg
-    runs = [(k, len(list(group))) for k, group in itertools.groupby(parse_doping(cfg.doping, cfg.num_layers))]
+    runs = [(k, len(list(group))) for k, group in itertools.groupby(parse_doping(doping(cfg), cfg.num_layers))]
     for i, (num_frozen, count) in enumerate(runs):
       x_BxTxD = layers.LayerStack(
           block_cls=DopedUnit,
@@ -180,11 +186,11 @@ class DopedStack(nn.Module):
 # Accounting
 
 def frozen_params_per_layer(cfg) -> int:
-  return 2 * cfg.frozen_mlp_ratio * cfg.d_model ** 2
+  return 2 * cfg.doping.frozen_mlp_ratio * cfg.d_model ** 2
 
 
 def num_frozen_layers(cfg) -> int:
-  return sum(parse_doping(cfg.get('doping', ''), cfg.num_layers))
+  return sum(parse_doping(doping(cfg), cfg.num_layers))
 
 
 def frozen_forward_flops(cfg) -> int:
@@ -196,7 +202,7 @@ def summary_extras(cfg, abstract_variables) -> dict:
   count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
   frozen_layers = num_frozen_layers(cfg)
   return {
-      'doping': cfg.doping,
+      'doping': doping(cfg),
       'layer_pattern': pattern(cfg),
       'trainable_layers': cfg.num_layers,
       'frozen_layers': frozen_layers,

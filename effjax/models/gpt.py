@@ -15,7 +15,7 @@ class GPT(layers.LanguageModel):
 
   def trunk(self, x_BxTxD: jax.Array, positions_T: jax.Array, train: bool, decode: bool) -> jax.Array:
     cfg = self.cfg
-    if cfg.get('doping', ''):  # frozen random MLPs between trainable blocks (effjax/models/doped.py)
+    if doped.doping(cfg):  # frozen random MLPs between trainable blocks (effjax/models/doped.py)
       stack = doped.DopedStack(cfg, train=train, decode=decode, name='stack')
     else:
       stack = layers.LayerStack(
@@ -59,14 +59,14 @@ class GPT(layers.LanguageModel):
         'untied_head_params': count(head),
         'unshared_equivalent_params': total + (cfg.num_layers - unique) * per_block,
     }
-    if cfg.get('doping', ''):
+    if doped.doping(cfg):
       extras.update(doped.summary_extras(cfg, abstract_variables))
     return extras
 
 
 def memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
   """num_layers blocks of width d_model (shared or not, each is applied), and the doped frozen MLPs."""
-  frozen = [('frozen', cfg.d_model, 0, doped.num_frozen_layers(cfg))] if cfg.get('doping', '') else []
+  frozen = [('frozen', cfg.d_model, 0, doped.num_frozen_layers(cfg))] if doped.doping(cfg) else []
   return models.plain_memory_blocks(cfg) + frozen
 
 
