@@ -55,7 +55,7 @@ def family_overrides(family: str, d_model: int) -> dict:
                     tie_embeddings=False, head_bias=True),
       'doped': dict(doping=dict(pattern='interleave', frozen_mlp_ratio=6)),
       'fastfood': dict(mlp_kind='fastfood'),
-      'blockdiag': dict(mlp_kind='blockdiag', num_blocks=4),
+      'blockdiag': dict(mlp_kind='blockdiag', dense=dict(num_blocks=4)),
   }[family]
 
 

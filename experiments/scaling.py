@@ -56,7 +56,7 @@ FAMILY_MODEL = {
     'baseline': {},
     'doped': {'doping': {'pattern': 'interleave', 'frozen_mlp_ratio': 6}},
     'fastfood': {'mlp_kind': 'fastfood'},
-    'blockdiag': {'mlp_kind': 'blockdiag', 'num_blocks': 4},
+    'blockdiag': {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 4}},
 }
 
 

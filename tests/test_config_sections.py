@@ -1,4 +1,5 @@
-"""Per-family config sections (`model.pgpt.*`, ...) and the run directories and exports of the older flat layout.
+"""Per-family config sections (`model.pgpt.*`, ..., the dense kinds' `model.dense.*`) and the run directories
+and exports of the older flat layout.
 
 A run written by an effjax whose `model` namespace was flat (`model.num_branches`) keeps working: its
 config.json and its checkpoints' recorded architecture are migrated on read (checkpoint.migrate_model /
@@ -14,7 +15,7 @@ import pytest
 
 import effjax
 from effjax import checkpoint, train
-from effjax.configs import base, ccgpt, pgpt
+from effjax.configs import base, blockdiag, ccgpt, gpt, lowrank, pgpt
 from effjax.errors import EffjaxError
 from tests.helpers import run_cli, train_losses, variant_config
 
@@ -53,6 +54,13 @@ def test_family_keys_live_in_their_sections_and_take_overrides():
   m = ccgpt.get_config('k3').model
   assert (m.compress.compress_every, m.compress.compress_factor, m.compress.conv_kernel) == (2, 2, 3)
   assert {'compress.compress_every', 'compress.conv_kernel'} <= set(checkpoint.architecture(m))
+  m = blockdiag.get_config('figure5').model
+  assert (m.dense.num_blocks, m.dense.blockdiag_mix) == (4, 'expanding') and 'num_blocks' not in m
+  assert {'dense.num_blocks', 'dense.blockdiag_mix'} <= set(checkpoint.architecture(m))
+  m = lowrank.get_config('tiny').model  # a kind's own key: only its config file adds it to the dense section
+  assert m.dense.lowrank_rank == 8 and checkpoint.architecture(m)['dense.lowrank_rank'] == 8
+  assert 'lowrank_rank' not in gpt.get_config('').model.dense
+  assert 'dense.num_blocks' not in checkpoint.architecture(gpt.get_config('').model)  # plain dense layers
   result = run_cli('--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=1',
                    '--config.model.num_layers=4')
   assert result.returncode == 2 and 'model.pgpt.num_branches=1 is invalid' in result.stderr
@@ -73,12 +81,18 @@ def test_flat_model_keys_are_migrated_into_sections():
   model = checkpoint.migrate_model({'family': 'gpt', 'doping': 'TFTFT', 'frozen_mlp_ratio': 4, 'num_layers': 3})
   assert model == {'family': 'gpt', 'num_layers': 3, 'doping': {'pattern': 'TFTFT', 'frozen_mlp_ratio': 4}}
   assert checkpoint.migrate_model({'doping': {'pattern': 'TFT'}}) == {'doping': {'pattern': 'TFT'}}
+  model = checkpoint.migrate_model({'mlp_kind': 'blockdiag', 'num_blocks': 8, 'blockdiag_mix': 'expanding',
+                                    'lowrank_rank': 16})
+  assert model == {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 8, 'blockdiag_mix': 'expanding',
+                                                      'lowrank_rank': 16}}
   # a key already in its section wins over a stray flat one
   assert checkpoint.migrate_model({'num_branches': 3, 'pgpt': {'num_branches': 4}})['pgpt'] == {'num_branches': 4}
   with pytest.raises(EffjaxError, match='both model.num_branches and a model.pgpt value that is no section'):
     checkpoint.migrate_model({'num_branches': 3, 'pgpt': 7})
   assert checkpoint.migrate_architecture({'num_branches': 2, 'd_model': 64}) == {'pgpt.num_branches': 2,
                                                                                    'd_model': 64}
+  assert checkpoint.migrate_architecture({'num_blocks': 4, 'lowrank_rank': 8}) == {'dense.num_blocks': 4,
+                                                                                     'dense.lowrank_rank': 8}
 
 
 def test_flat_checkpoint_architecture_is_still_checked():
@@ -93,11 +107,12 @@ def test_flat_checkpoint_architecture_is_still_checked():
 
 def test_flat_key_run_dir_samples_evaluates_exports_and_resumes(tmp_path, corpus_dir):
   run = str(tmp_path / 'run')
-  overrides = {'train.steps': 4, 'train.log_every': 1, 'checkpoint.every': 2, 'train.eval_every': 100}
+  overrides = {'train.steps': 4, 'train.log_every': 1, 'checkpoint.every': 2, 'train.eval_every': 100,
+               'model.mlp_kind': 'blockdiag'}  # so the architecture records dense.num_blocks too
   train.train_and_evaluate(variant_config(pgpt, corpus_dir, **overrides, **{'train.stop_at': 2}), run)
   to_old_layout(run)
   saved = json.load(open(os.path.join(run, 'config.json'), encoding='utf-8'))['model']
-  assert saved['num_branches'] == 2 and 'pgpt' not in saved
+  assert saved['num_branches'] == 2 and saved['num_blocks'] == 4 and 'pgpt' not in saved and 'dense' not in saved
 
   result = run_cli(f'--workdir={run}', '--mode=sample', '--prompt=def ', '--max_new_tokens=8', '--temperature=0')
   assert result.returncode == 0 and result.stdout.startswith('def '), result.stderr[-2000:]

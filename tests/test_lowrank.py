@@ -70,8 +70,8 @@ def test_tiny_summary_params_and_flops_are_exact():
 
 def test_bad_rank_is_one_line():
   m = _tiny_model_config()
-  m.lowrank_rank = 0
-  with pytest.raises(EffjaxError, match=r'^model\.lowrank_rank=0 is invalid; it must be a positive integer$'):
+  m.dense.lowrank_rank = 0
+  with pytest.raises(EffjaxError, match=r'^model\.dense\.lowrank_rank=0 is invalid; it must be a positive integer$'):
     build_model(m)
 
 

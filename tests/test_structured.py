@@ -241,14 +241,15 @@ def test_jit_and_grad_work_through_every_layer(kind):
 
 @pytest.mark.parametrize('mix', ['expanding', 'each'])
 def test_block_diagonal_mlp_mixing(mix):
-  """blockdiag_mix='expanding' is seed 004's Fig. 5: block-diag -> block-Hadamard -> GELU -> block-diag (one
+  """dense.blockdiag_mix='expanding' is seed 004's Fig. 5: block-diag -> block-Hadamard -> GELU -> block-diag (one
   transform per MLP); 'each' also mixes after the second matrix. Both 1/num_blocks of the dense params; the
   FLOPs count the transforms that run."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
   m = gpt_config.get_config('tiny').model
-  m.update(d_model=16, mlp_ratio=4, mlp_kind='blockdiag', num_blocks=4, blockdiag_mix=mix, dropout=0.0)
+  m.update(d_model=16, mlp_ratio=4, mlp_kind='blockdiag', dropout=0.0)
+  m.dense.update(num_blocks=4, blockdiag_mix=mix)
   mlp = layers.Mlp(ml_collections.FrozenConfigDict(m), d_model=16, hidden=64)
   variables, x = _init(mlp, 16, batch=(2, 3))
   p = variables['params']
@@ -268,12 +269,14 @@ def test_blockdiag_presets_and_bad_mix():
   from effjax.configs import blockdiag  # pylint: disable=import-outside-toplevel
   from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
   from effjax.models import build_model  # pylint: disable=import-outside-toplevel
-  assert blockdiag.get_config('paper').model.blockdiag_mix == 'expanding'
-  assert blockdiag.get_config('figure5').model.blockdiag_mix == 'expanding'
-  assert blockdiag.get_config('').model.blockdiag_mix == 'each'
+  assert blockdiag.get_config('paper').model.dense.blockdiag_mix == 'expanding'
+  assert blockdiag.get_config('figure5').model.dense.blockdiag_mix == 'expanding'
+  assert blockdiag.get_config('').model.dense.blockdiag_mix == 'each'
   m = blockdiag.get_config('tiny').model
-  m.update(vocab_size=11, blockdiag_mix='twice')
-  with pytest.raises(EffjaxError, match=r"model.blockdiag_mix='twice' is invalid; valid values: each, expanding"):
+  m.vocab_size = 11
+  m.dense.blockdiag_mix = 'twice'
+  with pytest.raises(EffjaxError, match=r"^model\.dense\.blockdiag_mix='twice' is invalid; valid values: each, "
+                     r'expanding'):
     build_model(m)
 
 

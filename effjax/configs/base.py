@@ -54,6 +54,7 @@ MOVED_MODEL_KEYS = {
     'active_branches': 'pgpt.active_branches', 'branch_mix': 'pgpt.branch_mix', 'branch_impl': 'pgpt.branch_impl',
     'compress_every': 'compress.compress_every', 'compress_factor': 'compress.compress_factor',
     'conv_kernel': 'compress.conv_kernel', 'doping': 'doping.pattern', 'frozen_mlp_ratio': 'doping.frozen_mlp_ratio',
+    'num_blocks': 'dense.num_blocks', 'blockdiag_mix': 'dense.blockdiag_mix', 'lowrank_rank': 'dense.lowrank_rank',
 }
 
 
@@ -97,8 +98,11 @@ def get_base() -> ml_collections.ConfigDict:
   # structured / doped layers
   m.mlp_kind = 'dense'       # a dense kind: 'dense' | 'fastfood' | 'blockdiag' | ... (structured.kinds())
   m.attn_kind = 'dense'
-  m.num_blocks = 4           # blocks of the block-diagonal layers
-  m.blockdiag_mix = 'each'    # 'each' | 'expanding' (seed 004 Fig. 5: one block-Hadamard per MLP)
+  m.dense = section(  # the dense kinds' options (structured.DenseKind.config_keys); a kind defined outside
+                     # effjax/models/structured.py adds its own in its config file (configs/lowrank.py)
+      num_blocks=4,            # blocks of the block-diagonal layers
+      blockdiag_mix='each',    # 'each' | 'expanding' (seed 004 Fig. 5: one block-Hadamard per MLP)
+  )
   m.doping = section(  # frozen random MLPs between trainable blocks (effjax/models/doped.py)
       pattern='',              # '', 'interleave' or a pattern such as 'TFTFT' (T trainable block, F frozen MLP);
                                # num_layers counts the T's

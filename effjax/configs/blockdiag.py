@@ -1,7 +1,7 @@
-"""Block-diagonal MLPs (seed 004, §4): each MLP linear layer is a block-diagonal matrix (model.num_blocks = 4
-blocks: 1/4 of the dense parameters and FLOPs) and block-Hadamard transforms mix the blocks (long-range
+"""Block-diagonal MLPs (seed 004, §4): each MLP linear layer is a block-diagonal matrix (model.dense.num_blocks
+= 4 blocks: 1/4 of the dense parameters and FLOPs) and block-Hadamard transforms mix the blocks (long-range
 correlations, no parameters). Family `gpt`; the technique is config only: model.mlp_kind='blockdiag' (attention
-stays dense). Where the mixing goes (model.blockdiag_mix):
+stays dense). Where the mixing goes (model.dense.blockdiag_mix):
   'expanding'  the seed's Figure 5: two block-diagonal matrices and ONE block-Hadamard per MLP, after the first
                (expanding) matrix: block-diag -> block-Hadamard -> GELU -> block-diag.
   'each'       a block-Hadamard after every block-diagonal layer (attention projections included, should
@@ -27,6 +27,5 @@ def get_config(preset: str = ''):
   if preset and preset not in PRESETS:
     base.unknown_preset('blockdiag', preset, PRESETS)
   c = fastfood.structured_config('blockdiag', KIND, '' if preset == 'figure5' else preset, steps=1000)
-  c.model.num_blocks = 4
-  c.model.blockdiag_mix = 'expanding' if preset in ('figure5', 'paper') else 'each'
+  c.model.dense.update(num_blocks=4, blockdiag_mix='expanding' if preset in ('figure5', 'paper') else 'each')
   return c

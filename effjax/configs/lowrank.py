@@ -1,6 +1,6 @@
-"""Low-rank factorized projections: every attention and MLP linear layer is W ≈ U·V of rank model.lowrank_rank
-(effjax/models/lowrank.py), r·(in + out) parameters in place of in·out. Family `gpt`; the technique is config
-only: model.mlp_kind / model.attn_kind = 'lowrank'.
+"""Low-rank factorized projections: every attention and MLP linear layer is W ≈ U·V of rank
+model.dense.lowrank_rank (effjax/models/lowrank.py), r·(in + out) parameters in place of in·out. Family `gpt`;
+the technique is config only: model.mlp_kind / model.attn_kind = 'lowrank'.
 
 Presets:
   tiny       2 layers x 64, rank 8 in attention and MLP, char tokens, ctx 32: tests (seconds).
@@ -15,12 +15,12 @@ from effjax.configs import gpt as gpt_config
 def get_config(preset: str = ''):
   c = gpt_config.get_config('')
   c.model.update(num_layers=4, d_model=256, num_heads=8, mlp_kind='lowrank', attn_kind='lowrank')
-  c.model.lowrank_rank = 64
+  c.model.dense.lowrank_rank = 64  # the kind's own key: base.py does not know it
   c.train.update(steps=1000, eval_every=250)
   c.checkpoint.every = 250
   if preset == 'tiny':
     gpt_config.tiny(c)
-    c.model.lowrank_rank = 8
+    c.model.dense.lowrank_rank = 8
   elif preset == 'mlp':
     c.model.attn_kind = 'dense'
   elif preset:

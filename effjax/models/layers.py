@@ -182,10 +182,10 @@ PARAM_KEYS = ('num_layers', 'd_model', 'num_heads', 'vocab_size', 'max_len', 'ml
 
 
 def param_keys(cfg: Config) -> tuple[str, ...]:
-  """PARAM_KEYS, num_groups when blocks are grouped, and the config keys of the dense kinds in use."""
+  """PARAM_KEYS, num_groups when blocks are grouped, and the keys of the dense kinds in use ('dense.num_blocks')."""
   keys = list(PARAM_KEYS) + (['num_groups'] if cfg.get('share_layers') == 'groups' else [])
   for kind in dict.fromkeys((cfg.mlp_kind, cfg.attn_kind)):
-    keys += structured.kind(kind).config_keys
+    keys += structured.config_keys(kind)
   return tuple(keys)
 
 

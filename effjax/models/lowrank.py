@@ -1,8 +1,9 @@
 """Low-rank factorized dense layers: W ≈ U·V with U [in, r] and V [r, out], so a d_in -> d_out map costs
 r·(d_in + d_out) parameters and 2·r·(d_in + d_out) FLOPs per token instead of d_in·d_out and 2·d_in·d_out.
 
-A dense kind (`model.mlp_kind` / `model.attn_kind` = 'lowrank', rank `model.lowrank_rank`): registering it here
-is all the stack needs; the MLP and attention projections take it like any other kind.
+A dense kind (`model.mlp_kind` / `model.attn_kind` = 'lowrank', rank `model.dense.lowrank_rank`, a key that
+configs/lowrank.py adds): registering it here is all the stack needs; the MLP and attention projections take it
+like any other kind.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def flops(d_in: int, d_out: int, lowrank_rank: int = DEFAULT_RANK) -> int:
 
 def check(lowrank_rank: int = DEFAULT_RANK) -> None:
   if not isinstance(lowrank_rank, int) or isinstance(lowrank_rank, bool) or lowrank_rank <= 0:
-    raise EffjaxError(f'model.lowrank_rank={lowrank_rank!r} is invalid; it must be a positive integer')
+    raise EffjaxError(f'model.dense.lowrank_rank={lowrank_rank!r} is invalid; it must be a positive integer')
 
 
 structured.register_kind(structured.DenseKind(

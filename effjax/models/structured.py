@@ -3,9 +3,9 @@ and the table of dense kinds every model layer is built from.
 
 All layers share `nn.Dense`'s call signature (features, use_bias, dtype, param_dtype, plus `kernel_axes`, the
 logical names a dense kernel's (in, out) dims would have), so `make_dense(kind)` can swap them into a model.
-A kind is one `DenseKind` entry (`register_kind`): its constructor, parameter and FLOP counts, the config keys it
-reads and the leaves weight decay applies to. A module of effjax/models registers its own kinds; nothing else
-lists them.
+A kind is one `DenseKind` entry (`register_kind`): its constructor, parameter and FLOP counts, the keys of the
+`model.dense` config section it reads and the leaves weight decay applies to. A module of effjax/models registers
+its own kinds; nothing else lists them.
 """
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ class BlockDiagonalDense(nn.Module):
     return y_BxO + bias_O if self.use_bias else y_BxO
 
 
-BLOCKDIAG_MIX = {'each': True, 'expanding': 'expanding'}  # model.blockdiag_mix -> BlockDiagonalDense.mix
+BLOCKDIAG_MIX = {'each': True, 'expanding': 'expanding'}  # model.dense.blockdiag_mix -> BlockDiagonalDense.mix
 
 
 def mixes(mix: bool | str, d_in: int, d_out: int) -> bool:
@@ -284,12 +284,13 @@ def dense_matrix(module: nn.Module, variables: Any, in_features: int) -> jax.Arr
 @dataclasses.dataclass(frozen=True)
 class DenseKind:
   """Everything the stack knows about one dense kind. `build`, `params` and `flops` take the kind's options (the
-  `config_keys` of model config it reads) as keyword arguments, with their defaults in their own signatures."""
+  `config_keys` of the model.dense section it reads) as keyword arguments, with their defaults in their own
+  signatures."""
   name: str
   build: Callable[..., Callable[..., nn.Module]]  # (**options) -> a class called like nn.Dense
   params: Callable[..., int]                     # (d_in, d_out, use_bias, **options) -> trainable parameters
   flops: Callable[..., int]                      # (d_in, d_out, **options) -> forward FLOPs per token (no bias)
-  config_keys: tuple[str, ...] = ()              # model.<key> settings passed as options (and shaping params)
+  config_keys: tuple[str, ...] = ()              # model.dense.<key> settings passed as options (shaping params)
   decayed: tuple[str, ...] = ()                  # names of the param leaves weight decay applies to
   residual_init: Callable[[float], dict] | None = None  # std -> constructor kwargs of a residual projection
   check: Callable[..., None] | None = None       # (**options) -> None; raises EffjaxError on a bad value
@@ -297,6 +298,7 @@ class DenseKind:
 
 _KINDS: dict[str, DenseKind] = {}
 PLAIN = 'dense'  # the kind the structured ones stand in for (accounting's emulated_params)
+SECTION = 'dense'  # the model config section holding the kinds' options: model.dense.num_blocks
 
 
 def register_kind(kind: DenseKind) -> DenseKind:
@@ -324,8 +326,15 @@ def _options(entry: DenseKind, options: dict) -> dict:
 
 
 def kind_options(name: str, model_config) -> dict:
-  """The options of kind `name` that a model config sets (absent keys keep the kind's defaults)."""
-  return {k: model_config[k] for k in kind(name).config_keys if k in model_config}
+  """The options of kind `name` that a model config's dense section sets (absent keys keep the kind's
+  defaults)."""
+  options = model_config.get(SECTION) or {}
+  return {k: options[k] for k in kind(name).config_keys if k in options}
+
+
+def config_keys(name: str) -> tuple[str, ...]:
+  """Kind `name`'s keys as dotted model-config keys ('dense.num_blocks'), as a checkpoint records them."""
+  return tuple(f'{SECTION}.{k}' for k in kind(name).config_keys)
 
 
 def make_dense(name: str, **options) -> Callable[..., nn.Module]:
@@ -394,7 +403,8 @@ def _blockdiag_flops(d_in: int, d_out: int, num_blocks: int = 4, blockdiag_mix: 
 def _check_blockdiag(num_blocks: int = 4, blockdiag_mix: str = 'each') -> None:
   del num_blocks
   if blockdiag_mix not in BLOCKDIAG_MIX:
-    raise EffjaxError(f'model.blockdiag_mix={blockdiag_mix!r} is invalid; valid values: {", ".join(BLOCKDIAG_MIX)} '
+    raise EffjaxError(f'model.dense.blockdiag_mix={blockdiag_mix!r} is invalid; valid values: '
+                      f'{", ".join(BLOCKDIAG_MIX)} '
                       "('expanding': one block-Hadamard per MLP, after its first matrix, as in seed 004's Fig. 5)")
 
 
