@@ -134,3 +134,31 @@ def test_flat_key_run_dir_samples_evaluates_exports_and_resumes(tmp_path, corpus
 
   train.train_and_evaluate(variant_config(pgpt, corpus_dir, **overrides), run)  # resumes from step 2
   assert sorted(train_losses(run)) == [1, 2, 3, 4]
+
+
+def test_variant_files_import_only_base_and_presets():
+  """No variant builds on another: each effjax/configs variant imports effjax.configs.base / presets alone, so a
+  new variant touches only its own file (the shared recipes are effjax/configs/presets.py)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  from effjax import config_lookup  # pylint: disable=import-outside-toplevel
+  for name in config_lookup.variants():
+    path = os.path.join(config_lookup.builtin_dir(), f'{name}.py')
+    tree = ast.parse(open(path, encoding='utf-8').read())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module == 'effjax.configs':
+        imported |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('effjax.configs.'):
+        imported.add(node.module.rsplit('.', 1)[1])
+      elif isinstance(node, ast.Import):
+        imported |= {a.name for a in node.names if a.name.startswith('effjax.configs')}
+    assert imported <= {'base', 'presets'}, (name, imported)
+
+
+def test_tiny_presets_share_one_recipe():
+  """Every variant's tiny is presets.tiny plus its own changes: 64 wide, ctx 32, 40 steps, checkpoint every 20."""
+  from effjax import config_lookup  # pylint: disable=import-outside-toplevel
+  for name in config_lookup.variants():
+    c = config_lookup._builtin_module(name).get_config('tiny')  # pylint: disable=protected-access
+    assert (c.model.d_model, c.model.max_len, c.data.seq_len, c.train.steps, c.checkpoint.every) == (
+        64, 32, 32, 40, 20), name

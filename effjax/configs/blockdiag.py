@@ -13,11 +13,10 @@ Presets:
              (the runs in experiments/results were made with it).
   figure5    the default with the seed's mixing ('expanding').
   paper      the seed's structured block-diagonal model, as the seed describes it ('expanding'): 12 layers,
-             d 1024, 16 heads, 4 blocks, on configs/gpt.py's `lighton` recipe (rotary, ctx 1024, BPE 50262,
-             batch 80, peak lr 5e-4).
+             d 1024, 16 heads, 4 blocks, on the `lighton` recipe of configs/presets.py (rotary, ctx 1024, BPE
+             50262, batch 80, peak lr 5e-4).
 """
-from effjax.configs import base
-from effjax.configs import fastfood
+from effjax.configs import base, presets
 
 KIND = 'blockdiag'
 PRESETS = ['tiny', 'figure5', 'paper']
@@ -26,6 +25,6 @@ PRESETS = ['tiny', 'figure5', 'paper']
 def get_config(preset: str = ''):
   if preset and preset not in PRESETS:
     base.unknown_preset('blockdiag', preset, PRESETS)
-  c = fastfood.structured_config('blockdiag', KIND, '' if preset == 'figure5' else preset, steps=1000)
+  c = presets.structured_config('blockdiag', KIND, '' if preset == 'figure5' else preset, steps=1000)
   c.model.dense.update(num_blocks=4, blockdiag_mix='expanding' if preset in ('figure5', 'paper') else 'each')
   return c

@@ -9,7 +9,7 @@ Presets:
              21.54 MB) — a kernel-1 Conv1d(d, d/2) has exactly the weights and bias of Linear(d, d/2), so the
              count equals lc-gpt's (the paper lists both at 5.65 M / 21.54 MB).
 """
-from effjax.configs import lcgpt
+from effjax.configs import presets
 
 
 def k3(c):
@@ -18,4 +18,4 @@ def k3(c):
 
 
 def get_config(preset: str = ''):
-  return lcgpt.make_config('ccgpt', 'ccgpt', preset, {'k3': k3})
+  return presets.compressed_config('ccgpt', 'ccgpt', preset, {'k3': k3})

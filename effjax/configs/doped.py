@@ -8,13 +8,12 @@ Presets:
   (default)  4 trainable 192-wide blocks + 3 frozen MLPs, char-level on the embedded corpus: a few CPU minutes.
   nodoping   the default without its frozen MLPs (the same trainable parameters): the comparison run.
   xsmall / small / medium  the seed's Doped XSmall (3 + 2 = 5 layers, d 768), Doped Small (6 + 5 = 11, d 768)
-             and Doped Medium (12 + 11 = 23, d 1024, 16 heads), on configs/gpt.py's `lighton` recipe
+             and Doped Medium (12 + 11 = 23, d 1024, 16 heads), on the `lighton` recipe (configs/presets.py)
              (rotary, ctx 1024, BPE 50262, batch 80, no weight decay, clip 1, dropout 0.1). Their trainable
              parameters equal those of the LightOn baselines xxsmall / xsmall (gpt.py) for XSmall / Small.
   paper      = medium.
 """
-from effjax.configs import base
-from effjax.configs import gpt as gpt_config
+from effjax.configs import base, presets
 
 # doped preset: (the lighton baseline whose width/heads/lr it takes, trainable blocks)
 DOPED_SIZES = {
@@ -31,18 +30,18 @@ def doped(c, trainable_blocks: int):
 
 
 def get_config(preset: str = ''):
-  c = gpt_config.get_config('')
+  c = presets.gpt_default(base.get_base())
   c.train.update(steps=1000, eval_every=250)
   c.checkpoint.every = 250
   doped(c, 4)
   if preset == 'tiny':
-    gpt_config.tiny(c)
+    presets.tiny(c)
     doped(c, 3)
   elif preset == 'nodoping':
     c.model.doping.pattern = ''
   elif preset in DOPED_SIZES or preset == 'paper':
     size, blocks = DOPED_SIZES['medium' if preset == 'paper' else preset]
-    gpt_config.lighton(c, size)
+    presets.lighton(c, size)
     doped(c, blocks)
   elif preset:
     base.unknown_preset('doped', preset, ['tiny', 'nodoping', *DOPED_SIZES, 'paper'])

@@ -18,7 +18,7 @@ Presets:
   baseline   neither: a plain GPT of the same shape.
   groups2 / groups4  G=2 / 4 distinct blocks, each applied L/G consecutive times, factorized embedding.
 """
-from effjax.configs import base
+from effjax.configs import base, presets
 
 ABLATIONS = {
     # preset: (share_layers, num_groups, factorized)
@@ -29,14 +29,6 @@ ABLATIONS = {
     'groups4': ('groups', 4, True),
 }
 DEFAULT_EMBED_DIM = 64
-
-
-def tiny(c):
-  c.model.update(num_layers=4, d_model=64, num_heads=4, max_len=32, embed_dim=32)
-  c.data.update(tokenizer='char', seq_len=32, max_bytes=300_000)
-  c.train.update(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, log_every=10, eval_every=20, eval_batches=2)
-  c.checkpoint.every = 20
-  return c
 
 
 def paper(c):
@@ -56,7 +48,7 @@ def get_config(preset: str = ''):
   c.train.update(steps=600, batch_size=16, lr=2e-3, warmup_steps=60, log_every=50, eval_every=200)
   c.checkpoint.every = 200
   if preset == 'tiny':
-    tiny(c)
+    presets.tiny(c, model=dict(num_layers=4, embed_dim=32), data=dict(tokenizer='char'), train=dict(lr=3e-3))
   elif preset == 'paper':
     paper(c)
   elif preset in ABLATIONS:

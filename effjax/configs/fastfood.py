@@ -6,37 +6,15 @@ dense). Widths should be powers of two (the FWHT pads to the next one otherwise)
 Presets:
   tiny       2 layers x 64, char tokens, ctx 32: tests (seconds).
   (default)  4 layers x 256 (8 heads), char-level on the embedded corpus, 800 steps: a few CPU minutes.
-  paper      the seed's structured Adaptive FastFood model: 12 layers, d 1024, 16 heads, on configs/gpt.py's
-             `lighton` recipe (rotary, ctx 1024, BPE 50262, batch 80, peak lr 5e-4, no weight decay, clip 1).
+  paper      the seed's structured Adaptive FastFood model: 12 layers, d 1024, 16 heads, on the `lighton`
+             recipe of configs/presets.py (rotary, ctx 1024, BPE 50262, batch 80, peak lr 5e-4, no weight decay,
+             clip 1).
 """
-from effjax.configs import base
-from effjax.configs import gpt as gpt_config
+from effjax.configs import presets
 
 KIND = 'fastfood'
 
 
-def structured_paper(c, kind: str):
-  """Table 3 of the seed: 12 x 1024 (16 heads) on the lighton recipe, peak lr 5e-4, structured MLPs."""
-  gpt_config.lighton(c, 'medium')
-  c.model.update(num_layers=12, mlp_kind=kind)
-  c.train.lr = 5e-4
-  return c
-
-
-def structured_config(variant: str, kind: str, preset: str, steps: int):
-  c = gpt_config.get_config('')
-  c.model.update(num_layers=4, d_model=256, num_heads=8, mlp_kind=kind)
-  c.train.update(steps=steps, eval_every=steps // 4)
-  c.checkpoint.every = steps // 4
-  if preset == 'tiny':
-    gpt_config.tiny(c)
-  elif preset == 'paper':
-    structured_paper(c, kind)
-  elif preset:
-    base.unknown_preset(variant, preset, ['tiny', 'paper'])
-  return c
-
-
 def get_config(preset: str = ''):
   # FWHTs at n <= 1024 run slower than the small matmuls they replace on CPU: fewer steps for the same minutes
-  return structured_config('fastfood', KIND, preset, steps=800)
+  return presets.structured_config('fastfood', KIND, preset, steps=800)

@@ -8,18 +8,17 @@ Presets:
              steps: a few CPU minutes.
   mlp        the default with dense attention: only the MLPs (2/3 of a block's weights) are low-rank.
 """
-from effjax.configs import base
-from effjax.configs import gpt as gpt_config
+from effjax.configs import base, presets
 
 
 def get_config(preset: str = ''):
-  c = gpt_config.get_config('')
+  c = presets.gpt_default(base.get_base())
   c.model.update(num_layers=4, d_model=256, num_heads=8, mlp_kind='lowrank', attn_kind='lowrank')
   c.model.dense.lowrank_rank = 64  # the kind's own key: base.py does not know it
   c.train.update(steps=1000, eval_every=250)
   c.checkpoint.every = 250
   if preset == 'tiny':
-    gpt_config.tiny(c)
+    presets.tiny(c)
     c.model.dense.lowrank_rank = 8
   elif preset == 'mlp':
     c.model.attn_kind = 'dense'

@@ -37,38 +37,21 @@ How the paper's numbers pin the architecture down (the baseline GPT, configs/gpt
   * p-gpt-1 here renormalises the mixing weights over the active branch (weight 1); the study's code scaled
     the surviving branch by its trained weight (~0.5), which is part of why its p-gpt-1 loss was so high.
 """
-from effjax.configs import base
-from effjax.configs import gpt as gpt_config
-
-
-def tiny(c):
-  c.model.update(num_layers=2, d_model=64, num_heads=4, max_len=32, dropout=0.0)
-  c.data.update(seq_len=32, max_bytes=300_000)
-  c.train.update(steps=40, batch_size=8, lr=3e-3, lr_schedule='cosine', warmup_steps=5, log_every=10,
-                 eval_every=20, eval_batches=2)
-  c.checkpoint.every = 20
-  return c
+from effjax.configs import base, presets
 
 
 def paper_architecture(c):
   """The study's p-gpt around the 4-block post-LN baseline: split embedding, one final norm, one untied head."""
-  gpt_config.pgpt_baseline(c)
+  presets.pgpt_baseline(c)
   c.model.update(family='pgpt', final_norm=True)
   c.model.pgpt.update(num_branches=2, branch_input='split', active_branches=())
   return c
 
 
 def get_config(preset: str = ''):
-  c = base.get_base()
-  paper_architecture(c)
-  # CPU scale: the paper's network at half width, ctx 128, char tokens on the embedded corpus.
-  c.model.update(vocab_size=0, d_model=192, num_heads=6, max_len=128, dropout=0.0)
-  c.data.update(corpus='embedded', tokenizer='char', seq_len=128, max_bytes=4_000_000)
-  c.train.update(steps=1200, batch_size=16, lr=2e-3, lr_schedule='cosine', warmup_steps=100, weight_decay=0.1,
-                 log_every=50, eval_every=300)
-  c.checkpoint.every = 300
+  c = presets.study_cpu_scale(paper_architecture(base.get_base()))
   if preset == 'tiny':
-    tiny(c)
+    presets.tiny(c, train=dict(lr=3e-3))
   elif preset == 'project':
     c.model.pgpt.branch_input = 'project'
   elif preset in ('paper', 'paper_1', 'published', 'published_1'):
