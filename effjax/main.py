@@ -208,17 +208,6 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join('runs', f'{name}_{preset}' if preset else name)
 
 
-def check_model_settings(config) -> None:
-  """--mode=config shows only a config the other modes would accept; the vocabulary may still be unknown (0:
-  taken from the tokenizer when the run starts), so that one key is checked with a stand-in."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from effjax.models import families, validate  # pylint: disable=import-outside-toplevel
-  model = ml_collections.ConfigDict(config.model.to_dict())
-  if model.get('vocab_size') == 0:
-    model.vocab_size = 1
-  validate.check_model_config(model, families())
-
-
 def check_paths(config) -> None:
   """A gs:// path without the [gcs] extra (or another scheme) is one line before anything runs or is written."""
   from effjax import paths  # pylint: disable=import-outside-toplevel
@@ -244,8 +233,11 @@ def run(argv) -> None:
   if FLAGS.from_export is not None and FLAGS.mode not in ('sample', 'eval'):
     raise EffjaxError(f'--from_export is for --mode=sample and --mode=eval, not --mode={FLAGS.mode}')
   filename = config_flags.get_config_filename(FLAGS['config']) if config is not None else ''
+  if config is not None:
+    # The one resolve-and-validate step, for every mode: --mode=config, too, shows only a config the others accept.
+    from effjax import models  # pylint: disable=import-outside-toplevel
+    models.resolve(config)
   if FLAGS.mode == 'config':
-    check_model_settings(config)
     print(config_lookup.format_origins(config_lookup.origins(config, filename, FLAGS['config'].override_values)))
     return
   if config_lookup.is_workdir_spec(filename) and FLAGS.mode in ('eval', 'sample', 'export'):

@@ -162,3 +162,45 @@ def test_tiny_presets_share_one_recipe():
     c = config_lookup._builtin_module(name).get_config('tiny')  # pylint: disable=protected-access
     assert (c.model.d_model, c.model.max_len, c.data.seq_len, c.train.steps, c.checkpoint.every) == (
         64, 32, 32, 40, 20), name
+
+
+def test_model_config_is_checked_once_per_start(monkeypatch):
+  """models.resolve checks the model config once (vocab_size 0 passes: the tokenizer gives it later); models built
+  from it afterwards, with the vocabulary filled in, are not checked again. A config it has not seen is."""
+  from effjax import models  # pylint: disable=import-outside-toplevel
+  from effjax.models import validate  # pylint: disable=import-outside-toplevel
+  calls = []
+  check = validate.check_model_config
+  monkeypatch.setattr(validate, 'check_model_config', lambda *a, **k: calls.append(1) or check(*a, **k))
+  config = gpt.get_config('tiny')
+  config.model.update(num_layers=3, rope_base=1234.5)  # a config no other test checks in this process
+  models.resolve(config)
+  config.model.vocab_size = 50
+  for _ in range(3):
+    models.build_model(config.model)
+  assert len(calls) == 1
+  config.model.num_layers = 5
+  models.build_model(config.model)
+  assert len(calls) == 2
+  config.model.vocab_size = 0  # known vocabulary from here on: building needs one
+  with pytest.raises(EffjaxError, match=r'^model\.vocab_size=0 is invalid; it must be a positive integer$'):
+    models.build_model(config.model)
+
+
+def test_flat_keys_a_config_file_still_sets_are_read_from_their_sections(tmp_path):
+  """A config file written for the flat layout (model.num_blocks) runs: resolve moves the key into its section with
+  a warning. A library caller building such a config directly gets one line naming where the key lives now."""
+  from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+  own = tmp_path / 'flat.py'
+  own.write_text('from effjax.configs import blockdiag\n\n\ndef get_config(preset=""):\n'
+                 '  c = blockdiag.get_config("tiny")\n  c.model.num_blocks = 8\n  return c\n')
+  result = run_cli(f'--config={own}', '--mode=config')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert any(line.split()[:2] == ['model.dense.num_blocks', '8'] for line in result.stdout.splitlines())
+  assert not any(line.startswith('model.num_blocks ') for line in result.stdout.splitlines())
+  assert 'model.num_blocks has moved to model.dense.num_blocks' in result.stderr
+  m = blockdiag.get_config('tiny').model
+  m.update(vocab_size=11, num_blocks=8)
+  with pytest.raises(EffjaxError, match=r'^model\.num_blocks has moved to model\.dense\.num_blocks; set '
+                     r'model\.dense\.num_blocks instead$'):
+    build_model(m)

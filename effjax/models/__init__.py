@@ -1,4 +1,5 @@
-"""Model registry: `build_model(config.model)` returns the flax Module of the configured family.
+"""Model registry: `build_model(config.model)` returns the flax Module of the configured family; `resolve(config)`
+is a start's one resolve-and-validate step of the model config (main.run calls it before any mode runs).
 
 A family is one `Family` entry that its own module registers (`register_family`): how to build it, its config
 checks, forward FLOPs per token, summary extras, the config keys that shape its parameters, what the memory
@@ -78,7 +79,65 @@ def param_keys(model_config) -> tuple[str, ...]:
   return ('family', *family(model_config.family).param_keys(model_config))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Resolving and checking a model config: once per start (main.run -> resolve), once per distinct config for a
+# library caller that builds models directly (build_model checks what it has not seen).
+
+_CHECKED: dict = {}  # check keys of the model configs already checked, oldest first
+_MAX_CHECKED = 256
+
+
+def _check_key(frozen: ml_collections.FrozenConfigDict) -> frozenset:
+  """What the checks depend on: every model key but vocab_size (any positive size passes; checked on its own, so a
+  config checked before the tokenizer gave its size counts as checked after)."""
+  return frozenset((k, v) for k, v in frozen.items() if k != 'vocab_size')
+
+
+def _check(model_config, vocab_known: bool = True) -> ml_collections.FrozenConfigDict:
+  frozen = (model_config if isinstance(model_config, ml_collections.FrozenConfigDict)
+            else ml_collections.FrozenConfigDict(model_config))
+  key = _check_key(frozen)
+  if key not in _CHECKED:
+    validate.check_model_config(frozen, families(), vocab_known=False)
+    _CHECKED[key] = True
+    if len(_CHECKED) > _MAX_CHECKED:
+      del _CHECKED[next(iter(_CHECKED))]
+  if vocab_known or frozen.get('vocab_size') != 0:
+    validate.check_positive(frozen, 'vocab_size')
+  return frozen
+
+
+def resolve(config) -> None:
+  """The one resolve-and-validate step of a start (main.run, every mode, before it runs): model keys of the older
+  flat layout that a config file still sets move into their sections (configs/base.py MOVED_MODEL_KEYS; one
+  warning line each), then the model config is checked: one EffjaxError line per mistake. vocab_size 0 (taken
+  from the tokenizer once the data is known) passes. Models built from this config later are not checked again."""
+  migrate_flat_keys(config.model)
+  _check(config.model, vocab_known=False)
+
+
+def migrate_flat_keys(model_config) -> None:
+  """Moves flat keys of the older layout (model.num_blocks) into their sections (model.dense.num_blocks) in place.
+  A live config has every section already, so the flat value, which its file set, wins over the section's."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from effjax.configs import base  # pylint: disable=import-outside-toplevel
+  for old, new in base.MOVED_MODEL_KEYS.items():
+    if old not in model_config or isinstance(model_config[old], ml_collections.ConfigDict):
+      continue
+    section, key = new.split('.')
+    if not isinstance(model_config.get(section), ml_collections.ConfigDict):
+      raise EffjaxError(f'model.{old} has moved to model.{new}, and model.{section} is no section; set '
+                        f'model.{new} instead')
+    with model_config.unlocked():
+      value = model_config[old]
+      del model_config[old]
+      model_config[section][key] = value
+    logging.warning('model.%s has moved to model.%s: read as model.%s=%r (set that key in the config)', old, new,
+                    new, value)
+
+
 def build_model(model_config: ml_collections.ConfigDict):
-  """Checks the model config (one clear error line per mistake) and returns the Module."""
-  validate.check_model_config(model_config, families())
-  return family(model_config.family).module(ml_collections.FrozenConfigDict(model_config))
+  """The Module of the configured family. A config not checked yet (a library caller building directly) is checked
+  first, one clear error line per mistake; one that `resolve` or an earlier build checked is not checked again."""
+  frozen = _check(model_config)
+  return family(frozen.family).module(frozen)

@@ -25,7 +25,17 @@ def check_positive(m, key):
     raise EffjaxError(f'model.{key}={value!r} is invalid; it must be a positive integer')
 
 
-def check_model_config(m, families) -> None:
+def check_moved_keys(m) -> None:
+  """A key of the older flat layout (model.num_blocks) names where it lives now instead of being ignored."""
+  from effjax.configs import base  # pylint: disable=import-outside-toplevel
+  for old, new in base.MOVED_MODEL_KEYS.items():
+    if old in m and not hasattr(m[old], 'keys'):
+      raise EffjaxError(f'model.{old} has moved to model.{new}; set model.{new} instead')
+
+
+def check_model_config(m, families, vocab_known: bool = True) -> None:
+  """Every check of a model config; `vocab_known=False` skips vocab_size (0 until the tokenizer gives it)."""
+  check_moved_keys(m)
   if m.family not in families:
     raise EffjaxError(f'model.family={m.family!r} is unknown; valid families: {", ".join(families)}')
   kinds = tuple(structured.kinds())
@@ -34,7 +44,8 @@ def check_model_config(m, families) -> None:
       raise EffjaxError(f'model.{key}={m[key]!r} is invalid; valid values: {", ".join(valid)}')
   for kind in {m[key] for key in ('mlp_kind', 'attn_kind') if key in m}:
     structured.check_options(kind, **structured.kind_options(kind, m))
-  for key in ('num_layers', 'd_model', 'num_heads', 'vocab_size', 'max_len', 'mlp_ratio'):
+  for key in ('num_layers', 'd_model', 'num_heads', *(('vocab_size',) if vocab_known else ()), 'max_len',
+              'mlp_ratio'):
     check_positive(m, key)
   if m.d_model % m.num_heads:
     raise EffjaxError(f'model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; '
