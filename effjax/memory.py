@@ -155,6 +155,20 @@ def activation_bytes_per_token(cfg, seq_len: int, tensor: int = 1) -> dict:
   return {'blocks': blocks, 'recompute': recompute, 'outside': outside}
 
 
+def _gathered_layer_bytes(model_cfg, params, mesh) -> int:
+  """Under FSDP a block's weights are all-gathered before use: about two blocks' worth (this one and the next,
+  prefetched) is held whole (1/tensor of it with tensor parallelism)."""
+  if mesh.shape['fsdp'] <= 1:
+    return 0
+  blocks = sum(count for kind_, *_, count in _blocks(model_cfg) if kind_ == 'block')
+  outside = family(model_cfg.family).outside_params
+  stack_params = {k: v for k, v in params.items() if k not in outside}
+  distinct = blocks if model_cfg.share_layers == 'none' else {'all': 1, 'groups': model_cfg.num_groups}[
+      model_cfg.share_layers]
+  per_block = _bytes(stack_params) / max(distinct, 1)
+  return int(2 * per_block / mesh.shape['tensor'])
+
+
 def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, kind: str = '') -> dict:
   """Per-device bytes of params, grads, optimizer state and activations for `config` on `num_devices`."""
   num_devices = num_devices or jax.device_count()
@@ -188,15 +202,7 @@ def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, k
   per_token = activation_bytes_per_token(model_cfg, config.data.seq_len, tensor)
   activation_bytes = int(tokens_per_device * sum(per_token.values()))
 
-  gathered = 0
-  fsdp = mesh.shape['fsdp']
-  if fsdp > 1:
-    blocks = sum(count for kind_, *_, count in _blocks(model_cfg) if kind_ == 'block')
-    outside = family(model_cfg.family).outside_params
-    stack_params = {k: v for k, v in params.items() if k not in outside}
-    per_block = _bytes(stack_params) / max(blocks if model_cfg.share_layers == 'none' else
-                                           {'all': 1, 'groups': model_cfg.num_groups}[model_cfg.share_layers], 1)
-    gathered = int(2 * per_block / tensor)
+  gathered = _gathered_layer_bytes(model_cfg, params, mesh)
 
   total = param_bytes + extra_bytes + grad_bytes + opt_bytes + gathered + activation_bytes
   out = {

@@ -506,7 +506,8 @@ def check_resume(config, meta, start: int, workdir: str) -> None:
                       key, saved, start, now)
 
 
-def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> dict:
+def _open_data(config, workdir: str, devices):
+  """The run's data, mesh and state layout, its training iterator and its (sharded) validation batches."""
   bundle, config = load_data(config, workdir)
   setup = state_lib.make_setup(config, devices=devices)
   t = config.train
@@ -522,11 +523,16 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
                                       batch_size=t.batch_size, max_batches=t.eval_batches)
   vocab = bundle.tokenizer.vocab_size
   val_batches = [eval_rows(pipeline.check_ids(b, vocab, bundle.directory), divisor) for b in val_batches]
+  return bundle, config, setup, train_iter, val_batches
+
+
+def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> dict:
+  bundle, config, setup, train_iter, val_batches = _open_data(config, workdir, devices)
+  t = config.train
   identity = data_identity(bundle)
   ckpt_dir = paths.join(workdir, 'checkpoints')
   ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep) if paths.isdir(ckpt_dir) else None
   writer = profiler = None
-  stopping = False
   try:
     if ckpt is not None:
       state, saved_meta, bad = restore_newest(setup, config, ckpt, train_iter, workdir, identity)
@@ -540,7 +546,7 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
       return {}
     if _stop_agreed(stop):
       raise Preempted(f'stopped by a signal before step {start + 1}; nothing was saved: rerun to resume')
-    first_batch = pipeline.check_ids(next(train_iter), vocab, bundle.directory)  # damaged data: refused here
+    first_batch = pipeline.check_ids(next(train_iter), bundle.tokenizer.vocab_size, bundle.directory)  # refused here
 
     # ---- every check passed: from here on the run writes to its workdir
     lock.claim()
@@ -552,81 +558,11 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
       ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep)
     logging.info('data fingerprint %s; %d train / %d val tokens; start at step %d', bundle.fingerprint,
                  len(bundle.train_tokens), len(bundle.val_tokens), start)
-    tokens_per_step = t.batch_size * config.data.seq_len
-    tokens_at_start = saved_meta.get('tokens_seen', start * tokens_per_step) if saved_meta else 0
-    step_compute = accounting.step_compute(config)
-    train_step = make_train_step(setup, config)
-    schedule = optim.learning_rate_schedule(config.train)
     writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress,
                                        wandb_project=t.wandb_project, run_config=config.to_dict())
-    clock = metrics_lib.StepClock(tokens_per_step, tokens_per_step * accounting.summarize(config)[
-        'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
-
-    def meta(step):
-      return {'step': step, 'tokens_seen': tokens_at_start + (step - start) * tokens_per_step,
-              'family': config.model.family, 'architecture': checkpoint.architecture(config.model),
-              'seq_len': config.data.seq_len, 'batch_size': t.batch_size, **identity}
-
-    def describe_run():
-      """config.json and summary.json describe the checkpoints: written with this run's first one, so a run that
-      diverges or fails before saving leaves the previous description in place."""
-      if jax.process_index() == 0:
-        checkpoint.write_json_atomic(paths.join(workdir, 'config.json'), config.to_dict())
-        checkpoint.write_json_atomic(paths.join(workdir, 'summary.json'), accounting.summarize(config))
-
     profiler = accelerator.StepProfiler(t.profile_steps, workdir)
-    last_eval, described = {}, False
-    pending = []
-    step = start
-    last = min(t.steps, t.stop_at) if t.stop_at else t.steps
-    stopping = _stop_agreed(stop)
-    while step < last and not stopping:
-      profiler.before(step + 1)
-      raw = first_batch if first_batch is not None else pipeline.check_ids(next(train_iter), vocab, bundle.directory)
-      first_batch = None
-      batch = _shard(setup, raw)
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      profiler.after(step, step_metrics['loss'])
-      if step == start + 1:  # the first step compiles: the clock starts after it
-        jax.block_until_ready(step_metrics['loss'])
-        clock.resume()
-      else:
-        clock.count()
-      pending.append((step_metrics['loss'], step_metrics['grad_norm']))
-      writer.advance()
-      stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
-      boundary = (step % t.log_every == 0 or step in (t.steps, last) or step % config.checkpoint.every == 0
-                  or step % t.eval_every == 0)
-      if boundary or stopping:
-        losses, grad_norms = np.asarray(jax.device_get(pending), np.float64).reshape(-1, 2).T
-        clock.pause()  # synced: eval and checkpointing below are not step time
-        for name, values in (('loss', losses), ('gradient norm', grad_norms)):
-          nonfinite = np.flatnonzero(~np.isfinite(values))
-          if nonfinite.size:
-            raise DivergedError(f'{name} became {values[nonfinite[0]]} at step '
-                                f'{step - len(values) + nonfinite[0] + 1}; stopping (the last good checkpoint is '
-                                'kept); lower train.lr or check the data')
-        if step % t.log_every == 0 or step == t.steps:
-          writer.write(step, 'train', {
-              'loss': float(losses.mean()), 'lr': float(schedule(step - 1)),
-              'grad_norm': float(step_metrics['grad_norm']), **clock.rates(),
-              'tokens_seen': step * tokens_per_step, 'compute': step * step_compute['compute'],
-              'compute_frozen_free': step * step_compute['compute_frozen_free']})
-        pending = []
-      if step % t.eval_every == 0 or step == t.steps:
-        last_eval = eval_metrics(evaluate_loss(setup, state, val_batches), bundle.val_bytes_per_token)
-        writer.write(step, 'eval', last_eval)
-      if step % config.checkpoint.every == 0 or step == last or stopping:
-        if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
-          raise DivergedError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
-                              'is kept); lower train.lr or check the data')
-        if not described:
-          describe_run()
-          described = True
-        writer.flush()  # the rows up to this checkpoint are stored before it (gs:// rewrites metrics.jsonl)
-        ckpt.save(step, state, train_iter, meta(step))
-      clock.resume()
+    loop = _Loop(config, setup, workdir, bundle, identity, saved_meta, start, writer, ckpt, profiler)
+    state, step, stopping = loop.run(state, first_batch, train_iter, val_batches, stop)
     profiler.stop()  # a run that ended inside its window (train.steps or a signal) still writes the trace
     ckpt.close()
   except BaseException:
@@ -640,7 +576,96 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
   if stopping:
     raise Preempted(f'stopped by a signal: saved a checkpoint at step {step}; rerun the same command to resume'
                     if step > start else f'stopped by a signal before step {start + 1}; rerun to resume')
-  return last_eval
+  return loop.last_eval
+
+
+class _Loop:
+  """The steps of one run, from `start` to train.stop_at or train.steps: it logs, evaluates and checkpoints at
+  their boundaries, and stops cleanly at the step every process agreed on after a signal."""
+
+  def __init__(self, config, setup, workdir, bundle, identity, saved_meta, start, writer, ckpt, profiler):
+    self.config, self.setup, self.workdir, self.bundle = config, setup, workdir, bundle
+    self.identity, self.start, self.writer, self.ckpt, self.profiler = identity, start, writer, ckpt, profiler
+    t = config.train
+    self.tokens_per_step = t.batch_size * config.data.seq_len
+    self.tokens_at_start = saved_meta.get('tokens_seen', start * self.tokens_per_step) if saved_meta else 0
+    self.step_compute = accounting.step_compute(config)
+    self.train_step = make_train_step(setup, config)
+    self.schedule = optim.learning_rate_schedule(t)
+    self.clock = metrics_lib.StepClock(self.tokens_per_step, self.tokens_per_step * accounting.summarize(config)[
+        'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
+    self.last_eval, self.described, self.pending = {}, False, []
+
+  def run(self, state, first_batch, train_iter, val_batches, stop):
+    """Returns the final state, its step and whether a signal stopped the run."""
+    t, vocab, directory = self.config.train, self.bundle.tokenizer.vocab_size, self.bundle.directory
+    step, last = self.start, min(t.steps, t.stop_at) if t.stop_at else t.steps
+    stopping = _stop_agreed(stop)
+    while step < last and not stopping:
+      self.profiler.before(step + 1)
+      raw = first_batch if first_batch is not None else pipeline.check_ids(next(train_iter), vocab, directory)
+      first_batch = None
+      state, step_metrics = self.train_step(state, _shard(self.setup, raw))
+      step += 1
+      self.profiler.after(step, step_metrics['loss'])
+      if step == self.start + 1:  # the first step compiles: the clock starts after it
+        jax.block_until_ready(step_metrics['loss'])
+        self.clock.resume()
+      else:
+        self.clock.count()
+      self.pending.append((step_metrics['loss'], step_metrics['grad_norm']))
+      self.writer.advance()
+      stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
+      every = (t.log_every, self.config.checkpoint.every, t.eval_every)
+      if any(step % n == 0 for n in every) or step in (t.steps, last) or stopping:
+        self.clock.pause()  # synced: logging, eval and checkpointing below are not step time
+        self._log(step, step_metrics)
+      if step % t.eval_every == 0 or step == t.steps:
+        self.last_eval = eval_metrics(evaluate_loss(self.setup, state, val_batches), self.bundle.val_bytes_per_token)
+        self.writer.write(step, 'eval', self.last_eval)
+      if step % self.config.checkpoint.every == 0 or step == last or stopping:
+        self._save(step, state, train_iter)
+      self.clock.resume()
+    return state, step, stopping
+
+  def _log(self, step: int, step_metrics) -> None:
+    """Checks the losses and gradient norms since the last boundary (non-finite: stop) and logs their mean."""
+    t = self.config.train
+    losses, grad_norms = np.asarray(jax.device_get(self.pending), np.float64).reshape(-1, 2).T
+    self.pending = []
+    for name, values in (('loss', losses), ('gradient norm', grad_norms)):
+      nonfinite = np.flatnonzero(~np.isfinite(values))
+      if nonfinite.size:
+        raise DivergedError(f'{name} became {values[nonfinite[0]]} at step '
+                            f'{step - len(values) + nonfinite[0] + 1}; stopping (the last good checkpoint is '
+                            'kept); lower train.lr or check the data')
+    if step % t.log_every == 0 or step == t.steps:
+      self.writer.write(step, 'train', {
+          'loss': float(losses.mean()), 'lr': float(self.schedule(step - 1)),
+          'grad_norm': float(step_metrics['grad_norm']), **self.clock.rates(),
+          'tokens_seen': step * self.tokens_per_step, 'compute': step * self.step_compute['compute'],
+          'compute_frozen_free': step * self.step_compute['compute_frozen_free']})
+
+  def _save(self, step: int, state, train_iter) -> None:
+    if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
+      raise DivergedError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
+                          'is kept); lower train.lr or check the data')
+    if not self.described:
+      self._describe_run()
+      self.described = True
+    self.writer.flush()  # the rows up to this checkpoint are stored before it (gs:// rewrites metrics.jsonl)
+    config = self.config
+    meta = {'step': step, 'tokens_seen': self.tokens_at_start + (step - self.start) * self.tokens_per_step,
+            'family': config.model.family, 'architecture': checkpoint.architecture(config.model),
+            'seq_len': config.data.seq_len, 'batch_size': config.train.batch_size, **self.identity}
+    self.ckpt.save(step, state, train_iter, meta)
+
+  def _describe_run(self) -> None:
+    """config.json and summary.json describe the checkpoints: written with this run's first one, so a run that
+    diverges or fails before saving leaves the previous description in place."""
+    if jax.process_index() == 0:
+      checkpoint.write_json_atomic(paths.join(self.workdir, 'config.json'), self.config.to_dict())
+      checkpoint.write_json_atomic(paths.join(self.workdir, 'summary.json'), accounting.summarize(self.config))
 
 
 def eval_rows(batch: dict, divisor: int) -> dict:

@@ -88,7 +88,25 @@ def bench_config(args):
   return c
 
 
-def main(argv=None) -> dict:
+def report(out: dict, kind: str, n: int, published, smoke: bool) -> None:
+  """The result in words, on stdout."""
+  print(f'step {out["step_ms"]:.1f} ms, {out["tokens_per_sec"]:,.0f} tokens/s, compile {out["compile_s"]:.1f} s')
+  print(f'model FLOP/s {out["model_flops_per_sec"] / 1e12:.3f} T (3 x forward incl. attention); 6N FLOP/s '
+        f'{out["six_n_flops_per_sec"] / 1e12:.3f} T')
+  print(f'measured peak: bf16 matmul {n}^3 {out["measured_peak_bf16_matmul_flops"] / 1e12:.3f} TFLOP/s, '
+        f'f32 {out["measured_peak_f32_matmul_flops"] / 1e12:.3f} TFLOP/s')
+  print(f'MFU vs measured bf16 peak: {out["mfu_vs_measured_bf16_peak"]:.1%}')
+  if published:
+    print(f'published dense bf16 peak of {kind}: {published / 1e12:.1f} TFLOP/s -> MFU '
+          f'{out["mfu_vs_published_peak"]:.1%}')
+  else:
+    print('published peak: not applicable (no GPU detected)' if out['backend'] != 'gpu' else
+          f'published peak: unknown for {kind!r} (add it to PUBLISHED_BF16_PEAK)')
+  if smoke:
+    print(SMOKE_NOTE)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--smoke', action='store_true', help='tiny model on whatever backend (CPU): checks the code')
   parser.add_argument('--batch', type=int, default=0, help='sequences per step (default 16; smoke 8)')
@@ -99,7 +117,11 @@ def main(argv=None) -> dict:
                       help="default: cudnn on GPU, xla elsewhere")
   parser.add_argument('--steps', type=int, default=0, help='timed steps (default 20; smoke 3)')
   parser.add_argument('--out', default='', help='write the result as JSON here')
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
 
   backend = jax.default_backend()
   if backend != 'gpu' and not args.smoke:
@@ -146,19 +168,7 @@ def main(argv=None) -> dict:
       'mfu_vs_published_peak': achieved / published if published else None,
       'memory_plan_bytes': plan['total_bytes'],
   }
-  print(f'step {result["step_ms"]:.1f} ms, {tokens_per_s:,.0f} tokens/s, compile {result["compile_s"]:.1f} s')
-  print(f'model FLOP/s {achieved / 1e12:.3f} T (3 x forward incl. attention); 6N FLOP/s '
-        f'{out["six_n_flops_per_sec"] / 1e12:.3f} T')
-  print(f'measured peak: bf16 matmul {n}^3 {peak_bf16 / 1e12:.3f} TFLOP/s, f32 {peak_f32 / 1e12:.3f} TFLOP/s')
-  print(f'MFU vs measured bf16 peak: {out["mfu_vs_measured_bf16_peak"]:.1%}')
-  if published:
-    print(f'published dense bf16 peak of {kind}: {published / 1e12:.1f} TFLOP/s -> MFU '
-          f'{out["mfu_vs_published_peak"]:.1%}')
-  else:
-    print('published peak: not applicable (no GPU detected)' if backend != 'gpu' else
-          f'published peak: unknown for {kind!r} (add it to PUBLISHED_BF16_PEAK)')
-  if args.smoke:
-    print(SMOKE_NOTE)
+  report(out, kind, n, published, args.smoke)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w', encoding='utf-8') as f:

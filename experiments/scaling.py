@@ -319,12 +319,8 @@ def analyse(results: list[dict], warmup_steps: int = 40) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ plotting
-def plot(results: list[dict], analysis: dict, prefix: str) -> list[str]:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fits = analysis['fits']
-  paths = []
+def _plot_loss_vs_params(plt, results: list[dict], fits: dict, path: str) -> str:
+  """Loss against trainable and against all parameters, with the baseline L(N) fit."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
   for ax, key, title in ((axes[0], 'non_embedding_trainable_params', 'trainable non-embedding params'),
                          (axes[1], 'all', 'all non-embedding params (frozen + emulated dense)')):
@@ -353,10 +349,13 @@ def plot(results: list[dict], analysis: dict, prefix: str) -> list[str]:
   axes[0].set_ylabel('final validation loss (nats / BPE token)')
   fig.suptitle('Loss vs parameters: does only the trainable count matter?')
   fig.tight_layout()
-  paths.append(prefix + '_params.png')
-  fig.savefig(paths[-1], dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
+  return path
 
+
+def _plot_loss_vs_compute(plt, results: list[dict], fits: dict, path: str) -> str:
+  """Loss curves against compute under both accountings, with the baseline frontier fit."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
   for ax, key, title in ((axes[0], 'compute', 'compute, frozen weights at 2/3 cost (FLOPs)'),
                          (axes[1], 'compute_frozen_free', 'compute, frozen weights free (FLOPs)')):
@@ -385,10 +384,18 @@ def plot(results: list[dict], analysis: dict, prefix: str) -> list[str]:
   axes[0].set_ylabel('validation loss (nats / BPE token)')
   fig.suptitle('Loss vs training compute C = (6·N_trainable + k·N_frozen)·tokens, non-embedding')
   fig.tight_layout()
-  paths.append(prefix + '_compute.png')
-  fig.savefig(paths[-1], dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
-  return paths
+  return path
+
+
+def plot(results: list[dict], analysis: dict, prefix: str) -> list[str]:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fits = analysis['fits']
+  return [_plot_loss_vs_params(plt, results, fits, prefix + '_params.png'),
+          _plot_loss_vs_compute(plt, results, fits, prefix + '_compute.png')]
 
 
 # ------------------------------------------------------------------------------------------------- reports

@@ -1,6 +1,9 @@
 """One contract, every family: each built-in variant's `tiny` preset (plus the GPT's rotary and post-LN forms) is
-causal, decodes with its KV cache exactly as a full forward pass, reports the parameters it creates, and (where
-the export layouts map its stack) computes the same with its layers scanned or unrolled."""
+causal, decodes with its KV cache exactly as a full forward pass, reports the parameters it creates, (where the
+export layouts map its stack) computes the same with its layers scanned or unrolled, resumes bit-identically and
+trains to the same losses on 1 device as on a data x fsdp x tensor mesh of 8."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,9 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from effjax import accounting, checkpoint, config_lookup, state
+from effjax import accounting, checkpoint, config_lookup, state, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model
+from tests.helpers import one_device, train_losses
 
 VOCAB = 50
 CASES = [(name, {}) for name in config_lookup.variants()] + [
@@ -115,3 +119,41 @@ def test_scanned_equals_unrolled(name, extra):
   a = model.apply(variables, tokens_BxT)
   b = build_model(unrolled_config).apply(unrolled_vars, tokens_BxT)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def _run_config(name, corpus, **train_overrides):
+  """The tiny preset trained for 6 steps on the test corpus: dropout on and 2 micro-batches per step, so the
+  dropout keys and the accumulation are part of what must resume exactly."""
+  c = config_lookup._builtin_module(name).get_config('tiny')  # pylint: disable=protected-access
+  c.data.update(corpus=corpus, tokenizer='char')
+  c.model.dropout = 0.1
+  c.train.update(steps=6, log_every=1, eval_every=100, eval_batches=1, grad_accum=2, **train_overrides)
+  c.checkpoint.every = 3
+  return c
+
+
+@pytest.mark.parametrize('name', config_lookup.variants())
+def test_resume_is_bit_identical_and_one_device_equals_eight(tmp_path, corpus_dir, name):
+  """On data=2 x fsdp=2 x tensor=2: 6 straight steps == 3 steps, stop, resume to 6 (bit for bit); the same run on
+  1 device gives the same losses (tol 1e-5)."""
+  mesh8 = dict(data=2, fsdp=2, tensor=2)
+  straight = _run_config(name, corpus_dir)
+  straight.mesh.update(**mesh8)
+  train.train_and_evaluate(straight, str(tmp_path / 'straight'), progress=False)
+  for label in ('resumed', 'one'):  # the same token cache: no re-tokenizing
+    os.makedirs(tmp_path / label)
+    os.symlink(tmp_path / 'straight' / 'data', tmp_path / label / 'data')
+  interrupted = _run_config(name, corpus_dir, stop_at=3)
+  interrupted.mesh.update(**mesh8)
+  train.train_and_evaluate(interrupted, str(tmp_path / 'resumed'), progress=False)
+  assert max(train_losses(tmp_path / 'resumed')) == 3
+  train.train_and_evaluate(straight, str(tmp_path / 'resumed'), progress=False)
+  expected, resumed = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'resumed')
+  assert sorted(expected) == list(range(1, 7)) and all(np.isfinite(list(expected.values())))
+  assert [expected[s] for s in range(1, 7)] == [resumed[s] for s in range(1, 7)]
+
+  one = _run_config(name, corpus_dir)
+  one.mesh.update(data=1, fsdp=1, tensor=1)
+  train.train_and_evaluate(one, str(tmp_path / 'one'), devices=one_device(), progress=False)
+  single = train_losses(tmp_path / 'one')
+  np.testing.assert_allclose([single[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)], atol=1e-5)
