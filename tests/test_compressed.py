@@ -1,5 +1,5 @@
 """lc-gpt and cc-gpt: the paper's parameter counts, widths, causality (cc-gpt with kernel 3 too), kernel-1 conv ==
-linear, the KV (and conv-state) cache, width errors, resume and the 8-device mesh."""
+linear, the KV (and conv-state) cache and width errors (resume and meshes: tests/test_contract.py)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from effjax.configs import ccgpt, lcgpt
-from effjax import accounting, sample, train
+from effjax import accounting, sample
 from effjax.errors import EffjaxError
 from effjax.models import build_model, compressed
-from tests.helpers import assert_causal, close, train_losses, variant_config
+from tests.helpers import assert_causal, close
 
 V = 50
 CONFIGS = {'lcgpt': lcgpt, 'ccgpt': ccgpt}
@@ -27,10 +27,6 @@ def model_config(family='lcgpt', **overrides):
 def init(m, seed=0, length=16):
   model = build_model(m)
   return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
-
-
-def run_config(family, corpus, **overrides):
-  return variant_config(CONFIGS[family], corpus, **overrides)
 
 
 
@@ -147,21 +143,3 @@ def test_bad_conv_kernel_is_an_error():
   with pytest.raises(EffjaxError, match=r'model.compress.conv_kernel=0 is invalid'):
     build_model(model_config('ccgpt', compress=dict(conv_kernel=0)))
 
-
-# ---------------------------------------------------------------------------------------------------------
-# the training loop
-
-@pytest.mark.parametrize('family,kernel', [('lcgpt', 1), ('ccgpt', 3)])
-def test_resume_and_8_device_mesh(tmp_path, corpus_dir, family, kernel):
-  """stop_at + resume == straight on the data=2 x fsdp=4 mesh, dropout on."""
-  overrides = {'train.steps': 8, 'train.log_every': 1, 'checkpoint.every': 4, 'model.dropout': 0.1,
-               'model.compress.conv_kernel': kernel}
-  mesh8 = {'mesh.data': 2, 'mesh.fsdp': 4}
-  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8), str(tmp_path / 'straight'))
-  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8, **{'train.stop_at': 3}),
-                           str(tmp_path / 'resumed'))
-  assert max(train_losses(tmp_path / 'resumed')) == 3
-  train.train_and_evaluate(run_config(family, corpus_dir, **overrides, **mesh8), str(tmp_path / 'resumed'))
-  straight, resumed = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'resumed')
-  assert [straight[s] for s in range(1, 9)] == [resumed[s] for s in range(1, 9)]
-  # 1 device == these 8-device meshes for lcgpt and ccgpt (kernel 3): tests/test_sharding.py
