@@ -1,8 +1,23 @@
-"""Every test sees 8 CPU devices, so sharding is exercised without accelerators."""
+"""Every test sees 8 CPU devices, so sharding is exercised without accelerators.
+
+One persistent compilation cache serves the whole session (the xdist workers and the CLI processes the tests
+start inherit it): the same tiny programs are compiled many times across tests, and from the second time on they
+load. A session makes its own empty directory (removed at exit), so no run reads another's entries; the size
+limit turns on jax's file lock, so processes never read an entry another one is still writing. Tests that check
+the cache itself point the run at their own directory.
+"""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the first process of the session (workers inherit it)
+  _cache = tempfile.mkdtemp(prefix='effjax-tests-jax-cache-')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
