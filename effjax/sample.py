@@ -7,9 +7,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from effjax.errors import EffjaxError
+from effjax.models import layers
 
 
 def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -61,11 +63,49 @@ def sample_loop(tokens_to_logits, logits_BxV, state, key, *, max_new_tokens: int
 
 
 _STATIC = ('model', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+DECODE_BUCKET = 64  # the decode cache holds prompt + new tokens rounded up to a multiple of this
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, max_len: int) -> int:
+  """Positions the decode cache needs: prompt + new tokens rounded up to DECODE_BUCKET, at most max_len."""
+  return min(max_len, -(-(prompt_len + max_new_tokens) // DECODE_BUCKET) * DECODE_BUCKET)
+
+
+def _with_config(model, **changes):
+  cfg = model.cfg.as_configdict().to_dict()  # a copy: as_configdict() hands back a shared ConfigDict
+  return model.clone(cfg=ml_collections.FrozenConfigDict({**cfg, **changes}))
+
+
+def _abstract_variables(model) -> dict:
+  """Every collection but the cache, boxed (with logical axis names), as shapes."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  return {c: tree for c, tree in boxed.items() if c != 'cache'}
+
+
+def unrolled_for_decoding(model, variables):
+  """(model, variables) with a scanned stack of independent layers laid out unrolled (per-layer params and
+  caches), the same weights; anything else as it is. A scanned stack carries its KV cache through the layer scan,
+  which slices and re-stacks the whole [L, ...] cache at every new token; unrolled, each layer's cache is updated
+  in place. Stacks that share a block (model.share_layers) keep their layout, as does any stack the relayout
+  cannot map (layers.unstack_like). Callers that generate repeatedly relay out once (this copies the layer
+  weights); generate_cached does it itself for a scanned model it is given."""
+  cfg = model.cfg
+  if not cfg.get('scan_layers') or cfg.get('share_layers', 'none') != 'none':
+    return model, variables
+  unrolled = _with_config(model, scan_layers=False)
+  scanned_abs, unrolled_abs = _abstract_variables(model), _abstract_variables(unrolled)
+  if set(unrolled_abs) != set(variables):
+    return model, variables
+  relaid = layers.unstack_like(variables, scanned_abs, unrolled_abs)
+  return (model, variables) if relaid is None else (unrolled, relaid)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def generate_cached(model, variables, prompt_BxP, key, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
-  """With a KV cache: one prefill pass over the prompt, then one position per new token."""
+  """With a KV cache: one prefill pass over the prompt, then one position per new token, all in one program (the
+  token loop is a lax.scan; the cache is created and updated in place inside it)."""
+  model, variables = unrolled_for_decoding(model, variables)
+  model = _with_config(model, decode_len=cache_length(prompt_BxP.shape[1], max_new_tokens, model.cfg.max_len))
   cache = jax.eval_shape(lambda: model.init(jax.random.key(0), prompt_BxP[:, :1], decode=True))['cache']
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
   logits, mutated = model.apply({**variables, 'cache': cache}, prompt_BxP, decode=True, mutable=['cache'])
@@ -107,6 +147,7 @@ def generate(model, variables, prompt_BxP, key, *, max_new_tokens: int, temperat
   cache is refilled from the last max_len/2 tokens (a sliding window, as nanoGPT crops its context)."""
   max_len = model.cfg.max_len
   keep = max(max_len // 2, 1)
+  model, variables = unrolled_for_decoding(model, variables)
   tokens_BxL = np.asarray(prompt_BxP, np.int32)
   if tokens_BxL.shape[1] >= max_len:
     tokens_BxL = tokens_BxL[:, -keep:]

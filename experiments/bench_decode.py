@@ -8,7 +8,11 @@ imported with `effjax.convert.hf_gpt2` (the path a user takes); both then decode
 with a KV cache. Per batch size, in interleaved rounds: the whole generation (prefill + new tokens), the prefill
 alone (one new token), tokens/s and the per-token latency ((whole - prefill) / (new - 1)); and whether the greedy
 tokens are identical. torch runs with torch.set_num_threads(cores); effjax's generation is one jitted program
-(sample.generate_cached). Writes experiments/results/bench_decode.{json,md} (or --out).
+(sample.generate_cached: prefill, then a lax.scan over the new tokens; the KV cache holds prompt + new tokens
+rounded up to 64). The import's scanned layer stack is relaid out unrolled once, before timing
+(sample.unrolled_for_decoding, as sample.generate does once per call; the time is recorded as relayout_s).
+Records the CPU model, cores, transparent-hugepage mode, GLIBC_TUNABLES (malloc huge pages) and the load average
+before and after. Writes experiments/results/bench_decode.{json,md} (or --out).
 """
 from __future__ import annotations
 
@@ -64,11 +68,20 @@ def effjax_generate(model, variables, prompt: np.ndarray, new: int) -> np.ndarra
 
 
 def run(args) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
+  from effjax import sample  # pylint: disable=import-outside-toplevel
+  from experiments.bench import machine  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count() or 1)
   rows = []
+  env = dict(machine(), glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), jax=jax.__version__,
+             backend=jax.default_backend())
   with tempfile.TemporaryDirectory() as root:
     hf, model, variables = build_pair(args.layers, args.width, args.heads, args.vocab, args.ctx, root)
+    t0 = time.perf_counter()
+    model, variables = jax.block_until_ready(sample.unrolled_for_decoding(model, variables))
+    env['relayout_s'], env['decode_layers'] = time.perf_counter() - t0, (
+        'scanned' if model.cfg.scan_layers else 'unrolled')
     for batch in args.batches:
       prompt = np.random.default_rng(batch).integers(0, args.vocab, (batch, args.prompt_len)).astype(np.int32)
       fns = {
@@ -99,20 +112,28 @@ def run(args) -> dict:
                          tokens_per_sec=batch * args.new_tokens / whole, first_call_s=first[(impl, 'whole')],
                          times_s=times[(impl, 'whole')]))
       rows[-2]['speedup_vs_transformers'] = med[('transformers', 'whole')] / med[('effjax', 'whole')]
+      rows[-2]['cache_len'] = sample.cache_length(args.prompt_len, args.new_tokens, model.cfg.max_len)
       rows[-2]['greedy_identical'] = bool((ours == theirs).all())
       rows[-2]['greedy_agreement'] = float((ours == theirs).mean())
   shape = dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, ctx=args.ctx)
   return dict(command='python -m experiments.bench_decode ' + ' '.join(args.argv), model=shape, rows=rows,
               torch=torch.__version__, torch_threads=torch.get_num_threads(), load=list(os.getloadavg()),
-              date=time.strftime('%Y-%m-%d %H:%M'))
+              load_before=env.pop('load'), machine=env, date=time.strftime('%Y-%m-%d %H:%M'))
+
+
+def _load(load) -> str:
+  return '/'.join(f'{x:.2f}' for x in load) if isinstance(load, (list, tuple)) else f'{load}'
 
 
 def markdown(result: dict) -> str:
-  m = result['model']
+  m, mach = result['model'], result['machine']
   out = ["# KV-cache decoding: effjax vs transformers generate (greedy)", '',
          f"`{result['command']}`; GPT-2 shape {m['layers']}L/{m['width']}d/{m['heads']}h, vocab {m['vocab']}; "
-         f"torch {result['torch']} ({result['torch_threads']} threads); load after {result['load'][0]:.2f}; "
-         f"{result['date']}", '',
+         f"torch {result['torch']} ({result['torch_threads']} threads); load before "
+         f"{_load(result['load_before'])}, after {_load(result['load'])}; {result['date']}", '',
+         f"{mach['cpu']} ({mach['cpus']} cores); jax {mach['jax']} on {mach['backend']}; transparent huge pages "
+         f"{mach['thp']}; GLIBC_TUNABLES={mach['glibc_tunables'] or '(unset)'}; {mach['glibc']}; effjax decodes with "
+         f"{mach['decode_layers']} layers (relaid out once in {mach['relayout_s']:.1f} s)", '',
          '| impl | batch | prompt | new | whole s | prefill ms | per-token ms | tokens/s | effjax speedup | '
          'greedy identical |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in result['rows']:

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from effjax import accounting, checkpoint, config_lookup, state, train
+from effjax import accounting, checkpoint, config_lookup, sample, state, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model
 from tests.helpers import one_device, train_losses
@@ -72,6 +72,24 @@ def test_kv_cache_equals_full_recompute(name, extra):
     cache, logits_BxV = step(cache, seq_BxT[:, i:i + 1])
     steps.append(logits_BxV)
   np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full_BxTxV), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name,extra', CASES, ids=IDS)
+def test_cached_greedy_generation_equals_uncached(name, extra):
+  """The sampler's decode path (a cache of prompt + new tokens, a scanned stack relaid out unrolled where it maps)
+  draws the greedy tokens of the uncached full recompute; the relayout keeps every weight."""
+  m = _model_config(name, extra)
+  model, variables = _init(m)
+  prompt_BxP = jax.random.randint(jax.random.key(5), (2, 5), 0, VOCAB)
+  args = dict(max_new_tokens=7, temperature=0.0)
+  cached = sample.generate_cached(model, variables, prompt_BxP, jax.random.key(0), **args)
+  uncached = sample.generate_uncached(model, variables, prompt_BxP, jax.random.key(0), **args)
+  np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
+  decoding, relaid = sample.unrolled_for_decoding(model, variables)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(relaid) == count(variables)
+  if name == 'gpt' and m.share_layers == 'none':
+    assert m.scan_layers and not decoding.cfg.scan_layers
 
 
 @pytest.mark.parametrize('name,extra', CASES, ids=IDS)

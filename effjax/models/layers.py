@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,8 +57,8 @@ def rotary(x_BxTxNxK: jax.Array, positions_T: jax.Array, base: float) -> jax.Arr
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention. In decode mode keys/values go to a 'cache' of length cfg.max_len and
-  queries at `positions_T` attend to every cached position up to their own."""
+  """Causal multi-head self-attention. In decode mode keys/values go to a 'cache' of `decode_len(cfg)` positions
+  and queries at `positions_T` attend to every cached position up to their own."""
   cfg: Config
   d_model: int
   num_heads: int
@@ -79,35 +80,49 @@ class Attention(nn.Module):
       q_BxTxNxK = rotary(q_BxTxNxK, positions_T, cfg.rope_base)
       k_BxTxNxK = rotary(k_BxTxNxK, positions_T, cfg.rope_base)
 
-    mask = None
-    if self.decode:
-      k_BxTxNxK, v_BxTxNxK, mask = self._update_cache(k_BxTxNxK, v_BxTxNxK, positions_T)
     use_dropout = self.train and cfg.attn_dropout > 0
-    if mask is None and not use_dropout:
+    if self.decode:
+      out_BxTxNxK = self._attend_cached(q_BxTxNxK, *self._update_cache(k_BxTxNxK, v_BxTxNxK, positions_T))
+    elif not use_dropout:
       impl = cfg.attention_impl if cfg.attention_impl != 'xla' else None
       out_BxTxNxK = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, is_causal=True,
                                                  implementation=impl)
     else:
-      if mask is None:
-        mask = jnp.tril(jnp.ones((t, t), bool))
-      out_BxTxNxK = self._attend(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, mask, use_dropout)
+      out_BxTxNxK = self._attend(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, jnp.tril(jnp.ones((t, t), bool)), use_dropout)
     proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
     return dense(features=d, kernel_axes=('heads', 'embed'), name='out',
                  **structured.residual_init(cfg.attn_kind, proj_std))(out_BxTxNxK.reshape(b, t, d))
 
   def _update_cache(self, k_BxTxNxK, v_BxTxNxK, positions_T):
-    b, _, n, k = k_BxTxNxK.shape
-    shape, dt = (b, self.cfg.max_len, n, k), k_BxTxNxK.dtype
-    cached_k = self.variable('cache', 'cached_key', jnp.zeros, shape, dt)
-    cached_v = self.variable('cache', 'cached_value', jnp.zeros, shape, dt)
+    """Writes the new keys/values at positions_T; returns the whole cache and the T×S mask of what each query sees.
+
+    Batch and heads share one axis (G = B·N), keys are kept as [G, K, S] and values as [G, S, K]: the two decode
+    matmuls read them as they are, so XLA:CPU updates them in place. (As [B, S, N, K] every layer's whole cache was
+    transposed at every new token; as [B, N, ...] the update was fused into a reshape and copied.)"""
+    b, t, n, k = k_BxTxNxK.shape
+    s, dt = decode_len(self.cfg), k_BxTxNxK.dtype
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, (b * n, k, s), dt)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, (b * n, s, k), dt)
     start = positions_T[0]
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxTxNxK, (0, start, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxTxNxK, (0, start, 0, 0))
-    mask_TxS = jnp.arange(self.cfg.max_len)[None, :] <= positions_T[:, None]
+    new_k_GxKxT = k_BxTxNxK.transpose(0, 2, 3, 1).reshape(b * n, k, t)
+    new_v_GxTxK = v_BxTxNxK.transpose(0, 2, 1, 3).reshape(b * n, t, k)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, new_k_GxKxT, (0, 0, start))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, new_v_GxTxK, (0, start, 0))
+    mask_TxS = jnp.arange(s)[None, :] <= positions_T[:, None]
     return cached_k.value, cached_v.value, mask_TxS
 
+  def _attend_cached(self, q_BxTxNxK, k_GxKxS, v_GxSxK, mask_TxS):
+    """Attention over the decode cache (f32 softmax); the same sums as `_attend`."""
+    b, t, n, k = q_BxTxNxK.shape
+    q_GxTxK = q_BxTxNxK.transpose(0, 2, 1, 3).reshape(b * n, t, k)
+    logits_GxTxS = jnp.einsum('gtk,gks->gts', q_GxTxK, k_GxKxS).astype(jnp.float32) * k ** -0.5
+    logits_GxTxS = jnp.where(mask_TxS[None], logits_GxTxS, jnp.finfo(jnp.float32).min)
+    probs_GxTxS = jax.nn.softmax(logits_GxTxS, axis=-1)
+    out_GxTxK = jnp.einsum('gts,gsk->gtk', probs_GxTxS.astype(v_GxSxK.dtype), v_GxSxK)
+    return out_GxTxK.reshape(b, n, t, k).transpose(0, 2, 1, 3)
+
   def _attend(self, q_BxTxNxK, k_BxSxNxK, v_BxSxNxK, mask_TxS, use_dropout):
-    """Plain attention (f32 softmax) for decode masks and attention dropout."""
+    """Plain attention (f32 softmax) for attention dropout."""
     scale = q_BxTxNxK.shape[-1] ** -0.5
     logits_BxNxTxS = jnp.einsum('btnk,bsnk->bnts', q_BxTxNxK, k_BxSxNxK).astype(jnp.float32) * scale
     logits_BxNxTxS = jnp.where(mask_TxS[None, None], logits_BxNxTxS, jnp.finfo(jnp.float32).min)
@@ -115,6 +130,12 @@ class Attention(nn.Module):
     if use_dropout:
       probs_BxNxTxS = nn.Dropout(self.cfg.attn_dropout)(probs_BxNxTxS, deterministic=False)
     return jnp.einsum('bnts,bsnk->btnk', probs_BxNxTxS.astype(v_BxSxNxK.dtype), v_BxSxNxK)
+
+
+def decode_len(cfg: Config) -> int:
+  """Positions in the decode cache: cfg.decode_len where the sampler set it (prompt + new tokens, rounded up;
+  effjax/sample.py), else cfg.max_len."""
+  return int(cfg.get('decode_len', 0) or cfg.max_len)
 
 
 def make_dense(cfg: Config, kind: str):
@@ -319,6 +340,40 @@ def stack_layers(params: dict) -> dict:
   return dict(params)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _take_layer(x, i, axis: int):
+  """x[..., i, ...] on `axis`; the index is traced, so one compile per shape serves every layer."""
+  return jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False)
+
+
+def unstack_like(variables: dict, scanned: dict, unrolled: dict) -> dict | None:
+  """`variables` (laid out as the boxed abstract tree `scanned`) in the layout of the abstract tree `unrolled` (the
+  same model with scan_layers=False), or None where some leaf cannot be mapped. Any family works: a leaf at
+  .../layer_i/... of `unrolled` is index i of .../layers/... of `scanned`, taken on the axis its metadata names
+  'layers' (so a stack inside a vmap, whose leading axis is another, is read right); other leaves are as they are.
+  """
+  flat_scanned = flax.traverse_util.flatten_dict(scanned)
+  flat_vars = flax.traverse_util.flatten_dict(variables)
+  out = {}
+  for path, want in flax.traverse_util.flatten_dict(unrolled).items():
+    layer = [(j, int(k[6:])) for j, k in enumerate(path) if k.startswith('layer_') and k[6:].isdigit()]
+    if len(layer) > 1:
+      return None
+    source = path[:layer[0][0]] + ('layers',) + path[layer[0][0] + 1:] if layer else path
+    if source not in flat_vars or source not in flat_scanned:
+      return None
+    value = flat_vars[source]
+    if layer:
+      names = getattr(flat_scanned[source], 'names', None)
+      if not names or 'layers' not in names:
+        return None
+      value = _take_layer(value, layer[0][1], names.index('layers'))
+    if tuple(value.shape) != tuple(nn.unbox(want).shape):
+      return None
+    out[path] = value
+  return flax.traverse_util.unflatten_dict(out)
+
+
 class Embedder(nn.Module):
   """Token (+ learned position) embedding, optionally factorized: a V×E table then an E×D projection.
 
@@ -354,7 +409,9 @@ class Embedder(nn.Module):
     dt = dtype_of(self.cfg.dtype)
     if self.cfg.embed_dim:
       x_BxTxD = x_BxTxD.astype(dt) @ self.projection.astype(dt).T
-    return x_BxTxD.astype(dt) @ self.embedding.astype(dt).T
+    # contracting both last axes (not `x @ table.T`): XLA:CPU then reads the V×D table as stored instead of
+    # materialising its transpose (inside a decode loop, once per new token)
+    return jnp.einsum('btd,vd->btv', x_BxTxD.astype(dt), self.embedding.astype(dt))
 
 
 class OutputHead(nn.Module):
