@@ -1,5 +1,6 @@
 """Doped models (seed 004, §3): frozen random MLPs between trainable blocks — they never change, get no gradient
-and no optimizer state, are checkpointed, shard, scan, resume and decode like the rest of the model."""
+and no optimizer state, are checkpointed and shard (causality, the KV cache, resume and meshes:
+tests/test_contract.py)."""
 import time
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from effjax.configs import doped as doped_config
-from effjax import checkpoint, metrics, sample, state as state_lib, train
+from effjax import checkpoint, metrics, state as state_lib, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model, doped, layers
 from tests.helpers import run_cli, variant_config
@@ -136,16 +137,6 @@ def test_frozen_layers_are_used_and_get_no_gradient():
   assert abs(float(loss(variables['frozen']) - loss(zeroed))) > 1e-4  # the frozen MLPs change the output
   grads = jax.grad(loss)(variables['frozen'])  # stop_gradient: no gradient reaches them even if asked
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
-
-
-def test_kv_cache_with_doping():
-  m = model_config(pos_emb='rotary')
-  model, variables = init(m)
-  prompt = jax.random.randint(jax.random.key(5), (2, 5), 0, V)
-  kw = dict(max_new_tokens=10, temperature=0.0, top_k=0, top_p=1.0)
-  cached = sample.generate_cached(model, variables, prompt, jax.random.key(0), **kw)
-  uncached = sample.generate_uncached(model, variables, prompt, jax.random.key(0), **kw)
-  np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
 
 
 # ---------------------------------------------------------------------------------------------------------
