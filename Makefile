@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 CONFIG ?= gpt
 DEMO_STEPS ?= 1200
 
-.PHONY: demo test lint bench report clean-demo
+.PHONY: demo test lint format bench report clean-demo
 
 $(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,9 +26,14 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 tests
 
-# pyproject.toml's [tool.ruff] settings on the whole tree (tests/test_lint.py runs the same check)
+# pyproject.toml's [tool.ruff] settings on the whole tree (tests/test_lint.py runs the same checks); `make format`
+# rewrites the tree as the formatter wants it
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.test
+	$(PY) -m ruff format .
 
 bench: $(VENV)/.test
 	$(PY) -m experiments.bench_train
