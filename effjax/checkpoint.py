@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 
 import grain
 import jax
@@ -101,9 +102,20 @@ class Checkpointer:
 
   def _remove_partial_saves(self) -> None:
     """A save that ran out of space leaves orbax's temporary step directory: removed to give the space back
-    (the steps already saved are untouched)."""
-    for partial in paths.glob(paths.join(self.directory, '*.orbax-checkpoint-tmp*')):
-      paths.rmtree(partial)
+    (the steps already saved are untouched). Orbax's other save threads may still be finishing after the failed
+    one reported (seen under load: a metadata thread recreating the directory), so the removal repeats until the
+    directory stays gone."""
+    pattern = paths.join(self.directory, '*.orbax-checkpoint-tmp*')
+    quiet = 0
+    for _ in range(50):
+      partials = paths.glob(pattern)
+      for partial in partials:
+        with contextlib.suppress(FileNotFoundError):
+          paths.rmtree(partial)
+      quiet = 0 if partials else quiet + 1
+      if quiet == 3:
+        return
+      time.sleep(0.1)
 
   def restore_meta(self, step: int) -> dict:
     return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
