@@ -4,4 +4,5 @@
 The presets and defaults live in the library (effjax/configs/blockdiag.py);
 this file keeps `--config=configs/blockdiag.py[:preset]` working from the repository root.
 """
+
 from effjax.configs.blockdiag import get_config  # noqa: F401

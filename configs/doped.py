@@ -3,4 +3,5 @@
 The presets and defaults live in the library (effjax/configs/doped.py);
 this file keeps `--config=configs/doped.py[:preset]` working from the repository root.
 """
+
 from effjax.configs.doped import get_config  # noqa: F401

@@ -3,4 +3,5 @@
 The presets and defaults live in the library (effjax/configs/efficio.py);
 this file keeps `--config=configs/efficio.py[:preset]` working from the repository root.
 """
+
 from effjax.configs.efficio import get_config  # noqa: F401

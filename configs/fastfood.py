@@ -3,4 +3,5 @@
 The presets and defaults live in the library (effjax/configs/fastfood.py);
 this file keeps `--config=configs/fastfood.py[:preset]` working from the repository root.
 """
+
 from effjax.configs.fastfood import get_config  # noqa: F401

@@ -4,4 +4,5 @@ Linear(d, d/f) ...
 The presets and defaults live in the library (effjax/configs/lcgpt.py);
 this file keeps `--config=configs/lcgpt.py[:preset]` working from the repository root.
 """
+
 from effjax.configs.lcgpt import get_config  # noqa: F401

@@ -3,4 +3,5 @@
 The presets and defaults live in the library (effjax/configs/pgpt.py);
 this file keeps `--config=configs/pgpt.py[:preset]` working from the repository root.
 """
+
 from effjax.configs.pgpt import get_config  # noqa: F401

@@ -10,6 +10,7 @@ compilation cache, and a profiler trace of a chosen window of steps.
   with TensorBoard's profile plugin or xprof). With a gs:// workdir the trace is written to a local temporary
   directory and uploaded when it stops.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,20 +24,30 @@ from effjax import paths
 from effjax.errors import EffjaxError
 
 BACKENDS = ('', 'cpu', 'gpu', 'tpu')
-ACCELERATOR_EXTRA = {'gpu': "pip install 'effjax[cuda]' (CUDA 12; '[cuda13]' for CUDA 13)",
-                     'tpu': "pip install 'effjax[tpu]'"}
+ACCELERATOR_EXTRA = {
+  'gpu': "pip install 'effjax[cuda]' (CUDA 12; '[cuda13]' for CUDA 13)",
+  'tpu': "pip install 'effjax[tpu]'",
+}
 
 
 def check_config(t) -> None:
   want = t.get('require_backend', '')
   if want not in BACKENDS:
-    raise EffjaxError(f'train.require_backend={want!r} is invalid; valid: {", ".join(map(repr, BACKENDS))} '
-                      "('' accepts any backend)")
+    raise EffjaxError(
+      f"train.require_backend={want!r} is invalid; valid: {', '.join(map(repr, BACKENDS))} ('' accepts any backend)"
+    )
   window = t.get('profile_steps', (0, 0))
-  if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(isinstance(s, int) for s in window)
-      or tuple(window) != (0, 0) and not 0 < window[0] <= window[1]):
-    raise EffjaxError(f'train.profile_steps={window!r} is invalid; give (first, last) steps with 0 < first <= '
-                      "last, e.g. --config.train.profile_steps='(10, 15)', or (0, 0) for no trace")
+  if (
+    not isinstance(window, (tuple, list))
+    or len(window) != 2
+    or not all(isinstance(s, int) for s in window)
+    or tuple(window) != (0, 0)
+    and not 0 < window[0] <= window[1]
+  ):
+    raise EffjaxError(
+      f'train.profile_steps={window!r} is invalid; give (first, last) steps with 0 < first <= '
+      "last, e.g. --config.train.profile_steps='(10, 15)', or (0, 0) for no trace"
+    )
 
 
 def check_backend(t) -> None:
@@ -44,11 +55,16 @@ def check_backend(t) -> None:
   want = t.get('require_backend', '')
   got = jax.default_backend()
   if want and got != want:
-    how = f'install the {want.upper()} build of jax ({ACCELERATOR_EXTRA[want]}) and check' if want in \
-        ACCELERATOR_EXTRA else 'check'
-    raise EffjaxError(f"train.require_backend={want!r} but jax's backend is {got!r}; {how} that the devices are "
-                      "visible to this process (drivers, CUDA_VISIBLE_DEVICES, JAX_PLATFORMS), or set "
-                      "train.require_backend=''")
+    how = (
+      f'install the {want.upper()} build of jax ({ACCELERATOR_EXTRA[want]}) and check'
+      if want in ACCELERATOR_EXTRA
+      else 'check'
+    )
+    raise EffjaxError(
+      f"train.require_backend={want!r} but jax's backend is {got!r}; {how} that the devices are "
+      'visible to this process (drivers, CUDA_VISIBLE_DEVICES, JAX_PLATFORMS), or set '
+      "train.require_backend=''"
+    )
 
 
 def compile_cache_dir(t, workdir: str) -> str | None:
@@ -68,6 +84,7 @@ def enable_compile_cache(t, workdir: str) -> str | None:
     return None
   paths.check(directory, 'train.compile_cache_dir')
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+
   compilation_cache.set_cache_dir(directory)
   compilation_cache.reset_cache()  # re-read the setting even if something compiled earlier in this process
   logging.info('persistent compilation cache: %s', directory)

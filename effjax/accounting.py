@@ -11,6 +11,7 @@ the network as built (attention over the full context, structured layers at thei
 block counted once per application). `train_flops_per_token` = 3·forward − 2·N_frozen, the same 2/3 rule applied
 to the real forward cost (each frozen weight is used once per token, as in a doped model's frozen MLPs).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,13 +40,13 @@ def param_counts(model_config) -> dict:
   embedding = _count({k: v for k, v in params.items() if k in EMBEDDING_MODULES})
   trainable = _count(params)
   return {
-      'applied_non_embedding_params': trainable - embedding + _extra_applications(model_config, params),
-      'total_params': trainable + _count(frozen),
-      'trainable_params': trainable,
-      'frozen_params': _count(frozen),
-      'embedding_params': embedding,
-      'non_embedding_trainable_params': trainable - embedding,
-      'param_bytes': _bytes(params) + _bytes(frozen),
+    'applied_non_embedding_params': trainable - embedding + _extra_applications(model_config, params),
+    'total_params': trainable + _count(frozen),
+    'trainable_params': trainable,
+    'frozen_params': _count(frozen),
+    'embedding_params': embedding,
+    'non_embedding_trainable_params': trainable - embedding,
+    'param_bytes': _bytes(params) + _bytes(frozen),
   }
 
 
@@ -76,8 +77,7 @@ def step_compute(config) -> dict:
   counts = param_counts(config.model)
   tokens = config.train.batch_size * config.data.seq_len
   n_train = counts['applied_non_embedding_params']
-  return {'compute': (6 * n_train + 4 * counts['frozen_params']) * tokens,
-          'compute_frozen_free': 6 * n_train * tokens}
+  return {'compute': (6 * n_train + 4 * counts['frozen_params']) * tokens, 'compute_frozen_free': 6 * n_train * tokens}
 
 
 def summarize(config) -> dict:
@@ -87,17 +87,17 @@ def summarize(config) -> dict:
   compute = step_compute(config)
   fwd = flops_per_token(m, config.data.seq_len)
   summary = {
-      'family': m.family,
-      **counts,
-      'param_mb': round(counts['total_params'] * 4 / 2**20, 2),
-      'emulated_params': emulated_params(m),
-      'flops_per_token': fwd,
-      # forward + backward; a frozen weight needs no weight gradient: 4 FLOPs per token instead of 6
-      'train_flops_per_token': 3 * fwd - 2 * counts['frozen_params'],
-      'seq_len': config.data.seq_len,
-      **{f'step_{k}': v for k, v in compute.items()},
-      'compute_total': compute['compute'] * config.train.steps,
-      'compute_frozen_free_total': compute['compute_frozen_free'] * config.train.steps,
+    'family': m.family,
+    **counts,
+    'param_mb': round(counts['total_params'] * 4 / 2**20, 2),
+    'emulated_params': emulated_params(m),
+    'flops_per_token': fwd,
+    # forward + backward; a frozen weight needs no weight gradient: 4 FLOPs per token instead of 6
+    'train_flops_per_token': 3 * fwd - 2 * counts['frozen_params'],
+    'seq_len': config.data.seq_len,
+    **{f'step_{k}': v for k, v in compute.items()},
+    'compute_total': compute['compute'] * config.train.steps,
+    'compute_frozen_free_total': compute['compute_frozen_free'] * config.train.steps,
   }
   model, _ = state.abstract_model(m)
   extras = family(m.family).summary_extras

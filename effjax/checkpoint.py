@@ -4,6 +4,7 @@ A step directory holds three items: `state` (the TrainState), `data` (the grain 
 run continues with exactly the next batch) and `meta` (what was trained: model config, vocab, tokens seen), which
 lets a resume refuse a checkpoint of another architecture with a clear message instead of a shape error.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +26,7 @@ def architecture(model_config) -> dict:
   'section.key' for a key of a family's or kind's section), None where the config lacks one. Recorded in each
   checkpoint and compared on resume and when loading."""
   from effjax.models import param_keys  # pylint: disable=import-outside-toplevel
+
   return {k: lookup(model_config, k) for k in sorted(set(param_keys(model_config)))}
 
 
@@ -40,6 +42,7 @@ def migrate_model(model: dict) -> dict:
   """A saved model section (config.json) in today's layout: the flat keys of older effjax moved into their
   sections (configs/base.py MOVED_MODEL_KEYS). A key already in its section wins over a flat one."""
   from effjax.configs import base  # pylint: disable=import-outside-toplevel
+
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in model.items()}
   for old, new in base.MOVED_MODEL_KEYS.items():
     section, key = new.split('.')
@@ -47,8 +50,10 @@ def migrate_model(model: dict) -> dict:
       continue
     value = out.pop(old)
     if not isinstance(out.setdefault(section, {}), dict):
-      raise EffjaxError(f'saved model config has both model.{old} and a model.{section} value that is no section; '
-                        'it was not written by effjax')
+      raise EffjaxError(
+        f'saved model config has both model.{old} and a model.{section} value that is no section; '
+        'it was not written by effjax'
+      )
     out[section].setdefault(key, value)
   return out
 
@@ -56,6 +61,7 @@ def migrate_model(model: dict) -> dict:
 def migrate_architecture(saved: dict) -> dict:
   """A checkpoint's recorded architecture with older flat key names renamed to today's dotted ones."""
   from effjax.configs import base  # pylint: disable=import-outside-toplevel
+
   return {base.MOVED_MODEL_KEYS.get(k, k): v for k, v in saved.items()}
 
 
@@ -66,8 +72,8 @@ class Checkpointer:
     quiet_aborted_restore_callbacks()
     self.directory = paths.abspath(directory)
     self._mgr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                                             read_only=read_only))
+      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+    )
     self._saving = None  # (step, bytes) of the last save started
 
   def latest_step(self) -> int | None:
@@ -85,8 +91,12 @@ class Checkpointer:
       saved = self._mgr.save(step, args=ocp.args.Composite(**args))
     self._saving = (step, sum(x.nbytes for x in jax.tree.leaves(state)))
     if not saved:
-      logging.warning('checkpoint step %d was not saved (orbax declined: a step >= %d already exists in %s)',
-                      step, step, self.directory)
+      logging.warning(
+        'checkpoint step %d was not saved (orbax declined: a step >= %d already exists in %s)',
+        step,
+        step,
+        self.directory,
+      )
 
   @contextlib.contextmanager
   def _no_space_is_one_line(self, step: int):
@@ -97,8 +107,9 @@ class Checkpointer:
         raise
       failed, needed = self._saving if self._saving else (step, None)
       self._remove_partial_saves()
-      raise errors.no_space_error(paths.join(self.directory, str(failed)), needed,
-                                  f'checkpoint step {failed}') from None
+      raise errors.no_space_error(
+        paths.join(self.directory, str(failed)), needed, f'checkpoint step {failed}'
+      ) from None
 
   def _remove_partial_saves(self) -> None:
     """A save that ran out of space leaves orbax's temporary step directory: removed to give the space back
@@ -129,8 +140,9 @@ class Checkpointer:
       state_args = ocp.args.StandardRestore(abstract_state)
     else:
       item = {'step': abstract_state.step, 'params': abstract_state.params, 'extra': abstract_state.extra}
-      state_args = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                          partial_restore=True)
+      state_args = ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+      )
     restored = self._mgr.restore(step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     state = restored['state']
     if isinstance(state, dict):
@@ -175,6 +187,7 @@ def quiet_aborted_restore_callbacks() -> None:
   if _QUIET_HOOK_INSTALLED:
     return
   import sys  # pylint: disable=import-outside-toplevel
+
   previous = sys.unraisablehook
 
   def hook(unraisable):
@@ -191,11 +204,16 @@ def check_compatible(meta: dict, model_config, where: str) -> None:
   """Refuses a checkpoint written for another architecture (family, sizes, sharing, vocab ...)."""
   saved, wanted = migrate_architecture(meta.get('architecture', {})), architecture(model_config)
   # Compared over the declared keys the checkpoint records: one written before a key was declared predates it.
-  diffs = [f'{k}: checkpoint {saved[k]!r} vs config {v!r}'
-           for k, v in wanted.items() if k in saved and _norm(saved[k]) != _norm(v)]
+  diffs = [
+    f'{k}: checkpoint {saved[k]!r} vs config {v!r}'
+    for k, v in wanted.items()
+    if k in saved and _norm(saved[k]) != _norm(v)
+  ]
   if diffs:
-    raise EffjaxError(f'checkpoint in {where} does not match the config ({"; ".join(diffs)}); use another '
-                      'workdir or the config it was trained with')
+    raise EffjaxError(
+      f'checkpoint in {where} does not match the config ({"; ".join(diffs)}); use another '
+      'workdir or the config it was trained with'
+    )
 
 
 def _norm(value):
@@ -227,6 +245,7 @@ def relayout(variables: dict, model_config, layout: str):
   import ml_collections  # pylint: disable=import-outside-toplevel
   from effjax import state  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
+
   if layout not in LAYOUTS:
     raise EffjaxError(f'export layout {layout!r} is unknown; valid: {", ".join(LAYOUTS)}')
   scan = {'scanned': True, 'unscanned': False}.get(layout, bool(model_config.scan_layers))
@@ -239,8 +258,10 @@ def relayout(variables: dict, model_config, layout: str):
   want = state.abstract_variables(new_config)
   shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   if shapes(out) != shapes(want):
-    raise EffjaxError(f'cannot convert this {model_config.family} model to the {layout} layout; export it '
-                      'with --export_layout=as_trained')
+    raise EffjaxError(
+      f'cannot convert this {model_config.family} model to the {layout} layout; export it '
+      'with --export_layout=as_trained'
+    )
   return out, new_config
 
 
@@ -248,8 +269,9 @@ def check_new_dir(path: str, what: str) -> str:
   paths.check(path, what)
   path = paths.abspath(path)
   if paths.exists(path) and (not paths.isdir(path) or paths.listdir(path)):
-    raise EffjaxError(f'{what} {path!r} already exists and is not empty; choose a new directory (nothing is '
-                      'overwritten)')
+    raise EffjaxError(
+      f'{what} {path!r} already exists and is not empty; choose a new directory (nothing is overwritten)'
+    )
   return path
 
 
@@ -260,18 +282,26 @@ def _publish(tmp: str, final: str) -> None:
   os.rename(tmp, final)
 
 
-def export(export_dir: str, variables: dict, config, tokenizer_path: str, metadata: dict,
-           dtype: str = 'float32', layout: str = 'as_trained') -> str:
+def export(
+  export_dir: str,
+  variables: dict,
+  config,
+  tokenizer_path: str,
+  metadata: dict,
+  dtype: str = 'float32',
+  layout: str = 'as_trained',
+) -> str:
   """Writes an inference export; returns its absolute path. Locally it is written to a temporary sibling and
   renamed into place. An object store has no rename: the export is written in place with metadata.json last, so
   until it is complete it is no export at all (read_export_metadata refuses it), and a failed one is removed."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   export_dir = check_new_dir(export_dir, 'export_dir')
   if dtype not in EXPORT_DTYPES:
     raise EffjaxError(f'export dtype {dtype!r} is invalid; valid: {", ".join(EXPORT_DTYPES)}')
   if not paths.isfile(tokenizer_path):
-    raise EffjaxError(f'tokenizer {tokenizer_path!r} does not exist; the export needs the run\'s tokenizer')
+    raise EffjaxError(f"tokenizer {tokenizer_path!r} does not exist; the export needs the run's tokenizer")
   variables, model_config = relayout(variables, config.model, layout)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model = model_config
@@ -284,19 +314,27 @@ def export(export_dir: str, variables: dict, config, tokenizer_path: str, metada
     raise EffjaxError(f'export_dir {export_dir!r} is not writable ({e.strerror})') from None
   try:
     cast = jnp.dtype(dtype)
-    variables = jax.tree.map(lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                             jax.device_get(variables))
+    variables = jax.tree.map(
+      lambda x: x.astype(cast) if jnp.issubdtype(x.dtype, jnp.floating) else x, jax.device_get(variables)
+    )
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(paths.join(tmp, 'variables'), variables)
     config_dict = config.to_dict()
     config_dict['model']['param_dtype'] = dtype
     write_json_atomic(paths.join(tmp, 'config.json'), config_dict)
     paths.copy_file(tokenizer_path, paths.join(tmp, 'tokenizer.json'))
-    write_json_atomic(paths.join(tmp, 'metadata.json'), {
-        'format': EXPORT_FORMAT, **metadata, 'family': config.model.family,
+    write_json_atomic(
+      paths.join(tmp, 'metadata.json'),
+      {
+        'format': EXPORT_FORMAT,
+        **metadata,
+        'family': config.model.family,
         'scanned_layers': bool(config.model.scan_layers),
         'layout': 'scanned' if config.model.scan_layers else 'unscanned',
-        'share_layers': config.model.get('share_layers', 'none'), 'dtype': dtype})
+        'share_layers': config.model.get('share_layers', 'none'),
+        'dtype': dtype,
+      },
+    )
     if not remote:
       _publish(tmp, export_dir)
   except BaseException:
@@ -320,8 +358,10 @@ def read_export_metadata(export_dir: str) -> dict:
     raise EffjaxError(f'export {export_dir!r} is not a directory; pass the directory written by --mode=export')
   missing = [f for f in (*EXPORT_FILES, 'variables') if not paths.exists(paths.join(export_dir, f))]
   if missing:
-    raise EffjaxError(f'{export_dir!r} is not an effjax export (missing {", ".join(missing)}); create one with '
-                      '--mode=export --export_dir=DIR')
+    raise EffjaxError(
+      f'{export_dir!r} is not an effjax export (missing {", ".join(missing)}); create one with '
+      '--mode=export --export_dir=DIR'
+    )
   try:
     metadata = json.loads(paths.read_text(paths.join(export_dir, 'metadata.json')))
     if not isinstance(metadata, dict):
@@ -335,6 +375,7 @@ def _export_config(export_dir: str):
   """The export's config over today's defaults (so an export from an older effjax gains new keys, and the flat
   model keys of older layouts move into their sections)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   try:
     saved = json.loads(paths.read_text(paths.join(export_dir, 'config.json')))
     if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
@@ -343,6 +384,7 @@ def _export_config(export_dir: str):
     raise EffjaxError(f'export config {export_dir}/config.json is unreadable ({_short(e)})') from None
   saved = {**saved, 'model': migrate_model(saved['model'])}
   from effjax.configs import base  # pylint: disable=import-outside-toplevel
+
   config = base.get_base()
   try:
     with config.unlocked():
@@ -355,6 +397,7 @@ def _export_config(export_dir: str):
 def _merge(config, saved: dict) -> None:
   """Saved values into a default config, section by section (JSON lists back to the defaults' tuples)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   for key, value in saved.items():
     default = config.get(key)
     if isinstance(value, dict) and isinstance(default, ml_collections.ConfigDict):
@@ -368,6 +411,7 @@ def _merge(config, saved: dict) -> None:
 def load_export(export_dir: str):
   """(model, variables, config) from an export directory; clear errors for missing or corrupt exports."""
   from effjax import state  # pylint: disable=import-outside-toplevel
+
   read_export_metadata(export_dir)
   config = _export_config(export_dir)
   try:
@@ -384,6 +428,7 @@ def load_export(export_dir: str):
     with ocp.StandardCheckpointer() as ckptr:
       variables = ckptr.restore(paths.join(paths.abspath(export_dir), 'variables'), abstract)
   except Exception as e:  # pylint: disable=broad-except
-    raise EffjaxError(f'export variables in {export_dir!r} are unreadable or do not match its config '
-                      f'({type(e).__name__}: {_short(e)})') from None
+    raise EffjaxError(
+      f'export variables in {export_dir!r} are unreadable or do not match its config ({type(e).__name__}: {_short(e)})'
+    ) from None
   return model, variables, config

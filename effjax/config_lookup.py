@@ -6,6 +6,7 @@ file anywhere on disk (`path/to/mine.py[:preset]`; it may build on `from effjax.
 becomes a file path that ml_collections' config_flags loads, so `--config.a.b=value` overrides apply to all three.
 This file is itself such a config file: `get_config(workdir)` reads `workdir/config.json`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,6 +22,7 @@ CONFIG_JSON = 'config.json'
 
 def builtin_dir() -> str:
   import effjax.configs  # pylint: disable=import-outside-toplevel
+
   return os.path.dirname(effjax.configs.__file__)
 
 
@@ -47,18 +49,24 @@ def resolve(spec: str) -> str:
   if path in known:
     return os.path.join(builtin_dir(), f'{path}.py') + sep + preset
   name = os.path.splitext(os.path.basename(path))[0]
-  hint = (f'; the built-in variant is --config={name}{sep}{preset}' if name in known else
-          f'; built-in variants: {", ".join(known)} (e.g. --config=gpt:tiny; `effjax --list` shows their presets)')
+  hint = (
+    f'; the built-in variant is --config={name}{sep}{preset}'
+    if name in known
+    else f'; built-in variants: {", ".join(known)} (e.g. --config=gpt:tiny; `effjax --list` shows their presets)'
+  )
   raise EffjaxError(f'--config={spec}: there is no file {path!r} (from {os.getcwd()}){hint}')
 
 
 def workdir_spec(workdir: str) -> str:
   """The --config value that loads `workdir/config.json` (this file's get_config)."""
   from effjax import paths  # pylint: disable=import-outside-toplevel
+
   paths.check(workdir, '--workdir')
   if not paths.isfile(paths.join(workdir, CONFIG_JSON)):
-    raise EffjaxError(f'--workdir={workdir} has no {CONFIG_JSON} (no run was trained there); pass '
-                      '--config=VARIANT[:PRESET] or a config file')
+    raise EffjaxError(
+      f'--workdir={workdir} has no {CONFIG_JSON} (no run was trained there); pass '
+      '--config=VARIANT[:PRESET] or a config file'
+    )
   return f'{os.path.abspath(__file__)}:{paths.abspath(workdir)}'
 
 
@@ -69,6 +77,7 @@ def is_workdir_spec(filename: str) -> bool:
 def get_config(workdir: str):
   """The resolved config a run wrote (older layouts migrated, new keys at their defaults)."""
   from effjax import checkpoint  # pylint: disable=import-outside-toplevel
+
   try:
     return checkpoint._export_config(workdir)  # pylint: disable=protected-access
   except EffjaxError as e:
@@ -78,12 +87,18 @@ def get_config(workdir: str):
 def check_architecture(config, workdir: str) -> None:
   """Overrides on top of a run's own config may change how it runs, never the parameters it was trained with."""
   from effjax import checkpoint  # pylint: disable=import-outside-toplevel
+
   saved, wanted = checkpoint.architecture(get_config(workdir).model), checkpoint.architecture(config.model)
-  diffs = [f'model.{k}={wanted.get(k)!r} (the run has {saved.get(k)!r})' for k in sorted(set(saved) | set(wanted))
-           if saved.get(k) != wanted.get(k)]
+  diffs = [
+    f'model.{k}={wanted.get(k)!r} (the run has {saved.get(k)!r})'
+    for k in sorted(set(saved) | set(wanted))
+    if saved.get(k) != wanted.get(k)
+  ]
   if diffs:
-    raise EffjaxError(f'{", ".join(diffs)} conflicts with the architecture of the run in {workdir}; its '
-                      'checkpoints have that shape (leave the override out, or train a new run)')
+    raise EffjaxError(
+      f'{", ".join(diffs)} conflicts with the architecture of the run in {workdir}; its '
+      'checkpoints have that shape (leave the override out, or train a new run)'
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +147,7 @@ def presets(doc: str) -> dict[str, str]:
 
 def one_line(text: str, limit: int = 100) -> str:
   text = purpose(text)
-  return text if len(text) <= limit else text[:text.rfind(' ', 0, limit - 1)] + ' …'
+  return text if len(text) <= limit else text[: text.rfind(' ', 0, limit - 1)] + ' …'
 
 
 def describe_variants() -> str:
@@ -149,6 +164,7 @@ def describe_variants() -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Where each resolved value came from.
+
 
 def _flat(tree: dict, prefix: str = '') -> dict:
   out = {}

@@ -11,6 +11,7 @@ the environment each platform sets, before any backend is touched.
 
 `python -m effjax.distributed` prints the decision for the current environment (the launchers' dry runs show it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,6 +76,7 @@ def _ompi_coordinator(uri: str) -> str:
 def _tpu_metadata(key: str) -> str | None:
   """A Cloud TPU VM's metadata attribute (None when there is no metadata server: not a Cloud VM)."""
   import urllib.request  # pylint: disable=import-outside-toplevel
+
   try:
     request = urllib.request.Request(METADATA_URL + key, headers={'Metadata-Flavor': 'Google'})
     with urllib.request.urlopen(request, timeout=5) as response:
@@ -98,8 +100,11 @@ def tpu_hosts(env: Mapping[str, str], metadata: Callable[[str], str | None]) -> 
   return slices * (len(workers.split(',')) if workers else 1)
 
 
-def plan(flags: Mapping[str, object], env: Mapping[str, str] | None = None,
-         metadata: Callable[[str], str | None] = _tpu_metadata) -> Plan:
+def plan(
+  flags: Mapping[str, object],
+  env: Mapping[str, str] | None = None,
+  metadata: Callable[[str], str | None] = _tpu_metadata,
+) -> Plan:
   """The initialisation this process needs. `flags`: coordinator_address, num_processes, process_id (None =
   not given)."""
   env = os.environ if env is None else env
@@ -109,27 +114,49 @@ def plan(flags: Mapping[str, object], env: Mapping[str, str] | None = None,
   pid = _int(env, 'EFFJAX_PROCESS_ID') if pid is None else pid
   if address or num or pid is not None:
     if num is not None and num > 1 and (address is None or pid is None) and not _cluster_named(env):
-      raise EffjaxError(f'--num_processes={num} needs --coordinator_address=HOST:PORT and --process_id too '
-                        '(or run under SLURM / Open MPI / a Cloud TPU slice, which set them)')
+      raise EffjaxError(
+        f'--num_processes={num} needs --coordinator_address=HOST:PORT and --process_id too '
+        '(or run under SLURM / Open MPI / a Cloud TPU slice, which set them)'
+      )
     if num == 1:
       return Plan('none', {})
-    return Plan('explicit', {k: v for k, v in (('coordinator_address', address), ('num_processes', num),
-                                               ('process_id', pid)) if v is not None})
+    return Plan(
+      'explicit',
+      {
+        k: v
+        for k, v in (('coordinator_address', address), ('num_processes', num), ('process_id', pid))
+        if v is not None
+      },
+    )
   slurm_tasks = _int(env, 'SLURM_STEP_NUM_TASKS') or _int(env, 'SLURM_NTASKS')
   if 'SLURM_JOB_ID' in env and 'SLURM_PROCID' in env and (slurm_tasks or 1) > 1:
     nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST')
     if not nodes:
       raise EffjaxError('SLURM_NTASKS > 1 but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set')
-    return Plan('slurm', {'coordinator_address': f'{first_slurm_host(nodes)}:{_slurm_port(_int(env, "SLURM_JOB_ID"))}',
-                          'num_processes': slurm_tasks, 'process_id': _int(env, 'SLURM_PROCID')})
+    return Plan(
+      'slurm',
+      {
+        'coordinator_address': f'{first_slurm_host(nodes)}:{_slurm_port(_int(env, "SLURM_JOB_ID"))}',
+        'num_processes': slurm_tasks,
+        'process_id': _int(env, 'SLURM_PROCID'),
+      },
+    )
   ompi_size = _int(env, 'OMPI_COMM_WORLD_SIZE')
   if ompi_size and ompi_size > 1:
     uri = env.get('OMPI_MCA_orte_hnp_uri')
     if not uri:
-      raise EffjaxError('OMPI_COMM_WORLD_SIZE > 1 but OMPI_MCA_orte_hnp_uri is not set (Open MPI 5 / PRRTE: '
-                        'pass --coordinator_address, --num_processes and --process_id)')
-    return Plan('openmpi', {'coordinator_address': _ompi_coordinator(uri), 'num_processes': ompi_size,
-                            'process_id': _int(env, 'OMPI_COMM_WORLD_RANK')})
+      raise EffjaxError(
+        'OMPI_COMM_WORLD_SIZE > 1 but OMPI_MCA_orte_hnp_uri is not set (Open MPI 5 / PRRTE: '
+        'pass --coordinator_address, --num_processes and --process_id)'
+      )
+    return Plan(
+      'openmpi',
+      {
+        'coordinator_address': _ompi_coordinator(uri),
+        'num_processes': ompi_size,
+        'process_id': _int(env, 'OMPI_COMM_WORLD_RANK'),
+      },
+    )
   if tpu_hosts(env, metadata) > 1:
     return Plan('tpu', {})
   return Plan('none', {})
@@ -145,6 +172,7 @@ def initialize(flags: Mapping[str, object]) -> Plan:
   if chosen.initialize:
     import jax  # pylint: disable=import-outside-toplevel
     from absl import logging  # pylint: disable=import-outside-toplevel
+
     logging.info('multi-host start-up: %s', chosen.describe())
     jax.distributed.initialize(**chosen.kwargs)
   return chosen

@@ -1,11 +1,12 @@
 """The ways a run ends, as exceptions and as the process exit codes a scheduler acts on.
 
-  0   EXIT_FINISHED    trained to train.steps (or an eval/sample/export/summary that completed)
-  2   EXIT_USER_ERROR  a mistake in the config, flags, data or workdir: one line on stderr; rerunning as is fails
-  3   EXIT_DIVERGED    loss, gradients or parameters became non-finite; the last good checkpoint is kept
-  75  EXIT_PREEMPTED   stopped by SIGTERM/SIGINT after saving a checkpoint: resubmit the same command to resume
-                       (75 is EX_TEMPFAIL of sysexits.h, "try again later")
+0   EXIT_FINISHED    trained to train.steps (or an eval/sample/export/summary that completed)
+2   EXIT_USER_ERROR  a mistake in the config, flags, data or workdir: one line on stderr; rerunning as is fails
+3   EXIT_DIVERGED    loss, gradients or parameters became non-finite; the last good checkpoint is kept
+75  EXIT_PREEMPTED   stopped by SIGTERM/SIGINT after saving a checkpoint: resubmit the same command to resume
+                     (75 is EX_TEMPFAIL of sysexits.h, "try again later")
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,16 +21,19 @@ EXIT_PREEMPTED = 75
 
 class EffjaxError(Exception):
   """A user mistake: main.py prints it as one line and exits with `exit_code`."""
+
   exit_code = EXIT_USER_ERROR
 
 
 class DivergedError(EffjaxError):
   """Training produced non-finite values; nothing non-finite was checkpointed."""
+
   exit_code = EXIT_DIVERGED
 
 
 class Preempted(Exception):
   """A stop signal ended training at a step boundary, after its checkpoint was saved: rerun to resume."""
+
   exit_code = EXIT_PREEMPTED
 
 
@@ -57,8 +61,10 @@ def no_space_error(path: str, needed: int | None, what: str) -> EffjaxError:
   except OSError:
     free = 'free space unknown'
   need = f'about {needed:,} bytes' if needed else 'more space'
-  return EffjaxError(f'no space left writing {what} to {path} (needs {need}, {free}); the last good checkpoint '
-                     'is kept: free space (or move the workdir) and rerun to resume')
+  return EffjaxError(
+    f'no space left writing {what} to {path} (needs {need}, {free}); the last good checkpoint '
+    'is kept: free space (or move the workdir) and rerun to resume'
+  )
 
 
 def _existing_parent(path: str) -> str:

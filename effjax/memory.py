@@ -43,6 +43,7 @@ fragmentation: keep some headroom (the verdict says "tight" under 15%). On GPU, 
 XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the memory, so that fraction is what a run can use: the verdict
 compares against it (launch/README.md: set it to 0.9 on a dedicated GPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,7 @@ from effjax import optim, sharding, state
 from effjax.errors import EffjaxError
 from effjax.models import family
 
-GiB = 2 ** 30
+GiB = 2**30
 
 # Accelerator name -> (HBM GiB per JAX device, kind). TPU type names count TensorCores for v2-v4/v5p (2 per chip,
 # one JAX device per chip from v4 on) and chips for v5e/v6e; GPUs are 'h100', '8xh100', ...
@@ -74,7 +75,7 @@ def parse_accelerator(name: str) -> tuple[int, float, str]:
   m = re.fullmatch(r'(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)', name)
   if m:
     kind, n = m.group(1), int(m.group(2))
-    per_chip_devices = 2 if kind in ('v2', 'v3') else 1   # v2/v3: one device per TensorCore
+    per_chip_devices = 2 if kind in ('v2', 'v3') else 1  # v2/v3: one device per TensorCore
     cores_per_chip = 2 if kind in ('v2', 'v3', 'v4', 'v5p') else 1
     devices = n // cores_per_chip * per_chip_devices
     if devices < 1:
@@ -83,8 +84,10 @@ def parse_accelerator(name: str) -> tuple[int, float, str]:
   m = re.fullmatch(r'(?:(\d+)x)?([a-z0-9-]+)', name)
   if m and m.group(2) in GPU_HBM:
     return int(m.group(1) or 1), float(GPU_HBM[m.group(2)]), 'gpu'
-  raise EffjaxError(f'--accelerator={name!r} is unknown; use a TPU type ({", ".join(f"{k}-N" for k in TPU_HBM)}, '
-                    f'e.g. v4-8) or a GPU ({", ".join(GPU_HBM)}, optionally Nx, e.g. 8xh100)')
+  raise EffjaxError(
+    f'--accelerator={name!r} is unknown; use a TPU type ({", ".join(f"{k}-N" for k in TPU_HBM)}, '
+    f'e.g. v4-8) or a GPU ({", ".join(GPU_HBM)}, optionally Nx, e.g. 8xh100)'
+  )
 
 
 def usable_fraction(kind: str) -> float:
@@ -100,8 +103,12 @@ def _abstract_mesh(mesh_config, num_devices: int) -> AbstractMesh:
 def _shard_bytes(abstract, specs, mesh) -> int:
   leaves = jax.tree.leaves(abstract)
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  return int(sum(math.prod(sharding.shard_shape(x.shape, s, mesh)) * np.dtype(x.dtype).itemsize
-                 for x, s in zip(leaves, spec_leaves)))
+  return int(
+    sum(
+      math.prod(sharding.shard_shape(x.shape, s, mesh)) * np.dtype(x.dtype).itemsize
+      for x, s in zip(leaves, spec_leaves)
+    )
+  )
 
 
 def _bytes(tree) -> int:
@@ -163,8 +170,9 @@ def _gathered_layer_bytes(model_cfg, params, mesh) -> int:
   blocks = sum(count for kind_, *_, count in _blocks(model_cfg) if kind_ == 'block')
   outside = family(model_cfg.family).outside_params
   stack_params = {k: v for k, v in params.items() if k not in outside}
-  distinct = blocks if model_cfg.share_layers == 'none' else {'all': 1, 'groups': model_cfg.num_groups}[
-      model_cfg.share_layers]
+  distinct = (
+    blocks if model_cfg.share_layers == 'none' else {'all': 1, 'groups': model_cfg.num_groups}[model_cfg.share_layers]
+  )
   per_block = _bytes(stack_params) / max(distinct, 1)
   return int(2 * per_block / mesh.shape['tensor'])
 
@@ -183,9 +191,14 @@ def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, k
   optimizer = optim.make_optimizer(config.train)
   opt_state = jax.eval_shape(optimizer.init, params)
   replicated = P()
-  opt_specs = optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_specs,
-                                    transform_non_params=lambda _: replicated,
-                                    is_leaf=lambda x: isinstance(x, P))
+  opt_specs = optax.tree_map_params(
+    optimizer,
+    lambda _, s: s,
+    opt_state,
+    param_specs,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
   t = config.train
   param_bytes = _shard_bytes(params, param_specs, mesh)
@@ -206,23 +219,23 @@ def plan(config, num_devices: int | None = None, hbm_gib: float | None = None, k
 
   total = param_bytes + extra_bytes + grad_bytes + opt_bytes + gathered + activation_bytes
   out = {
-      'devices': num_devices,
-      'mesh': dict(mesh.shape),
-      'rows_per_device': rows,
-      'tokens_per_device': int(tokens_per_device),
-      'param_dtype': model_cfg.param_dtype,
-      'compute_dtype': model_cfg.dtype,
-      'remat': model_cfg.remat,
-      'attention_impl': model_cfg.attention_impl,
-      'total_param_bytes': _bytes(params) + _bytes(extra),
-      'param_bytes': param_bytes,
-      'frozen_bytes': extra_bytes,
-      'grad_bytes': grad_bytes,
-      'optimizer_bytes': opt_bytes,
-      'gathered_layer_bytes': gathered,
-      'activation_bytes': activation_bytes,
-      'activation_bytes_per_token': {k: round(v, 1) for k, v in per_token.items()},
-      'total_bytes': total,
+    'devices': num_devices,
+    'mesh': dict(mesh.shape),
+    'rows_per_device': rows,
+    'tokens_per_device': int(tokens_per_device),
+    'param_dtype': model_cfg.param_dtype,
+    'compute_dtype': model_cfg.dtype,
+    'remat': model_cfg.remat,
+    'attention_impl': model_cfg.attention_impl,
+    'total_param_bytes': _bytes(params) + _bytes(extra),
+    'param_bytes': param_bytes,
+    'frozen_bytes': extra_bytes,
+    'grad_bytes': grad_bytes,
+    'optimizer_bytes': opt_bytes,
+    'gathered_layer_bytes': gathered,
+    'activation_bytes': activation_bytes,
+    'activation_bytes_per_token': {k: round(v, 1) for k, v in per_token.items()},
+    'total_bytes': total,
   }
   if hbm_gib:
     usable = hbm_gib * GiB * usable_fraction(kind)
@@ -234,23 +247,38 @@ def format_plan(p: dict, accelerator: str = '') -> str:
   g = lambda b: f'{b / GiB:9.3f} GiB' if b >= GiB / 10 else f'{b / 2**20:9.3f} MiB'
   mesh = ' x '.join(f'{k}={v}' for k, v in p['mesh'].items())
   where = f' ({accelerator})' if accelerator else ''
-  lines = [f'per-device memory on {p["devices"]} device(s){where}, mesh {mesh}; {p["rows_per_device"]:g} rows '
-           f'({p["tokens_per_device"]:,} tokens) per device per micro-batch; params {p["param_dtype"]}, compute '
-           f'{p["compute_dtype"]}, remat={p["remat"]}, attention={p["attention_impl"]}']
-  for key in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes', 'gathered_layer_bytes',
-              'activation_bytes', 'total_bytes'):
+  lines = [
+    f'per-device memory on {p["devices"]} device(s){where}, mesh {mesh}; {p["rows_per_device"]:g} rows '
+    f'({p["tokens_per_device"]:,} tokens) per device per micro-batch; params {p["param_dtype"]}, compute '
+    f'{p["compute_dtype"]}, remat={p["remat"]}, attention={p["attention_impl"]}'
+  ]
+  for key in (
+    'param_bytes',
+    'frozen_bytes',
+    'grad_bytes',
+    'optimizer_bytes',
+    'gathered_layer_bytes',
+    'activation_bytes',
+    'total_bytes',
+  ):
     lines.append(f'  {key[:-6]:<16}{g(p[key])}')
   if 'hbm_bytes' in p:
     headroom = 1 - p['total_bytes'] / p['usable_bytes']
-    verdict = ('does NOT fit' if not p['fits'] else
-               f'fits, but tight ({headroom:.0%} headroom)' if headroom < 0.15 else f'fits ({headroom:.0%} headroom)')
-    lines.append(f'  {"usable HBM":<16}{g(p["usable_bytes"])}  (of {p["hbm_bytes"] / GiB:g} GiB per device)'
-                 f'  -> {verdict}')
+    verdict = (
+      'does NOT fit'
+      if not p['fits']
+      else f'fits, but tight ({headroom:.0%} headroom)'
+      if headroom < 0.15
+      else f'fits ({headroom:.0%} headroom)'
+    )
+    lines.append(
+      f'  {"usable HBM":<16}{g(p["usable_bytes"])}  (of {p["hbm_bytes"] / GiB:g} GiB per device)  -> {verdict}'
+    )
     if headroom < 0.15:
       tips = [] if p['remat'] == 'full' else ['--config.model.remat=full (or dots_saveable)']
       tips += ['--config.train.grad_accum=K (activations / K)', 'more FSDP (--config.mesh.fsdp=-1) or devices']
       if p['compute_dtype'] == 'float32':
-        tips.append("--config.model.dtype=bfloat16")
+        tips.append('--config.model.dtype=bfloat16')
       lines.append('  try: ' + '; '.join(tips))
   lines.append('  (estimate: see effjax/memory.py for the formula; XLA temporaries and fragmentation come on top)')
   return '\n'.join(lines)

@@ -14,6 +14,7 @@ every UPLOAD_EVERY_S seconds, before every checkpoint (`flush()`) and at the end
 past its last checkpoint, which a resume would drop anyway. TensorBoard writes gs:// itself (tensorboardX's
 google-cloud-storage writer, which likewise rewrites its event object on each flush).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -34,13 +35,18 @@ UPLOAD_EVERY_S = 30.0
 # Dense bf16 peak FLOP/s per JAX device, by the first matching substring of the lower-cased device_kind
 # ('TPU v5 lite' is v5e, 'TPU v5' alone v5p, 'TPU v6 lite' v6e; a v4/v5p device is one megacore chip).
 PEAK_BF16_FLOPS = (
-    ('tpu v4', 275e12),
-    ('tpu v5 lite', 197e12), ('tpu v5e', 197e12),
-    ('tpu v5p', 459e12), ('tpu v5', 459e12),
-    ('tpu v6 lite', 918e12), ('tpu v6e', 918e12),
-    ('a100', 312e12),
-    ('h100 pcie', 756e12), ('h100 nvl', 835e12), ('h100', 989e12),
-    ('h200', 989e12),
+  ('tpu v4', 275e12),
+  ('tpu v5 lite', 197e12),
+  ('tpu v5e', 197e12),
+  ('tpu v5p', 459e12),
+  ('tpu v5', 459e12),
+  ('tpu v6 lite', 918e12),
+  ('tpu v6e', 918e12),
+  ('a100', 312e12),
+  ('h100 pcie', 756e12),
+  ('h100 nvl', 835e12),
+  ('h100', 989e12),
+  ('h200', 989e12),
 )
 
 _measured_cpu_peak = None
@@ -117,8 +123,15 @@ class MetricsWriter:
   step and per evaluation, flushed at once.
   """
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True,
-               wandb_project: str = '', run_config: dict | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    initial_step: int = 0,
+    progress: bool = True,
+    wandb_project: str = '',
+    run_config: dict | None = None,
+  ):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self._jsonl = self._tb = self._bar = self._wandb = None
@@ -130,8 +143,7 @@ class MetricsWriter:
       self._jsonl = open(path, 'a', encoding='utf-8') if not paths.is_remote(path) else RewrittenObject(path)
       self._tb = SummaryWriter(paths.join(workdir, 'tb'), purge_step=initial_step + 1 if initial_step else None)
       if progress and sys.stdout.isatty():
-        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True,
-                              file=sys.stdout)
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True, file=sys.stdout)
 
   def write(self, step: int, split: str, values: dict) -> None:
     if not self.active:
@@ -201,6 +213,7 @@ class WandbRun:
 
   def __init__(self, workdir: str, project: str, run_config: dict):
     import wandb  # pylint: disable=import-outside-toplevel  (an optional extra: checked by check_wandb)
+
     id_path = paths.join(workdir, 'wandb_run_id')
     if paths.exists(id_path):
       run_id = paths.read_text(id_path).strip()
@@ -208,12 +221,15 @@ class WandbRun:
       run_id = secrets.token_hex(4)
       paths.write_text_atomic(id_path, run_id)
     # W&B keeps its files on a local disk: under the workdir when it is one, else wandb's default (./wandb).
-    self._run = wandb.init(project=project, id=run_id, resume='allow',
-                           dir=None if paths.is_remote(workdir) else workdir, config=run_config)
+    self._run = wandb.init(
+      project=project, id=run_id, resume='allow', dir=None if paths.is_remote(workdir) else workdir, config=run_config
+    )
 
   def log(self, step: int, split: str, record: dict) -> None:
-    self._run.log({f'{split}/{k}': v for k, v in record.items()
-                   if k not in ('step', 'split') and isinstance(v, (int, float))}, step=step)
+    self._run.log(
+      {f'{split}/{k}': v for k, v in record.items() if k not in ('step', 'split') and isinstance(v, (int, float))},
+      step=step,
+    )
 
   def close(self) -> None:
     self._run.finish()
@@ -227,8 +243,11 @@ def check_wandb(project: str) -> None:
     import wandb  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
-    raise EffjaxError(f"train.wandb_project={project!r} needs the wandb package: pip install 'effjax[wandb]' "
-                      "(or leave train.wandb_project empty)") from None
+
+    raise EffjaxError(
+      f"train.wandb_project={project!r} needs the wandb package: pip install 'effjax[wandb]' "
+      '(or leave train.wandb_project empty)'
+    ) from None
 
 
 def _rate_postfix(record: dict) -> dict:

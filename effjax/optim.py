@@ -3,6 +3,7 @@
 Only `params` reach the optimizer; frozen (doped) weights live in another variable collection, so they have no
 optimizer state at all.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,6 +36,7 @@ def decay_mask(params, decay_embeddings: bool = False):
   def wants_decay(path, _):
     name = getattr(path[-1], 'key', str(path[-1]))
     return name in matrices or (decay_embeddings and name in EMBEDDING_NAMES)
+
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
@@ -44,7 +46,14 @@ def make_optimizer(tc) -> optax.GradientTransformation:
   parts = []
   if tc.grad_clip and tc.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(tc.grad_clip))
-  parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                           weight_decay=tc.weight_decay,
-                           mask=lambda p: decay_mask(p, tc.decay_embeddings)))
+  parts.append(
+    optax.adamw(
+      learning_rate_schedule(tc),
+      b1=tc.b1,
+      b2=tc.b2,
+      eps=tc.eps,
+      weight_decay=tc.weight_decay,
+      mask=lambda p: decay_mask(p, tc.decay_embeddings),
+    )
+  )
   return optax.chain(*parts)

@@ -10,6 +10,7 @@ Object stores differ from a disk in three ways that the callers rely on, so they
 Listings are not cached (gcsfs would otherwise keep listings that Orbax's tensorstore writes, which bypass gcsfs,
 make stale).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,9 @@ def check(path, what: str = 'path') -> None:
     import gcsfs  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     import google.cloud.storage  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    raise EffjaxError(f'{what} {os.fspath(path)!r} is on gs://, which needs gcsfs and google-cloud-storage: '
-                      f'{GCS_EXTRA}') from None
+    raise EffjaxError(
+      f'{what} {os.fspath(path)!r} is on gs://, which needs gcsfs and google-cloud-storage: {GCS_EXTRA}'
+    ) from None
   _configure_gcsfs()
 
 
@@ -54,6 +56,7 @@ def _configure_gcsfs() -> None:
   if _CONFIGURED:
     return
   import fsspec  # pylint: disable=import-outside-toplevel
+
   for protocol in ('gs', 'gcs'):
     fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
   _CONFIGURED = True
@@ -164,13 +167,14 @@ def move_tree(src, dst) -> None:
   fs = _fs(src)
   s, d = _bare(src).rstrip('/'), _bare(dst).rstrip('/')
   for obj in fs.find(s):
-    fs.copy(obj, d + obj[len(s):])
+    fs.copy(obj, d + obj[len(s) :])
   fs.rm(s, recursive=True)
 
 
 def _fs(p):
   check(p)
   import fsspec  # pylint: disable=import-outside-toplevel
+
   return fsspec.filesystem(scheme(p))
 
 
@@ -183,4 +187,5 @@ def glob(pattern: str) -> list[str]:
     proto = scheme(pattern)
     return [f'{proto}://{m}' for m in _fs(pattern).glob(_bare(pattern))]
   import glob as glob_lib  # pylint: disable=import-outside-toplevel
+
   return glob_lib.glob(pattern)

@@ -6,6 +6,7 @@ glibc's malloc asks for huge pages only when GLIBC_TUNABLES says `glibc.malloc.h
 once at process start, so the CLI re-executes itself with it (same pid, same arguments) when the kernel offers
 transparent huge pages and the variable is not already set. EFFJAX_NO_REEXEC=1 turns this off.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Autoregressive sampling through one loop (`sample_loop`, driven by a `tokens_to_logits` callback). With a KV
 cache the prompt is processed once (prefill) and each new token costs one position; without it every step
 re-runs the whole fixed-length buffer (prompts of several lengths in a batch, and the check on the cache)."""
+
 from __future__ import annotations
 
 import functools
@@ -42,16 +43,28 @@ def check_request(prompt_len: int, max_new_tokens: int, temperature: float, top_
   if max_new_tokens <= 0:
     raise EffjaxError(f'--max_new_tokens={max_new_tokens} is invalid; it must be a positive integer')
   if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise EffjaxError(f'--temperature={temperature}, --top_k={top_k}, --top_p={top_p} are invalid; need '
-                      'temperature >= 0, top_k >= 0, 0 < top_p <= 1')
+    raise EffjaxError(
+      f'--temperature={temperature}, --top_k={top_k}, --top_p={top_p} are invalid; need '
+      'temperature >= 0, top_k >= 0, 0 < top_p <= 1'
+    )
 
 
-def sample_loop(tokens_to_logits, logits_BxV, state, key, *, max_new_tokens: int, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+def sample_loop(
+  tokens_to_logits,
+  logits_BxV,
+  state,
+  key,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> jax.Array:
   """The one sampling loop (lm1b's temperature_sample): it knows the model only through the callback
   `tokens_to_logits(token_B, i, state) -> (logits_BxV, state)`, which takes new token i and returns the logits of
   the token after it. Starts from the prompt's next-token logits; token i is drawn with fold_in(key, i).
   Returns the [B, max_new_tokens] new tokens (the callback runs max_new_tokens - 1 times)."""
+
   def body(carry, i):
     logits_BxV, state = carry
     token_B = _choose(logits_BxV, jax.random.fold_in(key, i), temperature, top_k, top_p)
@@ -114,13 +127,20 @@ def generate_cached(model, variables, prompt_BxP, key, *, max_new_tokens, temper
     logits, mutated = model.apply({**variables, 'cache': cache}, token_B[:, None], decode=True, mutable=['cache'])
     return logits[:, -1], mutated['cache']
 
-  return sample_loop(tokens_to_logits, logits[:, -1], mutated['cache'], key, max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_k=top_k, top_p=top_p)
+  return sample_loop(
+    tokens_to_logits,
+    logits[:, -1],
+    mutated['cache'],
+    key,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def generate_in_buffer(model, variables, buf_BxT, lens_B, key, *, max_new_tokens, temperature=1.0, top_k=0,
-                       top_p=1.0):
+def generate_in_buffer(model, variables, buf_BxT, lens_B, key, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
   """Without a cache: row r's prompt is buf[r, :lens[r]]; each new token is written after it and the whole
   fixed-length buffer re-run (prompts of different lengths in one batch; the check on the cache)."""
   rows_B = jnp.arange(buf_BxT.shape[0])
@@ -130,19 +150,45 @@ def generate_in_buffer(model, variables, buf_BxT, lens_B, key, *, max_new_tokens
     buf_BxT = buf_BxT.at[rows_B, lens_B + i].set(token_B.astype(buf_BxT.dtype))
     return model.apply(variables, buf_BxT)[rows_B, lens_B + i], buf_BxT
 
-  return sample_loop(tokens_to_logits, logits_BxTxV[rows_B, lens_B - 1], buf_BxT, key,
-                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+  return sample_loop(
+    tokens_to_logits,
+    logits_BxTxV[rows_B, lens_B - 1],
+    buf_BxT,
+    key,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
 
 
 def generate_uncached(model, variables, prompt_BxP, key, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
   b, p = prompt_BxP.shape
   buffer = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompt_BxP)
-  return generate_in_buffer(model, variables, buffer, jnp.full((b,), p, jnp.int32), key,
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+  return generate_in_buffer(
+    model,
+    variables,
+    buffer,
+    jnp.full((b,), p, jnp.int32),
+    key,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
 
 
-def generate(model, variables, prompt_BxP, key, *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+def generate(
+  model,
+  variables,
+  prompt_BxP,
+  key,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> np.ndarray:
   """KV-cached generation of any length. Within the context it is one cached pass; past model.max_len the
   cache is refilled from the last max_len/2 tokens (a sliding window, as nanoGPT crops its context)."""
   max_len = model.cfg.max_len
@@ -155,8 +201,16 @@ def generate(model, variables, prompt_BxP, key, *, max_new_tokens: int, temperat
   remaining = max_new_tokens
   while remaining > 0:
     n = min(remaining, max_len - context.shape[1])
-    out = generate_cached(model, variables, jnp.asarray(context), jax.random.fold_in(key, chunk),
-                          max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = generate_cached(
+      model,
+      variables,
+      jnp.asarray(context),
+      jax.random.fold_in(key, chunk),
+      max_new_tokens=n,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
     new.append(np.asarray(out))
     remaining -= n
     chunk += 1
@@ -164,11 +218,29 @@ def generate(model, variables, prompt_BxP, key, *, max_new_tokens: int, temperat
   return np.concatenate(new, axis=1)
 
 
-def sample_text(model, variables, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float,
-                top_k: int, top_p: float, seed: int, num_samples: int = 1) -> list[str]:
+def sample_text(
+  model,
+  variables,
+  tokenizer,
+  prompt: str,
+  *,
+  max_new_tokens: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  seed: int,
+  num_samples: int = 1,
+) -> list[str]:
   ids = np.asarray(tokenizer.encode(prompt), np.int32)
   check_request(len(ids), max_new_tokens, temperature, top_k, top_p)
-  out = generate(model, variables, np.tile(ids[None], (num_samples, 1)), jax.random.key(seed),
-                 max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                 top_p=float(top_p))
+  out = generate(
+    model,
+    variables,
+    np.tile(ids[None], (num_samples, 1)),
+    jax.random.key(seed),
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+  )
   return [tokenizer.decode(row) for row in out]

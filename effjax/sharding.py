@@ -2,6 +2,7 @@
 
 One device is a 1x1x1 mesh: there is no unsharded code path.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,16 +21,20 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   """Resolves the (data, fsdp, tensor) sizes; one of them may be -1 (= the remaining devices)."""
   sizes = [int(mesh_config[a]) for a in AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise EffjaxError(f'mesh (data, fsdp, tensor)={tuple(sizes)} is invalid; use positive sizes and at most '
-                      'one -1 (= the remaining devices)')
+    raise EffjaxError(
+      f'mesh (data, fsdp, tensor)={tuple(sizes)} is invalid; use positive sizes and at most '
+      'one -1 (= the remaining devices)'
+    )
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
       raise EffjaxError(f'mesh (data, fsdp, tensor)={tuple(sizes)} does not divide the {num_devices} devices')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise EffjaxError(f'mesh (data, fsdp, tensor)={tuple(sizes)} uses {math.prod(sizes)} devices but '
-                      f'{num_devices} are available; make the product equal or use -1 for one axis')
+    raise EffjaxError(
+      f'mesh (data, fsdp, tensor)={tuple(sizes)} uses {math.prod(sizes)} devices but '
+      f'{num_devices} are available; make the product equal or use -1 for one axis'
+    )
   return tuple(sizes)
 
 
@@ -44,8 +49,10 @@ def rules(mesh_config) -> tuple:
   for name, axes in out:
     unknown = [a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in AXES]
     if unknown:
-      raise EffjaxError(f'mesh.rules maps {name!r} to mesh axis {unknown[0]!r}, which does not exist; the mesh '
-                        f'axes are {", ".join(AXES)}')
+      raise EffjaxError(
+        f'mesh.rules maps {name!r} to mesh axis {unknown[0]!r}, which does not exist; the mesh '
+        f'axes are {", ".join(AXES)}'
+      )
   return out
 
 
@@ -70,14 +77,16 @@ def logical_specs(abstract_boxed, mesh, logical_rules):
   init). `mesh` may be a jax.sharding.AbstractMesh: only its axis sizes are read (memory planning, no devices)."""
   specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), logical_rules)
   shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_boxed))
-  return jax.tree.map(lambda spec, shape: _fit(spec, shape, mesh), specs, shapes,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda spec, shape: _fit(spec, shape, mesh), specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def logical_shardings(abstract_boxed, mesh: Mesh, logical_rules):
   """Shardings for a pytree whose leaves may be flax LogicallyPartitioned boxes (from an eval_shape'd init)."""
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), logical_specs(abstract_boxed, mesh, logical_rules),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec),
+    logical_specs(abstract_boxed, mesh, logical_rules),
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def shard_shape(shape, spec: P, mesh) -> tuple[int, ...]:

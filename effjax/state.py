@@ -1,5 +1,6 @@
 """The train state and everything derived from a config before the first step: model, optimizer, mesh,
 abstract state (via jax.eval_shape, no allocation) and its shardings. Shared by every mode."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,10 +36,10 @@ class Setup:
   optimizer: optax.GradientTransformation
   mesh: Mesh
   rules: tuple
-  abstract_state: TrainState        # ShapeDtypeStructs carrying their shardings
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   state_shardings: TrainState
   batch_sharding: NamedSharding
-  init_fn: Any                      # rng -> TrainState, jitted with out_shardings
+  init_fn: Any  # rng -> TrainState, jitted with out_shardings
 
 
 def init_variables(model, rng, seq_len: int = 1) -> dict:
@@ -82,20 +83,25 @@ def make_setup(config, *, with_optimizer: bool = True, devices=None) -> Setup:
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Optimizer moments shard like their params; scalars (counts) are replicated.
-  opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: replicated)
-  state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                               extra=extra_shardings)
+  opt_shardings = optax.tree_map_params(
+    optimizer, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+  )
+  state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings)
 
   def init(rng):
     params, extra = nn.unbox(init_boxed(rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      extra=extra)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), extra=extra)
 
   abstract = jax.eval_shape(init, jax.random.key(0))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                          state_shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
   init_fn = jax.jit(init, out_shardings=state_shardings)
-  return Setup(model=model, optimizer=optimizer, mesh=mesh, rules=rules, abstract_state=abstract,
-               state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh, rules),
-               init_fn=init_fn)
+  return Setup(
+    model=model,
+    optimizer=optimizer,
+    mesh=mesh,
+    rules=rules,
+    abstract_state=abstract,
+    state_shardings=state_shardings,
+    batch_sharding=sharding.batch_sharding(mesh, rules),
+    init_fn=init_fn,
+  )

@@ -4,6 +4,7 @@ Data → sharded global batches → one jitted step (explicit in/out shardings, 
 evaluation and Orbax checkpoints. Resume is automatic and exact: the state, the data-iterator position and the
 per-step dropout keys (folded from the seed and the step) are all restored or re-derived.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,16 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from effjax import accelerator, accounting, checkpoint, metrics as metrics_lib, optim, paths, sharding, \
-  state as state_lib
+from effjax import (
+  accelerator,
+  accounting,
+  checkpoint,
+  metrics as metrics_lib,
+  optim,
+  paths,
+  sharding,
+  state as state_lib,
+)
 from effjax.data import dataset as dataset_lib, pipeline
 from effjax import errors
 from effjax.errors import DivergedError, EffjaxError, Preempted
@@ -64,20 +73,25 @@ def make_train_step(setup: state_lib.Setup, config):
     # Gradients are laid out like their params: with FSDP they are reduce-scattered, never whole on a device.
     grads = jax.lax.with_sharding_constraint(grads, param_shardings)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
-  return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
-                 out_shardings=(setup.state_shardings, None), donate_argnums=0)
+  return jax.jit(
+    step,
+    in_shardings=(setup.state_shardings, setup.batch_sharding),
+    out_shardings=(setup.state_shardings, None),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(setup: state_lib.Setup):
   def step(params, extra, batch):
     logits = setup.model.apply({'params': params, **extra}, batch['inputs'], train=False)
     return cross_entropy(logits, batch['targets'])
-  return jax.jit(step, in_shardings=(setup.state_shardings.params, setup.state_shardings.extra,
-                                     setup.batch_sharding))
+
+  return jax.jit(step, in_shardings=(setup.state_shardings.params, setup.state_shardings.extra, setup.batch_sharding))
 
 
 def evaluate_loss(setup, state, batches) -> float:
@@ -109,8 +123,10 @@ def check_train_config(config) -> None:
   if t.batch_size % t.grad_accum:
     raise EffjaxError(f'train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}')
   if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
-    raise EffjaxError(f'checkpoint.every={config.checkpoint.every} / checkpoint.keep={config.checkpoint.keep} '
-                      'are invalid; both must be positive integers')
+    raise EffjaxError(
+      f'checkpoint.every={config.checkpoint.every} / checkpoint.keep={config.checkpoint.keep} '
+      'are invalid; both must be positive integers'
+    )
   if not isinstance(t.stop_at, int) or t.stop_at < 0:
     raise EffjaxError(f'train.stop_at={t.stop_at!r} is invalid; it must be 0 (off) or the step to stop at')
   for key in ('b1', 'b2'):
@@ -122,8 +138,9 @@ def check_train_config(config) -> None:
     if t[key] < 0 or (key == 'eps' and t[key] == 0):
       raise EffjaxError(f'train.{key}={t[key]!r} is invalid; it must be {"> 0" if key == "eps" else ">= 0"}')
   if config.data.seq_len <= 0 or config.data.seq_len > config.model.max_len:
-    raise EffjaxError(f'data.seq_len={config.data.seq_len} is invalid; it must be in 1..model.max_len='
-                      f'{config.model.max_len}')
+    raise EffjaxError(
+      f'data.seq_len={config.data.seq_len} is invalid; it must be in 1..model.max_len={config.model.max_len}'
+    )
   check_backend(config.model)
   accelerator.check_backend(t)
 
@@ -135,14 +152,21 @@ def check_backend(model_config) -> None:
     return
   backend = jax.default_backend()
   if backend != 'gpu':
-    raise EffjaxError(f"model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but this run's backend is "
-                      f"{backend!r}; use model.attention_impl='xla' (the default; it runs everywhere)")
+    raise EffjaxError(
+      f"model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN, but this run's backend is "
+      f"{backend!r}; use model.attention_impl='xla' (the default; it runs everywhere)"
+    )
   if model_config.dtype not in ('bfloat16', 'float16'):
-    raise EffjaxError(f"model.attention_impl='cudnn' computes in 16 bits but model.dtype={model_config.dtype!r}; "
-                      "set model.dtype='bfloat16' or use model.attention_impl='xla'")
+    raise EffjaxError(
+      f"model.attention_impl='cudnn' computes in 16 bits but model.dtype={model_config.dtype!r}; "
+      "set model.dtype='bfloat16' or use model.attention_impl='xla'"
+    )
   if model_config.get('attn_dropout', 0.0) > 0:
-    logging.warning("model.attn_dropout=%s: training attention uses the XLA path (cuDNN only where there is no "
-                    'attention dropout: evaluation)', model_config.attn_dropout)
+    logging.warning(
+      'model.attn_dropout=%s: training attention uses the XLA path (cuDNN only where there is no '
+      'attention dropout: evaluation)',
+      model_config.attn_dropout,
+    )
 
 
 def resolve_vocab(config, tokenizer) -> ml_collections.ConfigDict:
@@ -151,8 +175,10 @@ def resolve_vocab(config, tokenizer) -> ml_collections.ConfigDict:
   if config.model.vocab_size == 0:
     config.model.vocab_size = tokenizer.vocab_size
   elif config.model.vocab_size < tokenizer.vocab_size:
-    raise EffjaxError(f'model.vocab_size={config.model.vocab_size} is smaller than the {tokenizer.kind} '
-                      f'tokenizer vocabulary ({tokenizer.vocab_size}); use 0 to take it from the tokenizer')
+    raise EffjaxError(
+      f'model.vocab_size={config.model.vocab_size} is smaller than the {tokenizer.kind} '
+      f'tokenizer vocabulary ({tokenizer.vocab_size}); use 0 to take it from the tokenizer'
+    )
   return config
 
 
@@ -168,13 +194,11 @@ def check_workdir_layout(workdir: str) -> None:
   for name in WORKDIR_DIRS:
     path = paths.join(workdir, name)
     if paths.isfile(path):
-      raise EffjaxError(f'{path} is a file, but effjax keeps a directory there; move it aside (nothing was '
-                        'changed)')
+      raise EffjaxError(f'{path} is a file, but effjax keeps a directory there; move it aside (nothing was changed)')
   for name in WORKDIR_FILES:
     path = paths.join(workdir, name)
     if paths.isdir(path):
-      raise EffjaxError(f'{path} is a directory, but effjax writes a file there; move it aside (nothing was '
-                        'changed)')
+      raise EffjaxError(f'{path} is a directory, but effjax writes a file there; move it aside (nothing was changed)')
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -189,8 +213,9 @@ def prepare_workdir(workdir: str) -> None:
   except OSError as e:
     if errors.is_no_space(e):
       raise errors.no_space_error(workdir, None, 'the workdir') from None
-    raise EffjaxError(f'workdir {workdir!r} is not writable ({e.strerror or e}); choose a directory you can '
-                      'write') from None
+    raise EffjaxError(
+      f'workdir {workdir!r} is not writable ({e.strerror or e}); choose a directory you can write'
+    ) from None
 
 
 class WorkdirLock:
@@ -213,6 +238,7 @@ class WorkdirLock:
       return self
     if paths.is_remote(self.workdir):
       from effjax import locks  # pylint: disable=import-outside-toplevel
+
       self._remote = locks.ObjectLock(paths.join(self.workdir, '.lock'), f'workdir {self.workdir!r}').acquire()
       return self
     self._fd = os.open(self.workdir, os.O_RDONLY)
@@ -221,8 +247,10 @@ class WorkdirLock:
     except BlockingIOError:
       os.close(self._fd)
       self._fd = None
-      raise EffjaxError(f'workdir {self.workdir!r} is in use by another effjax run (pid {self._holder()}); wait '
-                        'for it to finish or use another workdir') from None
+      raise EffjaxError(
+        f'workdir {self.workdir!r} is in use by another effjax run (pid {self._holder()}); wait '
+        'for it to finish or use another workdir'
+      ) from None
     return self
 
   def _holder(self) -> str:
@@ -291,6 +319,7 @@ def _stop_agreed(stop) -> bool:
   if jax.process_count() == 1:
     return stop.requested
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
 
 
@@ -335,11 +364,17 @@ def load_data(config, workdir: str):
 
 def check_vocabulary(bundle, data_config) -> None:
   if bundle.tokenizer.vocab_size < 2:
-    raise EffjaxError(f'the corpus {data_config.corpus!r} gives a {bundle.tokenizer.kind} vocabulary of '
-                      f'{bundle.tokenizer.vocab_size} token(s) (is it all NUL bytes?); there is nothing to learn')
+    raise EffjaxError(
+      f'the corpus {data_config.corpus!r} gives a {bundle.tokenizer.kind} vocabulary of '
+      f'{bundle.tokenizer.vocab_size} token(s) (is it all NUL bytes?); there is nothing to learn'
+    )
   if bundle.tokenizer.kind == 'bpe' and bundle.tokenizer.vocab_size < data_config.bpe_vocab_size:
-    logging.warning('data.bpe_vocab_size=%d: the corpus supports only %d BPE tokens; training with %d',
-                    data_config.bpe_vocab_size, bundle.tokenizer.vocab_size, bundle.tokenizer.vocab_size)
+    logging.warning(
+      'data.bpe_vocab_size=%d: the corpus supports only %d BPE tokens; training with %d',
+      data_config.bpe_vocab_size,
+      bundle.tokenizer.vocab_size,
+      bundle.tokenizer.vocab_size,
+    )
 
 
 def data_identity(bundle) -> dict:
@@ -350,19 +385,25 @@ def data_identity(bundle) -> dict:
 def check_same_data(meta: dict, identity: dict, config, where: str) -> None:
   """A checkpoint resumes only on the data it was trained on, unless checkpoint.allow_other_data is set."""
   names = {'fingerprint': 'data fingerprint', 'tokenizer_sha256': 'tokenizer'}
-  diffs = [f'{names[k]} {meta[k][:16]} (now {identity[k][:16]})' for k in names
-           if meta.get(k) is not None and meta[k] != identity[k]]
+  diffs = [
+    f'{names[k]} {meta[k][:16]} (now {identity[k][:16]})'
+    for k in names
+    if meta.get(k) is not None and meta[k] != identity[k]
+  ]
   if not diffs:
     return
   what = ' and '.join(diffs)
   if config.checkpoint.get('allow_other_data', False):
-    logging.warning('checkpoint in %s was trained with %s; continuing on this data '
-                    '(checkpoint.allow_other_data=True)', where, what)
+    logging.warning(
+      'checkpoint in %s was trained with %s; continuing on this data (checkpoint.allow_other_data=True)', where, what
+    )
     return
   source = config.data.get('dataset') or config.data.corpus
-  raise EffjaxError(f'checkpoint in {where} was trained with {what}: {source!r} is not the data it was trained '
-                    'on; use that data, another workdir, or --config.checkpoint.allow_other_data=True to continue '
-                    'on this data on purpose')
+  raise EffjaxError(
+    f'checkpoint in {where} was trained with {what}: {source!r} is not the data it was trained '
+    'on; use that data, another workdir, or --config.checkpoint.allow_other_data=True to continue '
+    'on this data on purpose'
+  )
 
 
 @jax.jit
@@ -375,8 +416,7 @@ def _all_finite(tree) -> bool:
   return bool(_finite(leaves)) if leaves else True
 
 
-def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str,
-                    quarantine: bool = True):
+def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str, quarantine: bool = True):
   """Restores the newest checkpoint that loads, falling back to older ones with a warning.
 
   A step that cannot be read (partial write, corrupt files, non-finite values) is reported and, when an older
@@ -390,8 +430,9 @@ def restore_or_init(setup, config, ckpt: checkpoint.Checkpointer, data_iterator,
   return state, meta
 
 
-def restore_newest(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str,
-                   identity: dict | None = None):
+def restore_newest(
+  setup, config, ckpt: checkpoint.Checkpointer, data_iterator, where: str, identity: dict | None = None
+):
   """(state, meta, unrestorable steps) without changing anything on disk; `identity` (data_identity()) makes a
   checkpoint of other data an error."""
   bad = []
@@ -409,12 +450,13 @@ def restore_newest(setup, config, ckpt: checkpoint.Checkpointer, data_iterator, 
       state, meta = ckpt.restore(step, setup.abstract_state, data_iterator)
     except Exception as e:  # pylint: disable=broad-except
       if 'tree structures do not match' in str(e):  # intact, but another optimizer/state layout than this config
-        raise EffjaxError(f'checkpoint step {step} in {where} holds a train state of another structure than this '
-                          'config builds (an optimizer setting such as train.grad_clip changed?); use the '
-                          'settings it was trained with, or another workdir') from None
+        raise EffjaxError(
+          f'checkpoint step {step} in {where} holds a train state of another structure than this '
+          'config builds (an optimizer setting such as train.grad_clip changed?); use the '
+          'settings it was trained with, or another workdir'
+        ) from None
       bad.append((step, _first_line(e)))
-      logging.warning('checkpoint step %d in %s failed to restore (%s); trying an older one', step, where,
-                      bad[-1][1])
+      logging.warning('checkpoint step %d in %s failed to restore (%s); trying an older one', step, where, bad[-1][1])
       continue
     if not _all_finite((state.params, state.extra)):
       bad.append((step, 'non-finite parameters'))
@@ -432,8 +474,7 @@ def quarantine_steps(ckpt: checkpoint.Checkpointer, steps, resumed: int) -> None
   if jax.process_index() == 0:
     for bad_step in steps:
       moved = ckpt.quarantine(bad_step)
-      logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved,
-                      resumed)
+      logging.warning('moved unrestorable checkpoint step %d to %s; resuming from step %d', bad_step, moved, resumed)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('effjax_checkpoint_quarantine')
   ckpt.reload()
@@ -475,6 +516,7 @@ def train_and_evaluate(config, workdir: str, devices=None, progress: bool = True
 def check_model_and_optimizer(config, devices=None) -> None:
   """Config mistakes that would otherwise surface after the data cache is written (nothing is created first)."""
   from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   if model_config.vocab_size == 0:  # filled from the tokenizer later; any positive size validates the rest
     model_config.vocab_size = 256
@@ -494,16 +536,23 @@ def check_resume(config, meta, start: int, workdir: str) -> None:
     return
   t = config.train
   if t.steps < start:
-    raise EffjaxError(f'train.steps={t.steps} is below the step of the checkpoint in {workdir} ({start}); nothing '
-                      'to train: raise train.steps to continue, or use another workdir')
+    raise EffjaxError(
+      f'train.steps={t.steps} is below the step of the checkpoint in {workdir} ({start}); nothing '
+      'to train: raise train.steps to continue, or use another workdir'
+    )
   if t.stop_at and t.stop_at <= start < t.steps:
-    raise EffjaxError(f'train.stop_at={t.stop_at} is not after the step of the checkpoint in {workdir} ({start}); '
-                      'nothing to train: use a later train.stop_at, or 0')
-  for key, saved, now in (('data.seq_len', meta.get('seq_len'), config.data.seq_len),
-                          ('train.batch_size', meta.get('batch_size'), t.batch_size)):
+    raise EffjaxError(
+      f'train.stop_at={t.stop_at} is not after the step of the checkpoint in {workdir} ({start}); '
+      'nothing to train: use a later train.stop_at, or 0'
+    )
+  for key, saved, now in (
+    ('data.seq_len', meta.get('seq_len'), config.data.seq_len),
+    ('train.batch_size', meta.get('batch_size'), t.batch_size),
+  ):
     if saved is not None and saved != now:
-      logging.warning('%s changed from %s (checkpoint step %d) to %s: training continues with the new value',
-                      key, saved, start, now)
+      logging.warning(
+        '%s changed from %s (checkpoint step %d) to %s: training continues with the new value', key, saved, start, now
+      )
 
 
 def _open_data(config, workdir: str, devices):
@@ -514,13 +563,21 @@ def _open_data(config, workdir: str, devices):
   nproc = jax.process_count()
   divisor = sharding.batch_divisor(setup.mesh, setup.rules)
   if t.batch_size % divisor or t.batch_size % nproc:
-    raise EffjaxError(f'train.batch_size={t.batch_size} must be divisible by the data-parallel devices '
-                      f'({divisor}) and processes ({nproc})')
-  train_iter = pipeline.make_train_iterator(bundle.train_tokens, seq_len=config.data.seq_len,
-                                            batch_size=t.batch_size, seed=config.seed,
-                                            process_index=jax.process_index(), process_count=nproc)
-  val_batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
-                                      batch_size=t.batch_size, max_batches=t.eval_batches)
+    raise EffjaxError(
+      f'train.batch_size={t.batch_size} must be divisible by the data-parallel devices '
+      f'({divisor}) and processes ({nproc})'
+    )
+  train_iter = pipeline.make_train_iterator(
+    bundle.train_tokens,
+    seq_len=config.data.seq_len,
+    batch_size=t.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=nproc,
+  )
+  val_batches = pipeline.eval_batches(
+    bundle.val_tokens, seq_len=config.data.seq_len, batch_size=t.batch_size, max_batches=t.eval_batches
+  )
   vocab = bundle.tokenizer.vocab_size
   val_batches = [eval_rows(pipeline.check_ids(b, vocab, bundle.directory), divisor) for b in val_batches]
   return bundle, config, setup, train_iter, val_batches
@@ -541,8 +598,9 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
     start = int(state.step)
     check_resume(config, saved_meta, start, workdir)
     if start >= t.steps:
-      logging.warning('the checkpoint in %s is at step %d = train.steps: the run is finished, nothing to train',
-                      workdir, start)
+      logging.warning(
+        'the checkpoint in %s is at step %d = train.steps: the run is finished, nothing to train', workdir, start
+      )
       return {}
     if _stop_agreed(stop):
       raise Preempted(f'stopped by a signal before step {start + 1}; nothing was saved: rerun to resume')
@@ -556,10 +614,16 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
       quarantine_steps(ckpt, bad, start)
     if ckpt is None:
       ckpt = checkpoint.Checkpointer(ckpt_dir, config.checkpoint.keep)
-    logging.info('data fingerprint %s; %d train / %d val tokens; start at step %d', bundle.fingerprint,
-                 len(bundle.train_tokens), len(bundle.val_tokens), start)
-    writer = metrics_lib.MetricsWriter(workdir, t.steps, start, progress=progress,
-                                       wandb_project=t.wandb_project, run_config=config.to_dict())
+    logging.info(
+      'data fingerprint %s; %d train / %d val tokens; start at step %d',
+      bundle.fingerprint,
+      len(bundle.train_tokens),
+      len(bundle.val_tokens),
+      start,
+    )
+    writer = metrics_lib.MetricsWriter(
+      workdir, t.steps, start, progress=progress, wandb_project=t.wandb_project, run_config=config.to_dict()
+    )
     profiler = accelerator.StepProfiler(t.profile_steps, workdir)
     loop = _Loop(config, setup, workdir, bundle, identity, saved_meta, start, writer, ckpt, profiler)
     state, step, stopping = loop.run(state, first_batch, train_iter, val_batches, stop)
@@ -574,8 +638,11 @@ def _train(config, workdir: str, devices, progress: bool, stop, lock, cache) -> 
     raise
   writer.close()
   if stopping:
-    raise Preempted(f'stopped by a signal: saved a checkpoint at step {step}; rerun the same command to resume'
-                    if step > start else f'stopped by a signal before step {start + 1}; rerun to resume')
+    raise Preempted(
+      f'stopped by a signal: saved a checkpoint at step {step}; rerun the same command to resume'
+      if step > start
+      else f'stopped by a signal before step {start + 1}; rerun to resume'
+    )
   return loop.last_eval
 
 
@@ -592,8 +659,11 @@ class _Loop:
     self.step_compute = accounting.step_compute(config)
     self.train_step = make_train_step(setup, config)
     self.schedule = optim.learning_rate_schedule(t)
-    self.clock = metrics_lib.StepClock(self.tokens_per_step, self.tokens_per_step * accounting.summarize(config)[
-        'train_flops_per_token'], metrics_lib.peak_flops(setup.mesh.devices.flat))
+    self.clock = metrics_lib.StepClock(
+      self.tokens_per_step,
+      self.tokens_per_step * accounting.summarize(config)['train_flops_per_token'],
+      metrics_lib.peak_flops(setup.mesh.devices.flat),
+    )
     self.last_eval, self.described, self.pending = {}, False, []
 
   def run(self, state, first_batch, train_iter, val_batches, stop):
@@ -636,28 +706,46 @@ class _Loop:
     for name, values in (('loss', losses), ('gradient norm', grad_norms)):
       nonfinite = np.flatnonzero(~np.isfinite(values))
       if nonfinite.size:
-        raise DivergedError(f'{name} became {values[nonfinite[0]]} at step '
-                            f'{step - len(values) + nonfinite[0] + 1}; stopping (the last good checkpoint is '
-                            'kept); lower train.lr or check the data')
+        raise DivergedError(
+          f'{name} became {values[nonfinite[0]]} at step '
+          f'{step - len(values) + nonfinite[0] + 1}; stopping (the last good checkpoint is '
+          'kept); lower train.lr or check the data'
+        )
     if step % t.log_every == 0 or step == t.steps:
-      self.writer.write(step, 'train', {
-          'loss': float(losses.mean()), 'lr': float(self.schedule(step - 1)),
-          'grad_norm': float(step_metrics['grad_norm']), **self.clock.rates(),
-          'tokens_seen': step * self.tokens_per_step, 'compute': step * self.step_compute['compute'],
-          'compute_frozen_free': step * self.step_compute['compute_frozen_free']})
+      self.writer.write(
+        step,
+        'train',
+        {
+          'loss': float(losses.mean()),
+          'lr': float(self.schedule(step - 1)),
+          'grad_norm': float(step_metrics['grad_norm']),
+          **self.clock.rates(),
+          'tokens_seen': step * self.tokens_per_step,
+          'compute': step * self.step_compute['compute'],
+          'compute_frozen_free': step * self.step_compute['compute_frozen_free'],
+        },
+      )
 
   def _save(self, step: int, state, train_iter) -> None:
     if not _all_finite((state.params, state.extra)):  # never checkpoint a diverged state
-      raise DivergedError(f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
-                          'is kept); lower train.lr or check the data')
+      raise DivergedError(
+        f'parameters became non-finite by step {step}; stopping (the last good checkpoint '
+        'is kept); lower train.lr or check the data'
+      )
     if not self.described:
       self._describe_run()
       self.described = True
     self.writer.flush()  # the rows up to this checkpoint are stored before it (gs:// rewrites metrics.jsonl)
     config = self.config
-    meta = {'step': step, 'tokens_seen': self.tokens_at_start + (step - self.start) * self.tokens_per_step,
-            'family': config.model.family, 'architecture': checkpoint.architecture(config.model),
-            'seq_len': config.data.seq_len, 'batch_size': config.train.batch_size, **self.identity}
+    meta = {
+      'step': step,
+      'tokens_seen': self.tokens_at_start + (step - self.start) * self.tokens_per_step,
+      'family': config.model.family,
+      'architecture': checkpoint.architecture(config.model),
+      'seq_len': config.data.seq_len,
+      'batch_size': config.train.batch_size,
+      **self.identity,
+    }
     self.ckpt.save(step, state, train_iter, meta)
 
   def _describe_run(self) -> None:
@@ -674,7 +762,9 @@ def eval_rows(batch: dict, divisor: int) -> dict:
   unit = math.lcm(divisor, n)
   rows = len(batch['inputs']) // unit * unit
   if rows == 0:
-    raise EffjaxError(f'the validation split gives {len(batch["inputs"])} windows, fewer than the '
-                      f'{unit} data-parallel devices; use more data or a larger data.val_fraction')
+    raise EffjaxError(
+      f'the validation split gives {len(batch["inputs"])} windows, fewer than the '
+      f'{unit} data-parallel devices; use more data or a larger data.val_fraction'
+    )
   per_process = rows // n
-  return {k: v[i * per_process:(i + 1) * per_process] for k, v in batch.items()}
+  return {k: v[i * per_process : (i + 1) * per_process] for k, v in batch.items()}

@@ -21,6 +21,7 @@ interleaving makes contention hit every candidate alike; the load average is rec
 Writes experiments/results/bench.json (sub-benchmarks run earlier are kept, so `--only` updates a part) and
 bench.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ import time
 
 SUBS = ('train', 'torch', 'compile', 'structured', 'sample', 'memory')
 SIZES = {  # name: (layers, d_model, heads, seq_len, batch)  -- experiments/bench_train.py's two sizes
-    '4L-128d-ctx64-b12': (4, 128, 4, 64, 12),
-    '6L-384d-ctx256-b16': (6, 384, 6, 256, 16),
+  '4L-128d-ctx64-b12': (4, 128, 4, 64, 12),
+  '6L-384d-ctx256-b16': (6, 384, 6, 256, 16),
 }
 QUICK_SIZES = {'2L-32d-ctx16-b4': (2, 32, 4, 16, 4)}  # --quick: tests and smoke runs
 TARGET_SIZE = '6L-384d-ctx256-b16'
@@ -45,17 +46,21 @@ TARGET_SIZE = '6L-384d-ctx256-b16'
 def family_overrides(family: str, d_model: int) -> dict:
   """model.* changes that turn the bench GPT into each family, at the same depth / width / context."""
   return {
-      'gpt': {},
-      'efficio': dict(share_layers='all', embed_dim=max(d_model // 4, 8)),
-      'pgpt': dict(family='pgpt', pgpt=dict(num_branches=2, branch_input='split'), tie_embeddings=False,
-                   head_bias=True),
-      'lcgpt': dict(family='lcgpt', compress=dict(compress_every=2, compress_factor=2), tie_embeddings=False,
-                    head_bias=True),
-      'ccgpt': dict(family='ccgpt', compress=dict(compress_every=2, compress_factor=2, conv_kernel=3),
-                    tie_embeddings=False, head_bias=True),
-      'doped': dict(doping=dict(pattern='interleave', frozen_mlp_ratio=6)),
-      'fastfood': dict(mlp_kind='fastfood'),
-      'blockdiag': dict(mlp_kind='blockdiag', dense=dict(num_blocks=4)),
+    'gpt': {},
+    'efficio': dict(share_layers='all', embed_dim=max(d_model // 4, 8)),
+    'pgpt': dict(family='pgpt', pgpt=dict(num_branches=2, branch_input='split'), tie_embeddings=False, head_bias=True),
+    'lcgpt': dict(
+      family='lcgpt', compress=dict(compress_every=2, compress_factor=2), tie_embeddings=False, head_bias=True
+    ),
+    'ccgpt': dict(
+      family='ccgpt',
+      compress=dict(compress_every=2, compress_factor=2, conv_kernel=3),
+      tie_embeddings=False,
+      head_bias=True,
+    ),
+    'doped': dict(doping=dict(pattern='interleave', frozen_mlp_ratio=6)),
+    'fastfood': dict(mlp_kind='fastfood'),
+    'blockdiag': dict(mlp_kind='blockdiag', dense=dict(num_blocks=4)),
   }[family]
 
 
@@ -64,9 +69,11 @@ FAMILIES = ('gpt', 'efficio', 'pgpt', 'lcgpt', 'ccgpt', 'doped', 'fastfood', 'bl
 
 def bench_config(family: str, size, **model_overrides):
   from experiments import bench_train  # pylint: disable=import-outside-toplevel
+
   layers, d, heads, seq, batch = size
-  return bench_train.gpt_bench_config(layers, d, heads, seq, batch,
-                                      **{**family_overrides(family, d), **model_overrides})
+  return bench_train.gpt_bench_config(
+    layers, d, heads, seq, batch, **{**family_overrides(family, d), **model_overrides}
+  )
 
 
 def load_average() -> list[float]:
@@ -83,6 +90,7 @@ def make_effjax_step(config):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from effjax import accounting, state as state_lib, train  # pylint: disable=import-outside-toplevel
+
   setup = state_lib.make_setup(config, devices=jax.devices()[:1])
   state = setup.init_fn(jax.random.key(0))
   b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
@@ -104,6 +112,7 @@ def make_peak(n: int = 2048):
   """A callable returning the FLOP/s of one jitted n x n f32 matmul (best of 3 calls)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
@@ -115,7 +124,7 @@ def make_peak(n: int = 2048):
       t0 = time.perf_counter()
       f(a, b).block_until_ready()
       best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
   return measure
 
@@ -141,13 +150,17 @@ def interleave(cands: dict, rounds: int, warmup: int, peak=None, progress: str =
       times[name].append(time.perf_counter() - t0)
       FAULTS.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     done = time.time() - start
-    print(f'  {progress}round {r + 1}/{rounds}  {done:.0f}s elapsed, ETA {done / (r + 1) * (rounds - r - 1):.0f}s, '
-          f'load {load_average()[0]}', flush=True)
+    print(
+      f'  {progress}round {r + 1}/{rounds}  {done:.0f}s elapsed, ETA {done / (r + 1) * (rounds - r - 1):.0f}s, '
+      f'load {load_average()[0]}',
+      flush=True,
+    )
   return times, peaks
 
 
 def _med(xs):
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   return float(np.median(xs))
 
 
@@ -163,15 +176,17 @@ def run_train(args) -> dict:
       run, fwd, compile_s = make_effjax_step(config)
       tokens = config.train.batch_size * config.data.seq_len
       cands[name] = run
-      meta[name] = dict(family=fam, size=size_name, tokens_per_step=tokens, flops_per_token_fwd=fwd,
-                        compile_s=compile_s)
+      meta[name] = dict(
+        family=fam, size=size_name, tokens_per_step=tokens, flops_per_token_fwd=fwd, compile_s=compile_s
+      )
   peak = make_peak(256 if args.quick else 2048)
   times, peaks = interleave(cands, args.rounds, args.warmup, peak)
   rows = []
   for name, m in meta.items():
     ts = times[name]
-    row = dict(name=name, **m, step_ms=_med(ts) * 1e3, step_ms_best=min(ts) * 1e3,
-               tokens_per_sec=m['tokens_per_step'] / _med(ts))
+    row = dict(
+      name=name, **m, step_ms=_med(ts) * 1e3, step_ms_best=min(ts) * 1e3, tokens_per_sec=m['tokens_per_step'] / _med(ts)
+    )
     row['model_flops_per_sec'] = 3 * m['flops_per_token_fwd'] * row['tokens_per_sec']
     row['mfu'] = row['model_flops_per_sec'] / _med(peaks)
     row['mfu_best'] = 3 * m['flops_per_token_fwd'] * m['tokens_per_step'] / min(ts) / max(peaks)
@@ -180,12 +195,12 @@ def run_train(args) -> dict:
 
 
 IMPLS = {  # torch sub-benchmark: name -> worker kind
-    'effjax CLI': 'effjax-cli',
-    'effjax': 'effjax',
-    'effjax (rolled scan)': 'effjax-rolled',
-    'effjax (unrolled)': 'effjax-unrolled',
-    'torch eager': 'torch',
-    'torch.compile': 'torch-compile',
+  'effjax CLI': 'effjax-cli',
+  'effjax': 'effjax',
+  'effjax (rolled scan)': 'effjax-rolled',
+  'effjax (unrolled)': 'effjax-unrolled',
+  'torch eager': 'torch',
+  'torch.compile': 'torch-compile',
 }
 CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + CLI_WINDOWS windows of CLI_LOG_EVERY steps
 CLI_WINDOWS = 3
@@ -200,6 +215,7 @@ def _build_worker_step(kind: str, size):
   import torch  # pylint: disable=import-outside-toplevel
   from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
   from effjax import accounting  # pylint: disable=import-outside-toplevel
+
   torch_gpt.set_threads()
   config = bench_config('gpt', size)
   b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
@@ -226,8 +242,10 @@ def _worker(args) -> None:
   """
   if args._worker.startswith('effjax'):
     from effjax import runtime  # pylint: disable=import-outside-toplevel
+
     runtime.reexec_with_hugepages()  # what the CLI does for itself (effjax/runtime.py), before jax starts
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   size = sizes_of(args)[args._size]
   if args._worker == 'peak':
     peak, fn, fwd, compile_s = make_peak(256 if args.quick else 2048), None, 0, 0.0
@@ -250,8 +268,13 @@ def _worker(args) -> None:
         ts.append(time.perf_counter() - t0)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         faults.append(r1.ru_minflt - r0.ru_minflt)
-      reply({'t': float(np.median(ts[1:] if len(ts) > 1 else ts)), 't_first': ts[0],
-             'faults_per_step': float(np.median(faults))})
+      reply(
+        {
+          't': float(np.median(ts[1:] if len(ts) > 1 else ts)),
+          't_first': ts[0],
+          'faults_per_step': float(np.median(faults)),
+        }
+      )
     elif cmd == 'peak':
       reply({'peak': peak()})
     else:
@@ -260,10 +283,18 @@ def _worker(args) -> None:
 
 
 class _Worker:
-
   def __init__(self, args, kind: str, size_name: str):
-    argv = [sys.executable, '-m', 'experiments.bench', '--_worker', kind, '--_size', size_name,
-            '--warmup', str(args.warmup)] + (['--quick'] if args.quick else [])
+    argv = [
+      sys.executable,
+      '-m',
+      'experiments.bench',
+      '--_worker',
+      kind,
+      '--_size',
+      size_name,
+      '--warmup',
+      str(args.warmup),
+    ] + (['--quick'] if args.quick else [])
     self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self.info = self._read()
 
@@ -295,12 +326,25 @@ class _CliWorker:
     layers, d, heads, seq, batch = sizes_of(args)[size_name]
     self.root = tempfile.mkdtemp(prefix='effjax-bench-cli-')
     steps = 1 + CLI_WINDOWS * CLI_LOG_EVERY
-    self.argv = [sys.executable, '-m', 'effjax.main', '--config=gpt', '--progress=false',
-                 f'--config.model.num_layers={layers}', f'--config.model.d_model={d}',
-                 f'--config.model.num_heads={heads}', f'--config.model.max_len={seq}', f'--config.data.seq_len={seq}',
-                 f'--config.train.batch_size={batch}', '--config.data.tokenizer=byte',
-                 f'--config.train.steps={steps}', f'--config.train.log_every={CLI_LOG_EVERY}',
-                 f'--config.train.eval_every={steps}', f'--config.checkpoint.every={steps}', '--config.mesh.data=1']
+    self.argv = [
+      sys.executable,
+      '-m',
+      'effjax.main',
+      '--config=gpt',
+      '--progress=false',
+      f'--config.model.num_layers={layers}',
+      f'--config.model.d_model={d}',
+      f'--config.model.num_heads={heads}',
+      f'--config.model.max_len={seq}',
+      f'--config.data.seq_len={seq}',
+      f'--config.train.batch_size={batch}',
+      '--config.data.tokenizer=byte',
+      f'--config.train.steps={steps}',
+      f'--config.train.log_every={CLI_LOG_EVERY}',
+      f'--config.train.eval_every={steps}',
+      f'--config.checkpoint.every={steps}',
+      '--config.mesh.data=1',
+    ]
     self.env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'XLA_FLAGS')}
     self.runs = 0
     self._train()  # prepares the dataset once (later runs reuse it through data.dataset) and warms the caches
@@ -311,8 +355,13 @@ class _CliWorker:
     data = [] if not self.runs else [f'--config.data.dataset={os.path.join(self.root, "run0", "data")}']
     self.runs += 1
     t0 = time.perf_counter()
-    subprocess.run(self.argv + [f'--workdir={workdir}', *data], env=self.env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+      self.argv + [f'--workdir={workdir}', *data],
+      env=self.env,
+      check=True,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
     self.last_wall_s = time.perf_counter() - t0
     with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
       rows = [json.loads(line) for line in f]
@@ -325,6 +374,7 @@ class _CliWorker:
 
   def close(self) -> dict:
     import shutil  # pylint: disable=import-outside-toplevel
+
     shutil.rmtree(self.root, ignore_errors=True)
     return {'rss_mb': float('nan')}
 
@@ -333,18 +383,29 @@ def machine() -> dict:
   """What the figures depend on besides the code: CPU model, cores, THP mode, glibc, the load."""
   import platform  # pylint: disable=import-outside-toplevel
   from effjax import runtime  # pylint: disable=import-outside-toplevel
+
   model = ''
   with contextlib.suppress(OSError), open('/proc/cpuinfo', encoding='utf-8') as f:
     model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
-  return dict(cpu=model or platform.processor(), cpus=os.cpu_count(), thp=runtime.transparent_hugepages(),
-              glibc=' '.join(platform.libc_ver()), python=platform.python_version(), load=load_average())
+  return dict(
+    cpu=model or platform.processor(),
+    cpus=os.cpu_count(),
+    thp=runtime.transparent_hugepages(),
+    glibc=' '.join(platform.libc_ver()),
+    python=platform.python_version(),
+    load=load_average(),
+  )
 
 
 def run_torch(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
+
   results = []
-  impls = {k: v for k, v in IMPLS.items() if (args.unrolled or v not in ('effjax-unrolled', 'effjax-rolled'))
-           and (args.torch_compile or v != 'torch-compile')}
+  impls = {
+    k: v
+    for k, v in IMPLS.items()
+    if (args.unrolled or v not in ('effjax-unrolled', 'effjax-rolled')) and (args.torch_compile or v != 'torch-compile')
+  }
   for size_name, size in sizes_of(args).items():
     b, t = size[4], size[3]
     workers, peak_worker = {}, None
@@ -358,14 +419,17 @@ def run_torch(args) -> dict:
       names = list(workers)
       for r in range(args.rounds):
         peaks.append(peak_worker.call('peak')['peak'])
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no fixed predecessor
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no fixed predecessor
           out = workers[name].call(f'step {args.burst}')
           times[name].append(out['t'])
           firsts[name].append(out['t_first'])
           faults[name].append(out['faults_per_step'])
         done = time.time() - start
-        print(f'  {size_name} round {r + 1}/{args.rounds}  {done:.0f}s elapsed, ETA '
-              f'{done / (r + 1) * (args.rounds - r - 1):.0f}s, load {load_average()[0]}', flush=True)
+        print(
+          f'  {size_name} round {r + 1}/{args.rounds}  {done:.0f}s elapsed, ETA '
+          f'{done / (r + 1) * (args.rounds - r - 1):.0f}s, load {load_average()[0]}',
+          flush=True,
+        )
       rss = {name: w.close()['rss_mb'] for name, w in workers.items()}
       peak_worker.close()
     finally:
@@ -376,26 +440,51 @@ def run_torch(args) -> dict:
     flops_per_step = 3 * fwd * b * t
     rows = []
     for name, ts in times.items():
-      rows.append(dict(impl=name, step_ms=_med(ts) * 1e3, step_ms_best=min(ts) * 1e3,
-                       tokens_per_sec=b * t / _med(ts), mfu=flops_per_step / _med(ts) / _med(peaks),
-                       mfu_best=flops_per_step / min(ts) / max(peaks), compile_s=workers[name].info['compile_s'],
-                       # per-round paired ratio: contention that varies over time cancels within a round
-                       speedup_of_effjax=_med([a / e for a, e in zip(ts, times['effjax'])]),
-                       speedup_of_effjax_best=min(ts) / min(times['effjax']),
-                       first_step_after_idle_ms=_med(firsts[name]) * 1e3,
-                       page_faults_per_step=_med(faults[name]), peak_rss_mb=rss[name]))
-    results.append(dict(size=size_name, batch=b, seq_len=t, flops_per_token_fwd=fwd, rows=rows,
-                        peak_flops_median=_med(peaks), peak_flops_best=max(peaks),
-                        times_s={k: list(v) for k, v in times.items()},
-                        first_step_times_s={k: list(v) for k, v in firsts.items()}))
+      rows.append(
+        dict(
+          impl=name,
+          step_ms=_med(ts) * 1e3,
+          step_ms_best=min(ts) * 1e3,
+          tokens_per_sec=b * t / _med(ts),
+          mfu=flops_per_step / _med(ts) / _med(peaks),
+          mfu_best=flops_per_step / min(ts) / max(peaks),
+          compile_s=workers[name].info['compile_s'],
+          # per-round paired ratio: contention that varies over time cancels within a round
+          speedup_of_effjax=_med([a / e for a, e in zip(ts, times['effjax'])]),
+          speedup_of_effjax_best=min(ts) / min(times['effjax']),
+          first_step_after_idle_ms=_med(firsts[name]) * 1e3,
+          page_faults_per_step=_med(faults[name]),
+          peak_rss_mb=rss[name],
+        )
+      )
+    results.append(
+      dict(
+        size=size_name,
+        batch=b,
+        seq_len=t,
+        flops_per_token_fwd=fwd,
+        rows=rows,
+        peak_flops_median=_med(peaks),
+        peak_flops_best=max(peaks),
+        times_s={k: list(v) for k, v in times.items()},
+        first_step_times_s={k: list(v) for k, v in firsts.items()},
+      )
+    )
   from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
-  return dict(sizes=results, torch=torch.__version__, torch_threads=torch_gpt.set_threads(),
-              glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), processes='one per implementation',
-              machine=machine())
+
+  return dict(
+    sizes=results,
+    torch=torch.__version__,
+    torch_threads=torch_gpt.set_threads(),
+    glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+    processes='one per implementation',
+    machine=machine(),
+  )
 
 
 def run_compile(args) -> dict:
   from experiments import bench_compile  # pylint: disable=import-outside-toplevel
+
   if args.quick:
     bench_compile.ROUNDS = 1
     bench_compile.CASES = {k: v for k, v in bench_compile.CASES.items() if v[0] == 4}
@@ -408,6 +497,7 @@ def run_compile(args) -> dict:
 
 def run_structured(args) -> dict:
   from experiments import bench_structured  # pylint: disable=import-outside-toplevel
+
   if args.quick:
     bench_structured.ROUNDS, bench_structured.BATCH = 1, 16
     bench_structured.OUT = _quick_out(args)
@@ -420,6 +510,7 @@ def run_structured(args) -> dict:
 
 def _quick_out(args):
   import pathlib  # pylint: disable=import-outside-toplevel
+
   return pathlib.Path(os.path.dirname(args.out) or '.') / 'quick'
 
 
@@ -429,6 +520,7 @@ def run_sample(args) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from effjax import sample  # pylint: disable=import-outside-toplevel
   from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+
   rows = []
   for size_name, size in sizes_of(args).items():
     config = bench_config('gpt', size)
@@ -444,20 +536,32 @@ def run_sample(args) -> dict:
         kw = dict(max_new_tokens=new, temperature=0.0)
         t0 = time.perf_counter()
         fn(model, variables, prompt, jax.random.key(2), **kw).block_until_ready()
-        fns[name] = (lambda fn=fn, kw=kw: fn(model, variables, prompt, jax.random.key(2), **kw).block_until_ready(),
-                     time.perf_counter() - t0)
-      out_c = sample.generate_cached(model, variables, prompt, jax.random.key(2), max_new_tokens=new,
-                                     temperature=0.0)
-      out_u = sample.generate_uncached(model, variables, prompt, jax.random.key(2), max_new_tokens=new,
-                                       temperature=0.0)
+        fns[name] = (
+          lambda fn=fn, kw=kw: fn(model, variables, prompt, jax.random.key(2), **kw).block_until_ready(),
+          time.perf_counter() - t0,
+        )
+      out_c = sample.generate_cached(model, variables, prompt, jax.random.key(2), max_new_tokens=new, temperature=0.0)
+      out_u = sample.generate_uncached(model, variables, prompt, jax.random.key(2), max_new_tokens=new, temperature=0.0)
       same = float((out_c == out_u).mean())
-      times, _ = interleave({k: v[0] for k, v in fns.items()}, max(args.rounds // 2, 1), 0,
-                            progress=f'{size_name} b{batch} ')
+      times, _ = interleave(
+        {k: v[0] for k, v in fns.items()}, max(args.rounds // 2, 1), 0, progress=f'{size_name} b{batch} '
+      )
       base = _med(times['no cache'])
       for name, ts in times.items():
-        rows.append(dict(size=size_name, batch=batch, impl=name, prompt=prompt_len, new_tokens=new,
-                         ms=_med(ts) * 1e3, tokens_per_sec=batch * new / _med(ts),
-                         first_call_s=fns[name][1], speedup=base / _med(ts), greedy_agreement=same))
+        rows.append(
+          dict(
+            size=size_name,
+            batch=batch,
+            impl=name,
+            prompt=prompt_len,
+            new_tokens=new,
+            ms=_med(ts) * 1e3,
+            tokens_per_sec=batch * new / _med(ts),
+            first_call_s=fns[name][1],
+            speedup=base / _med(ts),
+            greedy_agreement=same,
+          )
+        )
   return dict(rows=rows)
 
 
@@ -468,8 +572,16 @@ def run_memory(args) -> dict:
   size_name, _ = list(sizes_of(args).items())[-1]
   for fam in families:
     with tempfile.NamedTemporaryFile('r', suffix='.json') as tmp:
-      cmd = [sys.executable, '-m', 'experiments.bench', '--_memory_child', fam, '--_child_out', tmp.name,
-             *(['--quick'] if args.quick else [])]
+      cmd = [
+        sys.executable,
+        '-m',
+        'experiments.bench',
+        '--_memory_child',
+        fam,
+        '--_child_out',
+        tmp.name,
+        *(['--quick'] if args.quick else []),
+      ]
       print(f'memory: {fam} {size_name}', flush=True)
       subprocess.run(cmd, check=True)
       rows.append(json.load(open(tmp.name, encoding='utf-8')))
@@ -479,11 +591,13 @@ def run_memory(args) -> dict:
 def _memory_child(family: str, args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from effjax import accounting  # pylint: disable=import-outside-toplevel
+
   size_name, size = list(sizes_of(args).items())[-1]
   config = bench_config(family, size)
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   import numpy as np  # pylint: disable=import-outside-toplevel
   from effjax import state as state_lib, train  # pylint: disable=import-outside-toplevel
+
   setup = state_lib.make_setup(config, devices=jax.devices()[:1])
   state = setup.init_fn(jax.random.key(0))
   b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
@@ -493,30 +607,47 @@ def _memory_child(family: str, args) -> dict:
   analysis = {}
   try:
     ma = compiled.memory_analysis()
-    analysis = {k: int(getattr(ma, k)) for k in ('temp_size_in_bytes', 'argument_size_in_bytes',
-                                                  'output_size_in_bytes', 'generated_code_size_in_bytes')
-                if hasattr(ma, k)}
+    analysis = {
+      k: int(getattr(ma, k))
+      for k in ('temp_size_in_bytes', 'argument_size_in_bytes', 'output_size_in_bytes', 'generated_code_size_in_bytes')
+      if hasattr(ma, k)
+    }
   except Exception as e:  # pylint: disable=broad-except
     analysis = {'error': str(e)}
   for _ in range(2):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   counts = accounting.param_counts(config.model)
-  row = dict(family=family, size=size_name, maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-             rss_before_model_mb=rss0 / 1024, total_params=counts['total_params'],
-             trainable_params=counts['trainable_params'], xla=analysis)
+  row = dict(
+    family=family,
+    size=size_name,
+    maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    rss_before_model_mb=rss0 / 1024,
+    total_params=counts['total_params'],
+    trainable_params=counts['trainable_params'],
+    xla=analysis,
+  )
   try:
     from effjax import memory  # pylint: disable=import-outside-toplevel
+
     p = memory.plan(config, num_devices=1)
-    row['plan'] = {k: p[k] for k in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes',
-                                     'activation_bytes', 'total_bytes')}
+    row['plan'] = {
+      k: p[k]
+      for k in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes', 'activation_bytes', 'total_bytes')
+    }
   except Exception as e:  # pylint: disable=broad-except
     row['plan'] = {'error': str(e)}
   return row
 
 
-RUNNERS = {'train': run_train, 'torch': run_torch, 'compile': run_compile, 'structured': run_structured,
-           'sample': run_sample, 'memory': run_memory}
+RUNNERS = {
+  'train': run_train,
+  'torch': run_torch,
+  'compile': run_compile,
+  'structured': run_structured,
+  'sample': run_sample,
+  'memory': run_memory,
+}
 
 
 # ------------------------------------------------------------------------------------------------- markdown
@@ -526,27 +657,36 @@ def _gf(x):
 
 def _torch_section(r) -> list[str]:
   out = []
-  out += ['## effjax vs the PyTorch reference (same GPT, same batch, AdamW step included)', '',
-          f"torch {r['result']['torch']} with {r['result']['torch_threads']} threads; "
-          f"GLIBC_TUNABLES of the harness={r['result'].get('glibc_tunables') or '(unset)'}; {r['meta']}; "
-          f"machine: {r['result'].get('machine', {})}", '',
-          '`effjax CLI` is `python -m effjax.main` itself (data pipeline, logging, its own huge-page setting); '
-          'the other effjax rows time the bare jitted step; its `compile s` is the wall time of its first whole run '
-          '(preparing the dataset included).', '',
-          '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
-          'effjax speedup over it (paired median) | (best/best) | compile s | first step after idle ms | '
-          'page faults/step | peak RSS MB |',
-          '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  out += [
+    '## effjax vs the PyTorch reference (same GPT, same batch, AdamW step included)',
+    '',
+    f'torch {r["result"]["torch"]} with {r["result"]["torch_threads"]} threads; '
+    f'GLIBC_TUNABLES of the harness={r["result"].get("glibc_tunables") or "(unset)"}; {r["meta"]}; '
+    f'machine: {r["result"].get("machine", {})}',
+    '',
+    '`effjax CLI` is `python -m effjax.main` itself (data pipeline, logging, its own huge-page setting); '
+    'the other effjax rows time the bare jitted step; its `compile s` is the wall time of its first whole run '
+    '(preparing the dataset included).',
+    '',
+    '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
+    'effjax speedup over it (paired median) | (best/best) | compile s | first step after idle ms | '
+    'page faults/step | peak RSS MB |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for s in r['result']['sizes']:
     for row in s['rows']:
-      out.append(f"| {s['size']} | {row['impl']} | {row['step_ms']:.1f} | {row['step_ms_best']:.1f} | "
-                 f"{row['tokens_per_sec']:,.0f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_best']:.1f}% | "
-                 f"{row['speedup_of_effjax']:.2f}x | {row['speedup_of_effjax_best']:.2f}x | "
-                 f"{row['compile_s']:.1f} | {row.get('first_step_after_idle_ms', float('nan')):.0f} | "
-                 f"{row.get('page_faults_per_step', float('nan')):,.0f} | "
-                 f"{row.get('peak_rss_mb', float('nan')):.0f} |")
-    out.append(f"| {s['size']} | peak jitted f32 2048² matmul | | | | {_gf(s['peak_flops_median'])} GFLOP/s "
-               f"(median) | {_gf(s['peak_flops_best'])} GFLOP/s (best) | | | | | | |")
+      out.append(
+        f'| {s["size"]} | {row["impl"]} | {row["step_ms"]:.1f} | {row["step_ms_best"]:.1f} | '
+        f'{row["tokens_per_sec"]:,.0f} | {100 * row["mfu"]:.1f}% | {100 * row["mfu_best"]:.1f}% | '
+        f'{row["speedup_of_effjax"]:.2f}x | {row["speedup_of_effjax_best"]:.2f}x | '
+        f'{row["compile_s"]:.1f} | {row.get("first_step_after_idle_ms", float("nan")):.0f} | '
+        f'{row.get("page_faults_per_step", float("nan")):,.0f} | '
+        f'{row.get("peak_rss_mb", float("nan")):.0f} |'
+      )
+    out.append(
+      f'| {s["size"]} | peak jitted f32 2048² matmul | | | | {_gf(s["peak_flops_median"])} GFLOP/s '
+      f'(median) | {_gf(s["peak_flops_best"])} GFLOP/s (best) | | | | | | |'
+    )
   out.append('')
   return out
 
@@ -554,28 +694,46 @@ def _torch_section(r) -> list[str]:
 def _train_section(r) -> list[str]:
   out = []
   res = r['result']
-  out += ['## Training throughput and MFU by family', '', f"{r['meta']}; peak matmul "
-          f"{_gf(res['peak_flops_median'])} GFLOP/s median, {_gf(res['peak_flops_best'])} best", '',
-          '| family | size | step ms (median) | tokens/s | model GFLOP/s | MFU (median) | MFU (best) | compile s |',
-          '|---|---|---:|---:|---:|---:|---:|---:|']
+  out += [
+    '## Training throughput and MFU by family',
+    '',
+    f'{r["meta"]}; peak matmul {_gf(res["peak_flops_median"])} GFLOP/s median, {_gf(res["peak_flops_best"])} best',
+    '',
+    '| family | size | step ms (median) | tokens/s | model GFLOP/s | MFU (median) | MFU (best) | compile s |',
+    '|---|---|---:|---:|---:|---:|---:|---:|',
+  ]
   for row in res['rows']:
-    out.append(f"| {row['family']} | {row['size']} | {row['step_ms']:.1f} | {row['tokens_per_sec']:,.0f} | "
-               f"{_gf(row['model_flops_per_sec'])} | {100 * row['mfu']:.1f}% | {100 * row['mfu_best']:.1f}% | "
-               f"{row['compile_s']:.1f} |")
-  out += ['', 'Model FLOPs are each family\'s own forward FLOPs x 3 (structured layers at their true '
-          'O(n log n) cost, so FastFood\'s MFU is low by construction).', '']
+    out.append(
+      f'| {row["family"]} | {row["size"]} | {row["step_ms"]:.1f} | {row["tokens_per_sec"]:,.0f} | '
+      f'{_gf(row["model_flops_per_sec"])} | {100 * row["mfu"]:.1f}% | {100 * row["mfu_best"]:.1f}% | '
+      f'{row["compile_s"]:.1f} |'
+    )
+  out += [
+    '',
+    "Model FLOPs are each family's own forward FLOPs x 3 (structured layers at their true "
+    "O(n log n) cost, so FastFood's MFU is low by construction).",
+    '',
+  ]
   return out
 
 
 def _sample_section(r) -> list[str]:
   out = []
-  out += ['## Sampling: KV cache vs no cache (greedy)', '', r['meta'], '',
-          '| size | batch | impl | prompt | new tokens | ms (median) | tokens/s | cache speedup | first call s | '
-          'greedy agreement |', '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
+  out += [
+    '## Sampling: KV cache vs no cache (greedy)',
+    '',
+    r['meta'],
+    '',
+    '| size | batch | impl | prompt | new tokens | ms (median) | tokens/s | cache speedup | first call s | '
+    'greedy agreement |',
+    '|---|---:|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for row in r['result']['rows']:
-    out.append(f"| {row['size']} | {row['batch']} | {row['impl']} | {row['prompt']} | {row['new_tokens']} | "
-               f"{row['ms']:.1f} | {row['tokens_per_sec']:,.0f} | {row['speedup']:.2f}x | "
-               f"{row['first_call_s']:.1f} | {row['greedy_agreement']:.3f} |")
+    out.append(
+      f'| {row["size"]} | {row["batch"]} | {row["impl"]} | {row["prompt"]} | {row["new_tokens"]} | '
+      f'{row["ms"]:.1f} | {row["tokens_per_sec"]:,.0f} | {row["speedup"]:.2f}x | '
+      f'{row["first_call_s"]:.1f} | {row["greedy_agreement"]:.3f} |'
+    )
   out.append('')
   return out
 
@@ -583,23 +741,39 @@ def _sample_section(r) -> list[str]:
 def _compile_section(r) -> list[str]:
   out = []
   res = r['result']
-  out += ['## Compile times (experiments/bench_compile.py)', '', r['meta'], '',
-          '| stack | layers | lower s | compile s | StableHLO chars |', '|---|---:|---:|---:|---:|']
-  out += [f"| {x['case']} | {x['num_layers']} | {x['lower_s']:.2f} | {x['compile_s']:.2f} | {x['hlo_chars']:,} |"
-          for x in res.get('rows', [])]
+  out += [
+    '## Compile times (experiments/bench_compile.py)',
+    '',
+    r['meta'],
+    '',
+    '| stack | layers | lower s | compile s | StableHLO chars |',
+    '|---|---:|---:|---:|---:|',
+  ]
+  out += [
+    f'| {x["case"]} | {x["num_layers"]} | {x["lower_s"]:.2f} | {x["compile_s"]:.2f} | {x["hlo_chars"]:,} |'
+    for x in res.get('rows', [])
+  ]
   if res.get('ratios'):
     out += ['', '| ratio | compile | lower+compile |', '|---|---:|---:|']
-    out += [f"| {k} | {v['compile']:.2f}x | {v['lower+compile']:.2f}x |" for k, v in res['ratios'].items()]
+    out += [f'| {k} | {v["compile"]:.2f}x | {v["lower+compile"]:.2f}x |' for k, v in res['ratios'].items()]
   out.append('')
   return out
 
 
 def _structured_section(r) -> list[str]:
   out = []
-  out += ['## Structured layers vs dense (experiments/bench_structured.py)', '', r['meta'], '',
-          '| benchmark | shape | impl | ms | params | speedup vs dense |', '|---|---|---|---:|---:|---:|']
-  out += [f"| {x['bench']} | {x['shape']} | {x['impl']} | {x['ms']:.2f} | {x['params']:,} | {x['speedup']:.1f}x |"
-          for x in r['result']['rows']]
+  out += [
+    '## Structured layers vs dense (experiments/bench_structured.py)',
+    '',
+    r['meta'],
+    '',
+    '| benchmark | shape | impl | ms | params | speedup vs dense |',
+    '|---|---|---|---:|---:|---:|',
+  ]
+  out += [
+    f'| {x["bench"]} | {x["shape"]} | {x["impl"]} | {x["ms"]:.2f} | {x["params"]:,} | {x["speedup"]:.1f}x |'
+    for x in r['result']['rows']
+  ]
   out.append('')
   return out
 
@@ -607,16 +781,24 @@ def _structured_section(r) -> list[str]:
 def _memory_section(r) -> list[str]:
   out = []
   mb = lambda b: f'{b / 2**20:.0f}'
-  out += [f"## Peak memory of one training process ({r['result']['size']})", '', r['meta'], '',
-          '| family | params | peak RSS MB | RSS growth after imports MB | XLA temp MB | XLA args MB | '
-          'plan: params+grads+opt MB | plan: activations MB |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+  out += [
+    f'## Peak memory of one training process ({r["result"]["size"]})',
+    '',
+    r['meta'],
+    '',
+    '| family | params | peak RSS MB | RSS growth after imports MB | XLA temp MB | XLA args MB | '
+    'plan: params+grads+opt MB | plan: activations MB |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for x in r['result']['rows']:
     p, xla = x.get('plan', {}), x.get('xla', {})
     pgo = sum(p.get(k, 0) for k in ('param_bytes', 'frozen_bytes', 'grad_bytes', 'optimizer_bytes'))
-    out.append(f"| {x['family']} | {x['total_params']:,} | {x['maxrss_mb']:.0f} | "
-               f"{x['maxrss_mb'] - x['rss_before_model_mb']:.0f} | "
-               f"{mb(xla.get('temp_size_in_bytes', 0))} | {mb(xla.get('argument_size_in_bytes', 0))} | "
-               f"{mb(pgo)} | {mb(p.get('activation_bytes', 0))} |")
+    out.append(
+      f'| {x["family"]} | {x["total_params"]:,} | {x["maxrss_mb"]:.0f} | '
+      f'{x["maxrss_mb"] - x["rss_before_model_mb"]:.0f} | '
+      f'{mb(xla.get("temp_size_in_bytes", 0))} | {mb(xla.get("argument_size_in_bytes", 0))} | '
+      f'{mb(pgo)} | {mb(p.get("activation_bytes", 0))} |'
+    )
   out.append('')
   return out
 
@@ -625,22 +807,36 @@ def _rss_section(results: dict) -> list[str]:
   out = []
   rss = [(k, v['maxrss_mb'], v['wall_s']) for k, v in results.items() if 'maxrss_mb' in v]
   if rss:
-    out += ['## Peak RSS and wall time of each sub-benchmark process', '', '| sub-benchmark | peak RSS MB | wall s |',
-            '|---|---:|---:|']
+    out += [
+      '## Peak RSS and wall time of each sub-benchmark process',
+      '',
+      '| sub-benchmark | peak RSS MB | wall s |',
+      '|---|---:|---:|',
+    ]
     out += [f'| {k} | {m:.0f} | {w:.0f} |' for k, m, w in rss]
     out.append('')
   return out
 
 
-SECTIONS = {'torch': _torch_section, 'train': _train_section, 'sample': _sample_section,
-            'compile': _compile_section, 'structured': _structured_section, 'memory': _memory_section}
+SECTIONS = {
+  'torch': _torch_section,
+  'train': _train_section,
+  'sample': _sample_section,
+  'compile': _compile_section,
+  'structured': _structured_section,
+  'memory': _memory_section,
+}
 
 
 def markdown(results: dict) -> str:
-  out = ['# effjax benchmark suite', '',
-         'Generated by `python -m experiments.bench` (experiments/bench.py). 2-core CPU shared with other jobs: '
-         'candidates of one table were timed in interleaved rounds (contention hits them alike); `median` uses '
-         'the median step and the median peak of the same rounds, `best` the fastest of each.', '']
+  out = [
+    '# effjax benchmark suite',
+    '',
+    'Generated by `python -m experiments.bench` (experiments/bench.py). 2-core CPU shared with other jobs: '
+    'candidates of one table were timed in interleaved rounds (contention hits them alike); `median` uses '
+    'the median step and the median peak of the same rounds, `best` the fastest of each.',
+    '',
+  ]
   for name, section in SECTIONS.items():
     if results.get(name):
       out += section(results[name])
@@ -654,15 +850,27 @@ def parse(argv):
   p.add_argument('--only', default=','.join(SUBS), help=f'comma-separated subset of {",".join(SUBS)}')
   p.add_argument('--rounds', type=int, default=6, help='interleaved timing rounds')
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--burst', type=int, default=3,
-                 help='torch: back-to-back steps per implementation per round (the first is reported apart)')
+  p.add_argument(
+    '--burst',
+    type=int,
+    default=3,
+    help='torch: back-to-back steps per implementation per round (the first is reported apart)',
+  )
   p.add_argument('--families', default='', help='train/memory: comma-separated subset of families')
   p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument('--unrolled', action=argparse.BooleanOptionalAction, default=True,
-                 help='torch: also time effjax with scan_layers=False and with the rolled scan (model.scan_unroll=1)')
-  p.add_argument('--hugepages', action=argparse.BooleanOptionalAction, default=False,
-                 help='run every sub-benchmark (torch too) with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; off by '
-                      'default: effjax sets it for itself (effjax/runtime.py) and torch runs as users run it')
+  p.add_argument(
+    '--unrolled',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='torch: also time effjax with scan_layers=False and with the rolled scan (model.scan_unroll=1)',
+  )
+  p.add_argument(
+    '--hugepages',
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help='run every sub-benchmark (torch too) with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; off by '
+    'default: effjax sets it for itself (effjax/runtime.py) and torch runs as users run it',
+  )
   p.add_argument('--quick', action='store_true', help='tiny sizes (tests, smoke runs)')
   p.add_argument('--out', default='experiments/results/bench', help='output prefix (.json / .md)')
   p.add_argument('--_child', default='', help=argparse.SUPPRESS)
@@ -678,14 +886,30 @@ def parse(argv):
 
 
 def _child_argv(args, name, out):
-  argv = [sys.executable, '-m', 'experiments.bench', '--_child', name, '--_child_out', out,
-          '--rounds', str(args.rounds), '--warmup', str(args.warmup), '--burst', str(args.burst),
-          '--out', args.out]
+  argv = [
+    sys.executable,
+    '-m',
+    'experiments.bench',
+    '--_child',
+    name,
+    '--_child_out',
+    out,
+    '--rounds',
+    str(args.rounds),
+    '--warmup',
+    str(args.warmup),
+    '--burst',
+    str(args.burst),
+    '--out',
+    args.out,
+  ]
   if args.families:
     argv += ['--families', args.families]
   argv += ['--hugepages' if args.hugepages else '--no-hugepages']
-  argv += ['--torch_compile' if args.torch_compile else '--no-torch_compile',
-           '--unrolled' if args.unrolled else '--no-unrolled']
+  argv += [
+    '--torch_compile' if args.torch_compile else '--no-torch_compile',
+    '--unrolled' if args.unrolled else '--no-unrolled',
+  ]
   return argv + (['--quick'] if args.quick else [])
 
 
@@ -720,11 +944,15 @@ def main(argv=None) -> dict:
         result = json.load(f)
     finally:
       os.unlink(out)
-    results[name] = dict(result=result, wall_s=time.time() - t0, maxrss_mb=result.pop('maxrss_mb'),
-                         meta=f'load average {before[0]:.2f} before, {load_average()[0]:.2f} after; '
-                              f'huge pages for malloc: {"on" if args.hugepages else "off"}; '
-                              f'{os.cpu_count()} CPUs; {time.strftime("%Y-%m-%d %H:%M")}',
-                         quick=args.quick)
+    results[name] = dict(
+      result=result,
+      wall_s=time.time() - t0,
+      maxrss_mb=result.pop('maxrss_mb'),
+      meta=f'load average {before[0]:.2f} before, {load_average()[0]:.2f} after; '
+      f'huge pages for malloc: {"on" if args.hugepages else "off"}; '
+      f'{os.cpu_count()} CPUs; {time.strftime("%Y-%m-%d %H:%M")}',
+      quick=args.quick,
+    )
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with open(path, 'w', encoding='utf-8') as f:
       json.dump(results, f, indent=1, default=float)

@@ -18,6 +18,7 @@ really reaches, clocks and power included) and the published dense bf16 peak of 
 NO GPU WAS AVAILABLE WHEN THIS SCRIPT WAS WRITTEN: only `--smoke` has been run (on CPU). The GPU numbers, and
 whether the cuDNN path and the default batch behave as intended on real hardware, have NOT been measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,20 +36,22 @@ from experiments.bench_train import time_train_step
 
 # Published dense (non-sparse) bf16 tensor-core peaks, FLOP/s, by a substring of jax's device_kind.
 PUBLISHED_BF16_PEAK = [
-    ('H100 PCIe', 756e12),
-    ('H100 NVL', 835e12),
-    ('H100', 989.4e12),          # SXM5
-    ('H200', 989.4e12),
-    ('GH200', 989.4e12),
-    ('B200', 2250e12),
-    ('A100', 312e12),
-    ('L40S', 362e12),
-    ('L4', 121e12),
-    ('A10G', 70e12),
-    ('V100', 125e12),            # fp16 tensor cores (no bf16)
+  ('H100 PCIe', 756e12),
+  ('H100 NVL', 835e12),
+  ('H100', 989.4e12),  # SXM5
+  ('H200', 989.4e12),
+  ('GH200', 989.4e12),
+  ('B200', 2250e12),
+  ('A100', 312e12),
+  ('L40S', 362e12),
+  ('L4', 121e12),
+  ('A10G', 70e12),
+  ('V100', 125e12),  # fp16 tensor cores (no bf16)
 ]
-SMOKE_NOTE = ('SMOKE RUN ON CPU: a tiny model through the same code path. This is NOT an accelerator '
-              'measurement; the GPU MFU of GPT-124M was not measured here.')
+SMOKE_NOTE = (
+  'SMOKE RUN ON CPU: a tiny model through the same code path. This is NOT an accelerator '
+  'measurement; the GPU MFU of GPT-124M was not measured here.'
+)
 
 
 def published_peak(device_kind: str) -> float | None:
@@ -69,7 +72,7 @@ def peak_matmul_flops(n: int, dtype, repeats: int = 10) -> float:
     t = time.perf_counter()
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def bench_config(args):
@@ -82,8 +85,7 @@ def bench_config(args):
     c = gpt_config.get_config('paper')
     c.data.seq_len = args.seq or 1024
     c.train.batch_size = args.batch or 16
-  c.model.update(dtype=args.dtype, remat=args.remat, attention_impl=args.attention, dropout=0.0,
-                 attn_dropout=0.0)
+  c.model.update(dtype=args.dtype, remat=args.remat, attention_impl=args.attention, dropout=0.0, attn_dropout=0.0)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   return c
 
@@ -91,17 +93,25 @@ def bench_config(args):
 def report(out: dict, kind: str, n: int, published, smoke: bool) -> None:
   """The result in words, on stdout."""
   print(f'step {out["step_ms"]:.1f} ms, {out["tokens_per_sec"]:,.0f} tokens/s, compile {out["compile_s"]:.1f} s')
-  print(f'model FLOP/s {out["model_flops_per_sec"] / 1e12:.3f} T (3 x forward incl. attention); 6N FLOP/s '
-        f'{out["six_n_flops_per_sec"] / 1e12:.3f} T')
-  print(f'measured peak: bf16 matmul {n}^3 {out["measured_peak_bf16_matmul_flops"] / 1e12:.3f} TFLOP/s, '
-        f'f32 {out["measured_peak_f32_matmul_flops"] / 1e12:.3f} TFLOP/s')
+  print(
+    f'model FLOP/s {out["model_flops_per_sec"] / 1e12:.3f} T (3 x forward incl. attention); 6N FLOP/s '
+    f'{out["six_n_flops_per_sec"] / 1e12:.3f} T'
+  )
+  print(
+    f'measured peak: bf16 matmul {n}^3 {out["measured_peak_bf16_matmul_flops"] / 1e12:.3f} TFLOP/s, '
+    f'f32 {out["measured_peak_f32_matmul_flops"] / 1e12:.3f} TFLOP/s'
+  )
   print(f'MFU vs measured bf16 peak: {out["mfu_vs_measured_bf16_peak"]:.1%}')
   if published:
-    print(f'published dense bf16 peak of {kind}: {published / 1e12:.1f} TFLOP/s -> MFU '
-          f'{out["mfu_vs_published_peak"]:.1%}')
+    print(
+      f'published dense bf16 peak of {kind}: {published / 1e12:.1f} TFLOP/s -> MFU {out["mfu_vs_published_peak"]:.1%}'
+    )
   else:
-    print('published peak: not applicable (no GPU detected)' if out['backend'] != 'gpu' else
-          f'published peak: unknown for {kind!r} (add it to PUBLISHED_BF16_PEAK)')
+    print(
+      'published peak: not applicable (no GPU detected)'
+      if out['backend'] != 'gpu'
+      else f'published peak: unknown for {kind!r} (add it to PUBLISHED_BF16_PEAK)'
+    )
   if smoke:
     print(SMOKE_NOTE)
 
@@ -113,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--seq', type=int, default=0, help='tokens per sequence (default 1024; smoke 64)')
   parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float32'])
   parser.add_argument('--remat', default='none', choices=['none', 'full', 'dots_saveable'])
-  parser.add_argument('--attention', default='', choices=['', 'xla', 'cudnn'],
-                      help="default: cudnn on GPU, xla elsewhere")
+  parser.add_argument(
+    '--attention', default='', choices=['', 'xla', 'cudnn'], help='default: cudnn on GPU, xla elsewhere'
+  )
   parser.add_argument('--steps', type=int, default=0, help='timed steps (default 20; smoke 3)')
   parser.add_argument('--out', default='', help='write the result as JSON here')
   return parser.parse_args(argv)
@@ -125,23 +136,30 @@ def main(argv=None) -> dict:
 
   backend = jax.default_backend()
   if backend != 'gpu' and not args.smoke:
-    print(f'bench_accel: error: no GPU here (backend {backend!r}); this benchmark measures one GPU. Use --smoke '
-          'to check the code path on CPU.', file=sys.stderr)
+    print(
+      f'bench_accel: error: no GPU here (backend {backend!r}); this benchmark measures one GPU. Use --smoke '
+      'to check the code path on CPU.',
+      file=sys.stderr,
+    )
     sys.exit(2)
   args.attention = args.attention or ('cudnn' if backend == 'gpu' else 'xla')
   config = bench_config(args)
   device = jax.devices()[0]
   kind = getattr(device, 'device_kind', backend)
-  print(f'device: {kind} ({backend}); GPT {config.model.num_layers}L/{config.model.d_model}d, '
-        f'{accounting.param_counts(config.model)["total_params"]:,} params; batch {config.train.batch_size} x '
-        f'seq {config.data.seq_len}; dtype {config.model.dtype}, remat {config.model.remat}, attention '
-        f'{config.model.attention_impl}')
+  print(
+    f'device: {kind} ({backend}); GPT {config.model.num_layers}L/{config.model.d_model}d, '
+    f'{accounting.param_counts(config.model)["total_params"]:,} params; batch {config.train.batch_size} x '
+    f'seq {config.data.seq_len}; dtype {config.model.dtype}, remat {config.model.remat}, attention '
+    f'{config.model.attention_impl}'
+  )
   if args.smoke:
     print(SMOKE_NOTE)
 
   plan = memory.plan(config, 1)
-  print(f'memory plan (effjax.memory): {plan["total_bytes"] / 2**30:.2f} GiB per device '
-        f'(activations {plan["activation_bytes"] / 2**30:.2f} GiB)')
+  print(
+    f'memory plan (effjax.memory): {plan["total_bytes"] / 2**30:.2f} GiB per device '
+    f'(activations {plan["activation_bytes"] / 2**30:.2f} GiB)'
+  )
 
   n = 1024 if args.smoke else 8192
   peak_bf16 = peak_matmul_flops(n, jnp.bfloat16)
@@ -153,20 +171,26 @@ def main(argv=None) -> dict:
   n_params = accounting.param_counts(config.model)['non_embedding_trainable_params']
   tokens_per_s = result['tokens_per_sec']
   out = {
-      'smoke': bool(args.smoke),
-      'backend': backend,
-      'device_kind': kind,
-      'config': {'layers': config.model.num_layers, 'd_model': config.model.d_model,
-                 'batch': config.train.batch_size, 'seq_len': config.data.seq_len, 'dtype': config.model.dtype,
-                 'remat': config.model.remat, 'attention_impl': config.model.attention_impl},
-      **result,
-      'six_n_flops_per_sec': 6 * n_params * tokens_per_s,
-      'measured_peak_bf16_matmul_flops': peak_bf16,
-      'measured_peak_f32_matmul_flops': peak_f32,
-      'published_peak_bf16_flops': published,
-      'mfu_vs_measured_bf16_peak': achieved / peak_bf16,
-      'mfu_vs_published_peak': achieved / published if published else None,
-      'memory_plan_bytes': plan['total_bytes'],
+    'smoke': bool(args.smoke),
+    'backend': backend,
+    'device_kind': kind,
+    'config': {
+      'layers': config.model.num_layers,
+      'd_model': config.model.d_model,
+      'batch': config.train.batch_size,
+      'seq_len': config.data.seq_len,
+      'dtype': config.model.dtype,
+      'remat': config.model.remat,
+      'attention_impl': config.model.attention_impl,
+    },
+    **result,
+    'six_n_flops_per_sec': 6 * n_params * tokens_per_s,
+    'measured_peak_bf16_matmul_flops': peak_bf16,
+    'measured_peak_f32_matmul_flops': peak_f32,
+    'published_peak_bf16_flops': published,
+    'mfu_vs_measured_bf16_peak': achieved / peak_bf16,
+    'mfu_vs_published_peak': achieved / published if published else None,
+    'memory_plan_bytes': plan['total_bytes'],
   }
   report(out, kind, n, published, args.smoke)
   if args.out:

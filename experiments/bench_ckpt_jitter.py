@@ -7,6 +7,7 @@ the loop, the median step time away from saves, the step times of the 3 steps af
 wait for the last save. Saves are asynchronous (Orbax's CheckpointManager default), so what a save costs the loop is
 the blocking part; on a CPU the background write also competes with the step for the same cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ def main() -> None:
 
   from effjax import checkpoint, state as state_lib, train  # pylint: disable=import-outside-toplevel
   from effjax.configs import gpt  # pylint: disable=import-outside-toplevel
+
   config = gpt.get_config(a.preset)
   config.model.vocab_size = 256
   setup = state_lib.make_setup(config, devices=jax.devices()[:1])
@@ -64,14 +66,24 @@ def main() -> None:
   after = {s + k for s in saved_at for k in (1, 2, 3) if s + k <= a.steps}
   away = [dt for i, dt in enumerate(step_times, 1) if i not in after]
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  print(json.dumps({
-      'preset': a.preset or 'default', 'state_mb': round(state_bytes / 2**20, 1), 'dir': directory,
-      'load_avg': [round(x, 2) for x in os.getloadavg()], 'steps': a.steps, 'every': a.every,
-      'save_call_ms': [round(1000 * s, 1) for s in save_times],
-      'median_step_ms_away_from_saves': round(1000 * statistics.median(away), 1),
-      'step_ms_after_each_save': [[round(1000 * step_times[s + k - 1], 1) for k in (1, 2, 3) if s + k <= a.steps]
-                                  for s in saved_at],
-      'final_wait_ms': round(1000 * final_wait, 1)}))
+  print(
+    json.dumps(
+      {
+        'preset': a.preset or 'default',
+        'state_mb': round(state_bytes / 2**20, 1),
+        'dir': directory,
+        'load_avg': [round(x, 2) for x in os.getloadavg()],
+        'steps': a.steps,
+        'every': a.every,
+        'save_call_ms': [round(1000 * s, 1) for s in save_times],
+        'median_step_ms_away_from_saves': round(1000 * statistics.median(away), 1),
+        'step_ms_after_each_save': [
+          [round(1000 * step_times[s + k - 1], 1) for k in (1, 2, 3) if s + k <= a.steps] for s in saved_at
+        ],
+        'final_wait_ms': round(1000 * final_wait, 1),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

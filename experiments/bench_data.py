@@ -91,23 +91,28 @@ def timed(fn):
 
 def markdown(result: dict) -> str:
   lines = ['| tokenizer | path | MB | s | MB/s |', '|---|---|---:|---:|---:|']
-  lines += [f"| {r['tokenizer']} | {r['path']} | {r['mb']:.0f} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} |"
-            for r in result['rows']]
-  return '\n'.join(lines) + (f"\n\n`python -m experiments.bench_data {' '.join(result.get('argv', []))}`: "
-                              f"{result['cpus']} CPUs, {result['workers']} prepare workers.\n")
+  lines += [
+    f'| {r["tokenizer"]} | {r["path"]} | {r["mb"]:.0f} | {r["seconds"]:.1f} | {r["mb_per_s"]:.2f} |'
+    for r in result['rows']
+  ]
+  return '\n'.join(lines) + (
+    f'\n\n`python -m experiments.bench_data {" ".join(result.get("argv", []))}`: '
+    f'{result["cpus"]} CPUs, {result["workers"]} prepare workers.\n'
+  )
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--mb', type=int, default=1024, help='corpus size in MB of text (>= 1024 for the recorded run)')
-  p.add_argument('--single_mb', type=int, default=32, help="text for the single-call and ceiling rows")
+  p.add_argument('--single_mb', type=int, default=32, help='text for the single-call and ceiling rows')
   p.add_argument('--bpe_vocab_size', type=int, default=4096)
   p.add_argument('--workers', type=int, default=0, help='prepare worker processes (0: one per core)')
   p.add_argument('--kinds', default=','.join(KINDS))
   p.add_argument('--work', default='/tmp/effjax_bench_data')
   p.add_argument('--keep', action='store_true', help='keep the corpus and the datasets')
-  p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                               'bench_data.json'))
+  p.add_argument(
+    '--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'bench_data.json')
+  )
   a = p.parse_args(argv)
   kinds = [k for k in a.kinds.split(',') if k]
   corpus = os.path.join(a.work, 'corpus')
@@ -115,8 +120,9 @@ def main(argv=None) -> int:
   try:
     nbytes, build_s = timed(lambda: build_corpus(corpus, a.mb))
     mb = nbytes / 2**20
-    print(f'corpus: {mb:.0f} MB of text in {len(os.listdir(corpus))} JSONL files ({build_s:.0f} s to build)',
-          flush=True)
+    print(
+      f'corpus: {mb:.0f} MB of text in {len(os.listdir(corpus))} JSONL files ({build_s:.0f} s to build)', flush=True
+    )
     prefix = read_prefix(corpus, min(a.single_mb, a.mb))
     prefix_mb = sum(len(t.encode('utf-8')) for t in prefix) / 2**20
     rows = []
@@ -140,9 +146,15 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
       if not a.keep:
         shutil.rmtree(out_dir, ignore_errors=True)
-    result = dict(rows=rows, corpus_mb=mb, cpus=os.cpu_count(), machine=platform.processor() or platform.machine(),
-                  workers=a.workers or os.cpu_count(), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                  / 1024, argv=sys.argv[1:])
+    result = dict(
+      rows=rows,
+      corpus_mb=mb,
+      cpus=os.cpu_count(),
+      machine=platform.processor() or platform.machine(),
+      workers=a.workers or os.cpu_count(),
+      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      argv=sys.argv[1:],
+    )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)

@@ -14,6 +14,7 @@ rounded up to 64). The import's scanned layer stack is relaid out unrolled once,
 Records the CPU model, cores, transparent-hugepage mode, GLIBC_TUNABLES (malloc huge pages) and the load average
 before and after. Writes experiments/results/bench_decode.{json,md} (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,11 @@ def build_pair(layers: int, width: int, heads: int, vocab: int, ctx: int, root: 
   import effjax  # pylint: disable=import-outside-toplevel
   from effjax.convert import hf_gpt2  # pylint: disable=import-outside-toplevel
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+
   torch.manual_seed(seed)
-  config = transformers.GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=width, n_layer=layers, n_head=heads,
-                                   bos_token_id=0, eos_token_id=0)
+  config = transformers.GPT2Config(
+    vocab_size=vocab, n_positions=ctx, n_embd=width, n_layer=layers, n_head=heads, bos_token_id=0, eos_token_id=0
+  )
   hf = transformers.GPT2LMHeadModel(config).eval()
   hf_dir = os.path.join(root, 'hf')
   hf.save_pretrained(hf_dir)
@@ -52,18 +55,29 @@ def build_pair(layers: int, width: int, heads: int, vocab: int, ctx: int, root: 
 
 def hf_generate(hf, prompt: np.ndarray, new: int) -> np.ndarray:
   import torch  # pylint: disable=import-outside-toplevel
+
   with torch.inference_mode():
     ids = torch.from_numpy(prompt.astype(np.int64))
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                      do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
-  return out[:, prompt.shape[1]:].numpy()
+    out = hf.generate(
+      ids,
+      attention_mask=torch.ones_like(ids),
+      max_new_tokens=new,
+      min_new_tokens=new,
+      do_sample=False,
+      use_cache=True,
+      pad_token_id=0,
+      eos_token_id=None,
+    )
+  return out[:, prompt.shape[1] :].numpy()
 
 
 def effjax_generate(model, variables, prompt: np.ndarray, new: int) -> np.ndarray:
   import jax  # pylint: disable=import-outside-toplevel
   from effjax import sample  # pylint: disable=import-outside-toplevel
-  out = sample.generate_cached(model, variables, jax.numpy.asarray(prompt, jax.numpy.int32), jax.random.key(0),
-                               max_new_tokens=new, temperature=0.0)
+
+  out = sample.generate_cached(
+    model, variables, jax.numpy.asarray(prompt, jax.numpy.int32), jax.random.key(0), max_new_tokens=new, temperature=0.0
+  )
   return np.asarray(jax.block_until_ready(out))
 
 
@@ -72,23 +86,27 @@ def run(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   from effjax import sample  # pylint: disable=import-outside-toplevel
   from experiments.bench import machine  # pylint: disable=import-outside-toplevel
+
   torch.set_num_threads(os.cpu_count() or 1)
   rows = []
-  env = dict(machine(), glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), jax=jax.__version__,
-             backend=jax.default_backend())
+  env = dict(
+    machine(), glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''), jax=jax.__version__, backend=jax.default_backend()
+  )
   with tempfile.TemporaryDirectory() as root:
     hf, model, variables = build_pair(args.layers, args.width, args.heads, args.vocab, args.ctx, root)
     t0 = time.perf_counter()
     model, variables = jax.block_until_ready(sample.unrolled_for_decoding(model, variables))
-    env['relayout_s'], env['decode_layers'] = time.perf_counter() - t0, (
-        'scanned' if model.cfg.scan_layers else 'unrolled')
+    env['relayout_s'], env['decode_layers'] = (
+      time.perf_counter() - t0,
+      ('scanned' if model.cfg.scan_layers else 'unrolled'),
+    )
     for batch in args.batches:
       prompt = np.random.default_rng(batch).integers(0, args.vocab, (batch, args.prompt_len)).astype(np.int32)
       fns = {
-          ('effjax', 'whole'): lambda: effjax_generate(model, variables, prompt, args.new_tokens),
-          ('effjax', 'prefill'): lambda: effjax_generate(model, variables, prompt, 1),
-          ('transformers', 'whole'): lambda: hf_generate(hf, prompt, args.new_tokens),
-          ('transformers', 'prefill'): lambda: hf_generate(hf, prompt, 1),
+        ('effjax', 'whole'): lambda: effjax_generate(model, variables, prompt, args.new_tokens),
+        ('effjax', 'prefill'): lambda: effjax_generate(model, variables, prompt, 1),
+        ('transformers', 'whole'): lambda: hf_generate(hf, prompt, args.new_tokens),
+        ('transformers', 'prefill'): lambda: hf_generate(hf, prompt, 1),
       }
       first = {}
       for key, fn in fns.items():  # the first call compiles (effjax) or warms up (torch)
@@ -97,7 +115,7 @@ def run(args) -> dict:
         first[key] = time.perf_counter() - t0
       times = {k: [] for k in fns}
       for r in range(args.rounds):
-        for key in list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]:
+        for key in list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]:
           t0 = time.perf_counter()
           fns[key]()
           times[key].append(time.perf_counter() - t0)
@@ -106,19 +124,36 @@ def run(args) -> dict:
       med = {k: float(np.median(v)) for k, v in times.items()}
       for impl in ('effjax', 'transformers'):
         whole, prefill = med[(impl, 'whole')], med[(impl, 'prefill')]
-        rows.append(dict(impl=impl, batch=batch, prompt=args.prompt_len, new_tokens=args.new_tokens,
-                         whole_s=whole, prefill_ms=prefill * 1e3,
-                         per_token_ms=(whole - prefill) / max(args.new_tokens - 1, 1) * 1e3,
-                         tokens_per_sec=batch * args.new_tokens / whole, first_call_s=first[(impl, 'whole')],
-                         times_s=times[(impl, 'whole')]))
+        rows.append(
+          dict(
+            impl=impl,
+            batch=batch,
+            prompt=args.prompt_len,
+            new_tokens=args.new_tokens,
+            whole_s=whole,
+            prefill_ms=prefill * 1e3,
+            per_token_ms=(whole - prefill) / max(args.new_tokens - 1, 1) * 1e3,
+            tokens_per_sec=batch * args.new_tokens / whole,
+            first_call_s=first[(impl, 'whole')],
+            times_s=times[(impl, 'whole')],
+          )
+        )
       rows[-2]['speedup_vs_transformers'] = med[('transformers', 'whole')] / med[('effjax', 'whole')]
       rows[-2]['cache_len'] = sample.cache_length(args.prompt_len, args.new_tokens, model.cfg.max_len)
       rows[-2]['greedy_identical'] = bool((ours == theirs).all())
       rows[-2]['greedy_agreement'] = float((ours == theirs).mean())
   shape = dict(layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, ctx=args.ctx)
-  return dict(command='python -m experiments.bench_decode ' + ' '.join(args.argv), model=shape, rows=rows,
-              torch=torch.__version__, torch_threads=torch.get_num_threads(), load=list(os.getloadavg()),
-              load_before=env.pop('load'), machine=env, date=time.strftime('%Y-%m-%d %H:%M'))
+  return dict(
+    command='python -m experiments.bench_decode ' + ' '.join(args.argv),
+    model=shape,
+    rows=rows,
+    torch=torch.__version__,
+    torch_threads=torch.get_num_threads(),
+    load=list(os.getloadavg()),
+    load_before=env.pop('load'),
+    machine=env,
+    date=time.strftime('%Y-%m-%d %H:%M'),
+  )
 
 
 def _load(load) -> str:
@@ -127,24 +162,33 @@ def _load(load) -> str:
 
 def markdown(result: dict) -> str:
   m, mach = result['model'], result['machine']
-  out = ["# KV-cache decoding: effjax vs transformers generate (greedy)", '',
-         f"`{result['command']}`; GPT-2 shape {m['layers']}L/{m['width']}d/{m['heads']}h, vocab {m['vocab']}; "
-         f"torch {result['torch']} ({result['torch_threads']} threads); load before "
-         f"{_load(result['load_before'])}, after {_load(result['load'])}; {result['date']}", '',
-         f"{mach['cpu']} ({mach['cpus']} cores); jax {mach['jax']} on {mach['backend']}; transparent huge pages "
-         f"{mach['thp']}; GLIBC_TUNABLES={mach['glibc_tunables'] or '(unset)'}; {mach['glibc']}; effjax decodes with "
-         f"{mach['decode_layers']} layers (relaid out once in {mach['relayout_s']:.1f} s)", '',
-         '| impl | batch | prompt | new | whole s | prefill ms | per-token ms | tokens/s | effjax speedup | '
-         'greedy identical |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+  out = [
+    '# KV-cache decoding: effjax vs transformers generate (greedy)',
+    '',
+    f'`{result["command"]}`; GPT-2 shape {m["layers"]}L/{m["width"]}d/{m["heads"]}h, vocab {m["vocab"]}; '
+    f'torch {result["torch"]} ({result["torch_threads"]} threads); load before '
+    f'{_load(result["load_before"])}, after {_load(result["load"])}; {result["date"]}',
+    '',
+    f'{mach["cpu"]} ({mach["cpus"]} cores); jax {mach["jax"]} on {mach["backend"]}; transparent huge pages '
+    f'{mach["thp"]}; GLIBC_TUNABLES={mach["glibc_tunables"] or "(unset)"}; {mach["glibc"]}; effjax decodes with '
+    f'{mach["decode_layers"]} layers (relaid out once in {mach["relayout_s"]:.1f} s)',
+    '',
+    '| impl | batch | prompt | new | whole s | prefill ms | per-token ms | tokens/s | effjax speedup | '
+    'greedy identical |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|',
+  ]
   for r in result['rows']:
-    out.append(f"| {r['impl']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['whole_s']:.2f} | "
-               f"{r['prefill_ms']:.1f} | {r['per_token_ms']:.2f} | {r['tokens_per_sec']:,.1f} | "
-               f"{r.get('speedup_vs_transformers', float('nan')):.2f}x | {r.get('greedy_identical', '')} |")
+    out.append(
+      f'| {r["impl"]} | {r["batch"]} | {r["prompt"]} | {r["new_tokens"]} | {r["whole_s"]:.2f} | '
+      f'{r["prefill_ms"]:.1f} | {r["per_token_ms"]:.2f} | {r["tokens_per_sec"]:,.1f} | '
+      f'{r.get("speedup_vs_transformers", float("nan")):.2f}x | {r.get("greedy_identical", "")} |'
+    )
   return '\n'.join(out) + '\n'
 
 
 def main(argv=None) -> dict:
   import sys  # pylint: disable=import-outside-toplevel
+
   argv = sys.argv[1:] if argv is None else argv
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--layers', type=int, default=12)

@@ -4,6 +4,7 @@
 synthetic tokens and divides model FLOPs by the peak matmul FLOP/s measured in the same run, so the ratio does
 not depend on a spec sheet. Model FLOPs = 3 x forward FLOPs per token (accounting.flops_per_token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ from effjax.configs import gpt as gpt_config
 from effjax import accounting, state as state_lib, train
 
 SIZES = {  # name: (layers, d_model, heads, seq_len, batch)
-    '4L-128d-ctx64-b12': (4, 128, 4, 64, 12),
-    '6L-384d-ctx256-b16': (6, 384, 6, 256, 16),
+  '4L-128d-ctx64-b12': (4, 128, 4, 64, 12),
+  '6L-384d-ctx256-b16': (6, 384, 6, 256, 16),
 }
 
 
@@ -40,8 +41,9 @@ def peak_matmul_flops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> fl
 
 def gpt_bench_config(layers, d_model, heads, seq_len, batch, **model_overrides):
   c = gpt_config.get_config()
-  c.model.update(num_layers=layers, d_model=d_model, num_heads=heads, max_len=seq_len, vocab_size=256,
-                 **model_overrides)
+  c.model.update(
+    num_layers=layers, d_model=d_model, num_heads=heads, max_len=seq_len, vocab_size=256, **model_overrides
+  )
   c.data.seq_len = seq_len
   c.train.batch_size = batch
   c.mesh.data = 1
@@ -72,8 +74,13 @@ def time_train_step(config, steps: int = 10, warmup: int = 3) -> dict:
   step_s = float(np.median(times))
   fwd = accounting.flops_per_token(config.model, t)
   tokens_per_s = b * t / step_s
-  return {'step_ms': step_s * 1e3, 'tokens_per_sec': tokens_per_s, 'compile_s': compile_s,
-          'model_flops_per_sec': 3 * fwd * tokens_per_s, 'flops_per_token_fwd': fwd}
+  return {
+    'step_ms': step_s * 1e3,
+    'tokens_per_sec': tokens_per_s,
+    'compile_s': compile_s,
+    'model_flops_per_sec': 3 * fwd * tokens_per_s,
+    'flops_per_token_fwd': fwd,
+  }
 
 
 def main(argv=None) -> dict:
@@ -87,12 +94,18 @@ def main(argv=None) -> dict:
     r = time_train_step(gpt_bench_config(layers, d, h, s, b), steps=args.steps)
     r.update(name=name, mfu=r['model_flops_per_sec'] / peak)
     rows.append(r)
-  lines = [f'peak jitted f32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind}, '
-           f'{os.cpu_count()} cores', '',
-           '| config | step (ms) | tokens/s | model GFLOP/s | MFU | compile (s) |', '|---|---|---|---|---|---|']
+  lines = [
+    f'peak jitted f32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind}, '
+    f'{os.cpu_count()} cores',
+    '',
+    '| config | step (ms) | tokens/s | model GFLOP/s | MFU | compile (s) |',
+    '|---|---|---|---|---|---|',
+  ]
   for r in rows:
-    lines.append(f"| {r['name']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | "
-                 f"{r['model_flops_per_sec'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | {r['compile_s']:.2f} |")
+    lines.append(
+      f'| {r["name"]} | {r["step_ms"]:.1f} | {r["tokens_per_sec"]:,.0f} | '
+      f'{r["model_flops_per_sec"] / 1e9:.1f} | {100 * r["mfu"]:.1f}% | {r["compile_s"]:.2f} |'
+    )
   table = '\n'.join(lines)
   print(table)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -4,6 +4,7 @@
 process tree at its peak, so this samples /proc every --interval seconds (RSS of the command and all its
 descendants, summed) and prints {"peak_tree_rss_mb", "peak_single_rss_mb", "wall_s", "returncode", "command"}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,14 @@ def measure(command: list[str], interval: float = 0.2) -> dict:
     total, single = tree_rss_kb(proc.pid)
     peak_total, peak_single = max(peak_total, total), max(peak_single, single)
     time.sleep(interval)
-  return dict(command=command, returncode=proc.returncode, wall_s=round(time.time() - t0, 1),
-              peak_tree_rss_mb=round(peak_total / 1024, 1), peak_single_rss_mb=round(peak_single / 1024, 1),
-              interval_s=interval)
+  return dict(
+    command=command,
+    returncode=proc.returncode,
+    wall_s=round(time.time() - t0, 1),
+    peak_tree_rss_mb=round(peak_total / 1024, 1),
+    peak_single_rss_mb=round(peak_single / 1024, 1),
+    interval_s=interval,
+  )
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ network as a Python loop over separately named stacks: jitted AdamW train steps,
 
 Writes experiments/results/pgpt_table.{md,json} and pgpt_loss_curves.png.
 """
+
 import argparse
 import json
 import os
@@ -35,29 +36,37 @@ from effjax.models import build_model, parallel
 OUT = pathlib.Path(__file__).parent / 'results'
 # One CPU scale for every model: widths 128 (lc/cc: 128 → 64 → 32), 4 heads, 4 blocks, ctx 64, batch 16.
 SCALE = {
-    'model': dict(d_model=128, num_heads=4, num_layers=4, max_len=64, dropout=0.0, vocab_size=0),
-    'data': dict(corpus='embedded', tokenizer='char', seq_len=64, max_bytes=2_000_000),
-    'train': dict(batch_size=16, lr=2e-3, lr_schedule='cosine', warmup_steps=50, weight_decay=0.1,
-                  log_every=25, eval_every=100, eval_batches=8),
+  'model': dict(d_model=128, num_heads=4, num_layers=4, max_len=64, dropout=0.0, vocab_size=0),
+  'data': dict(corpus='embedded', tokenizer='char', seq_len=64, max_bytes=2_000_000),
+  'train': dict(
+    batch_size=16,
+    lr=2e-3,
+    lr_schedule='cosine',
+    warmup_steps=50,
+    weight_decay=0.1,
+    log_every=25,
+    eval_every=100,
+    eval_batches=8,
+  ),
 }
 # The paper's table (GPU, 10k iterations at d 384 / ctx 256 / batch 64) and its code's final validation losses.
 PAPER = {
-    'gpt': dict(params='8.82 M', mb=33.66, minutes=25.35, val_loss=0.9105),
-    'p-gpt': dict(params='-', mb=None, minutes=None, val_loss=0.9489),
-    'p-gpt-1': dict(params='6.19 M', mb=23.60, minutes=26.15, val_loss=1.4901),
-    'lc-gpt': dict(params='5.65 M', mb=21.54, minutes=20.68, val_loss=0.9432),
-    'cc-gpt': dict(params='5.65 M', mb=21.54, minutes=21.68, val_loss=0.9505),
+  'gpt': dict(params='8.82 M', mb=33.66, minutes=25.35, val_loss=0.9105),
+  'p-gpt': dict(params='-', mb=None, minutes=None, val_loss=0.9489),
+  'p-gpt-1': dict(params='6.19 M', mb=23.60, minutes=26.15, val_loss=1.4901),
+  'lc-gpt': dict(params='5.65 M', mb=21.54, minutes=20.68, val_loss=0.9432),
+  'cc-gpt': dict(params='5.65 M', mb=21.54, minutes=21.68, val_loss=0.9505),
 }
 # label: (config module, preset, extra model overrides, the paper preset whose summary we quote)
 RUNS = {
-    'gpt': (gpt_config, 'paper_pgpt_baseline', {}, (gpt_config, 'paper_pgpt_baseline')),
-    'p-gpt': (pgpt, '', {}, (pgpt, 'paper')),
-    'lc-gpt': (lcgpt, '', {}, (lcgpt, 'paper')),
-    'cc-gpt': (ccgpt, '', {}, (ccgpt, 'paper')),
+  'gpt': (gpt_config, 'paper_pgpt_baseline', {}, (gpt_config, 'paper_pgpt_baseline')),
+  'p-gpt': (pgpt, '', {}, (pgpt, 'paper')),
+  'lc-gpt': (lcgpt, '', {}, (lcgpt, 'paper')),
+  'cc-gpt': (ccgpt, '', {}, (ccgpt, 'paper')),
 }
 EXTRAS = {  # with --extras
-    'p-gpt (project form)': (pgpt, 'project', {}, None),
-    'cc-gpt (kernel 3)': (ccgpt, 'k3', {}, None),
+  'p-gpt (project form)': (pgpt, 'project', {}, None),
+  'cc-gpt (kernel 3)': (ccgpt, 'k3', {}, None),
 }
 
 
@@ -91,12 +100,16 @@ def run_one(label, config, data_cache, root) -> dict:
   with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
     summary = json.load(f)
   row = {
-      'label': label, 'family': config.model.family, 'total_params': summary['total_params'],
-      'param_mb': summary['param_mb'], 'flops_per_token': summary['flops_per_token'],
-      'final_val_loss': result['loss'], 'wall_s': wall,
-      'tokens_per_sec': float(np.median([t['tokens_per_sec'] for t in train_lines[1:]])),
-      'train_curve': [(t['step'], t['loss']) for t in train_lines],
-      'val_curve': [(e['step'], e['loss']) for e in lines if e['split'] == 'eval'],
+    'label': label,
+    'family': config.model.family,
+    'total_params': summary['total_params'],
+    'param_mb': summary['param_mb'],
+    'flops_per_token': summary['flops_per_token'],
+    'final_val_loss': result['loss'],
+    'wall_s': wall,
+    'tokens_per_sec': float(np.median([t['tokens_per_sec'] for t in train_lines[1:]])),
+    'train_curve': [(t['step'], t['loss']) for t in train_lines],
+    'val_curve': [(e['step'], e['loss']) for e in lines if e['split'] == 'eval'],
   }
   if config.model.family == 'pgpt':
     row.update(single_branch(config, workdir, summary))
@@ -112,10 +125,17 @@ def single_branch(config, workdir, summary) -> dict:
   out['single_branch_flops_per_token'] = accounting.flops_per_token(one, config.data.seq_len)
   bundle, _ = train.load_data(config, workdir)
   from effjax import sharding  # pylint: disable=import-outside-toplevel
+
   divisor = sharding.batch_divisor(setup.mesh, setup.rules)
-  batches = [train.eval_rows(b, divisor) for b in pipeline.eval_batches(
-      bundle.val_tokens, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
-      max_batches=config.train.eval_batches)]
+  batches = [
+    train.eval_rows(b, divisor)
+    for b in pipeline.eval_batches(
+      bundle.val_tokens,
+      seq_len=config.data.seq_len,
+      batch_size=config.train.batch_size,
+      max_batches=config.train.eval_batches,
+    )
+  ]
   variables = jax.device_get(state.variables())
   weights = parallel.branch_weights(variables['params'])
   out['branch_weights'] = weights.tolist()
@@ -133,14 +153,22 @@ def single_branch(config, workdir, summary) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # vectorised vs loop
 
+
 def bench_branches(num_branches: int, repeats: int, batch: int, seq: int, width: int, layers: int) -> dict:
   """Jitted AdamW steps of the same p-gpt built two ways; interleaved timing, median per step."""
   steps = {}
   compile_s = {}
   for impl in ('vmap', 'loop'):
     c = pgpt.get_config('')
-    c.model.update(d_model=width, num_heads=4, num_layers=layers, max_len=seq, vocab_size=100, dropout=0.0,
-                   pgpt=dict(num_branches=num_branches, branch_impl=impl))
+    c.model.update(
+      d_model=width,
+      num_heads=4,
+      num_layers=layers,
+      max_len=seq,
+      vocab_size=100,
+      dropout=0.0,
+      pgpt=dict(num_branches=num_branches, branch_impl=impl),
+    )
     model = build_model(c.model)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, 100)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :-1]))['params']
@@ -149,6 +177,7 @@ def bench_branches(num_branches: int, repeats: int, batch: int, seq: int, width:
     def step(params, opt_state, model=model, opt=opt, tokens=tokens):
       def loss_fn(p):
         return train.cross_entropy(model.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:])
+
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, opt_state = opt.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
@@ -167,13 +196,21 @@ def bench_branches(num_branches: int, repeats: int, batch: int, seq: int, width:
       t0 = time.perf_counter()
       jax.block_until_ready(fn(p, s))
       times[impl].append(time.perf_counter() - t0)
-  return {'num_branches': num_branches, 'batch': batch, 'seq': seq, 'width': width, 'layers': layers,
-          'repeats': repeats, **{f'{k}_step_ms': 1e3 * float(np.median(v)) for k, v in times.items()},
-          **{f'{k}_compile_s': v for k, v in compile_s.items()}}
+  return {
+    'num_branches': num_branches,
+    'batch': batch,
+    'seq': seq,
+    'width': width,
+    'layers': layers,
+    'repeats': repeats,
+    **{f'{k}_step_ms': 1e3 * float(np.median(v)) for k, v in times.items()},
+    **{f'{k}_compile_s': v for k, v in compile_s.items()},
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------
 # outputs
+
 
 def fmt_m(n):
   return f'{n / 1e6:.2f} M' if n else '-'
@@ -181,55 +218,84 @@ def fmt_m(n):
 
 def write_outputs(rows, bench, meta) -> str:
   by = {r['label']: r for r in rows}
-  lines = ['| model | paper: params | paper: MB | paper: train min (GPU) | paper: val loss | ours, paper preset: '
-           'params | ours: MB | ours, CPU scale: params | fwd MFLOP/token | CPU wall (s) | tokens/s | '
-           'ours: val loss |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    '| model | paper: params | paper: MB | paper: train min (GPU) | paper: val loss | ours, paper preset: '
+    'params | ours: MB | ours, CPU scale: params | fwd MFLOP/token | CPU wall (s) | tokens/s | '
+    'ours: val loss |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for label, paper in PAPER.items():
     if label == 'p-gpt-1':
       r = by.get('p-gpt')
       if r is None:
         continue
       ours = r['paper_preset'].get('single_branch_params'), r['paper_preset'].get('single_branch_param_mb')
-      cpu = (fmt_m(r['single_branch_params']), f"{r['single_branch_flops_per_token'] / 1e6:.2f}", '(same run)',
-             '', f"{r['val_loss_p_gpt_1']:.4f}")
+      cpu = (
+        fmt_m(r['single_branch_params']),
+        f'{r["single_branch_flops_per_token"] / 1e6:.2f}',
+        '(same run)',
+        '',
+        f'{r["val_loss_p_gpt_1"]:.4f}',
+      )
     else:
       r = by.get(label)
       if r is None:
         continue
       ours = r['paper_preset'].get('total_params'), r['paper_preset'].get('param_mb')
-      cpu = (fmt_m(r['total_params']), f"{r['flops_per_token'] / 1e6:.2f}", f"{r['wall_s']:.0f}",
-             f"{r['tokens_per_sec']:,.0f}", f"{r['final_val_loss']:.4f}")
-    mb = f"{paper['mb']:.2f}" if paper['mb'] else '-'
-    lines.append(f"| {label} | {paper['params']} | {mb} | {paper['minutes'] or '-'} | "
-                 f"{paper['val_loss']:.4f} | {ours[0]:,} ({fmt_m(ours[0])}) | {ours[1]:.2f} | " + ' | '.join(cpu)
-                 + ' |')
+      cpu = (
+        fmt_m(r['total_params']),
+        f'{r["flops_per_token"] / 1e6:.2f}',
+        f'{r["wall_s"]:.0f}',
+        f'{r["tokens_per_sec"]:,.0f}',
+        f'{r["final_val_loss"]:.4f}',
+      )
+    mb = f'{paper["mb"]:.2f}' if paper['mb'] else '-'
+    lines.append(
+      f'| {label} | {paper["params"]} | {mb} | {paper["minutes"] or "-"} | '
+      f'{paper["val_loss"]:.4f} | {ours[0]:,} ({fmt_m(ours[0])}) | {ours[1]:.2f} | ' + ' | '.join(cpu) + ' |'
+    )
   for r in rows:
     if r['label'] in PAPER:
       continue
-    lines.append(f"| {r['label']} | - | - | - | - | - | - | {fmt_m(r['total_params'])} | "
-                 f"{r['flops_per_token'] / 1e6:.2f} | {r['wall_s']:.0f} | "
-                 f"{r['tokens_per_sec']:,.0f} | {r['final_val_loss']:.4f} |")
+    lines.append(
+      f'| {r["label"]} | - | - | - | - | - | - | {fmt_m(r["total_params"])} | '
+      f'{r["flops_per_token"] / 1e6:.2f} | {r["wall_s"]:.0f} | '
+      f'{r["tokens_per_sec"]:,.0f} | {r["final_val_loss"]:.4f} |'
+    )
   for r in rows:
     if r['family'] == 'pgpt':
-      branch = ', '.join(f"branch {i}: {r[f'val_loss_branch_{i}']:.4f} (weight {w:.3f})"
-                         for i, w in enumerate(r['branch_weights']))
-      lines.append(f"\n{r['label']} one-branch val losses: {branch}.")
-  lines += ['', f"`{meta.get('command', '')}`. CPU scale: {meta['scale']}; {meta['steps']} steps × "
-            f"{meta['tokens_per_step']:,} tokens each, "
-            f"seed 0, same batches for every run. jax {meta['jax']} on {meta['device']} ({meta['cpus']} CPUs); "
-            f"total {meta['total_wall_s'] / 60:.1f} min; load average before/after "
-            f"{meta['loadavg_before'][0]:.1f}/{meta['loadavg_after'][0]:.1f} on {meta['cpus']} cores — the machine "
-            'was shared with other jobs, so wall times and tokens/s are noisy and only roughly comparable.']
-  lines += ['', '### p-gpt branches: vectorised (nn.vmap) vs Python loop', '',
-            '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
-            'vmap compile (s) | loop compile (s) |', '|---:|---|---|---:|---:|---:|---:|---:|']
+      branch = ', '.join(
+        f'branch {i}: {r[f"val_loss_branch_{i}"]:.4f} (weight {w:.3f})' for i, w in enumerate(r['branch_weights'])
+      )
+      lines.append(f'\n{r["label"]} one-branch val losses: {branch}.')
+  lines += [
+    '',
+    f'`{meta.get("command", "")}`. CPU scale: {meta["scale"]}; {meta["steps"]} steps × '
+    f'{meta["tokens_per_step"]:,} tokens each, '
+    f'seed 0, same batches for every run. jax {meta["jax"]} on {meta["device"]} ({meta["cpus"]} CPUs); '
+    f'total {meta["total_wall_s"] / 60:.1f} min; load average before/after '
+    f'{meta["loadavg_before"][0]:.1f}/{meta["loadavg_after"][0]:.1f} on {meta["cpus"]} cores — the machine '
+    'was shared with other jobs, so wall times and tokens/s are noisy and only roughly comparable.',
+  ]
+  lines += [
+    '',
+    '### p-gpt branches: vectorised (nn.vmap) vs Python loop',
+    '',
+    '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
+    'vmap compile (s) | loop compile (s) |',
+    '|---:|---|---|---:|---:|---:|---:|---:|',
+  ]
   for b in bench:
-    lines.append(f"| {b['num_branches']} | {b['batch']} × {b['seq']} | {b['width']} × {b['layers']} | "
-                 f"{b['vmap_step_ms']:.1f} | {b['loop_step_ms']:.1f} | {b['loop_step_ms'] / b['vmap_step_ms']:.2f} | "
-                 f"{b['vmap_compile_s']:.1f} | {b['loop_compile_s']:.1f} |")
+    lines.append(
+      f'| {b["num_branches"]} | {b["batch"]} × {b["seq"]} | {b["width"]} × {b["layers"]} | '
+      f'{b["vmap_step_ms"]:.1f} | {b["loop_step_ms"]:.1f} | {b["loop_step_ms"] / b["vmap_step_ms"]:.2f} | '
+      f'{b["vmap_compile_s"]:.1f} | {b["loop_compile_s"]:.1f} |'
+    )
   repeats = bench[0]['repeats'] if bench else 0
-  lines.append(f'\nJitted AdamW train steps (forward + backward + update), median of {repeats} '
-               'interleaved steps after a warm-up; same machine and load caveat.')
+  lines.append(
+    f'\nJitted AdamW train steps (forward + backward + update), median of {repeats} '
+    'interleaved steps after a warm-up; same machine and load caveat.'
+  )
   md = '\n'.join(lines)
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / 'pgpt_table.md').write_text(md + '\n')
@@ -240,19 +306,22 @@ def write_outputs(rows, bench, meta) -> str:
 
 def plot(rows, path, meta):
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
   for r in rows:
-    label = f"{r['label']} ({r['total_params'] / 1e6:.2f} M)"
+    label = f'{r["label"]} ({r["total_params"] / 1e6:.2f} M)'
     steps, losses = zip(*r['train_curve'])
     ax_train.plot(steps, losses, label=label)
     steps, losses = zip(*r['val_curve'])
     ax_val.plot(steps, losses, marker='o', label=label)
     if 'val_loss_p_gpt_1' in r:
       ax_val.scatter([steps[-1]], [r['val_loss_p_gpt_1']], marker='x', s=60, color='k', zorder=5)
-      ax_val.annotate(f"{r['label']}-1", (steps[-1], r['val_loss_p_gpt_1']), textcoords='offset points',
-                      xytext=(-40, 4), fontsize=8)
+      ax_val.annotate(
+        f'{r["label"]}-1', (steps[-1], r['val_loss_p_gpt_1']), textcoords='offset points', xytext=(-40, 4), fontsize=8
+      )
   for ax, title in ((ax_train, 'train loss (mean over each log interval)'), (ax_val, 'validation loss')):
     ax.set_xlabel('step')
     ax.set_ylabel('loss (nats/char)')
@@ -260,7 +329,7 @@ def plot(rows, path, meta):
     ax.grid(alpha=0.3)
   ax_train.set_ylim(top=min(4.0, ax_train.get_ylim()[1]))
   ax_val.legend(fontsize=8)
-  fig.suptitle(f"gpt / p-gpt / lc-gpt / cc-gpt at CPU scale ({meta['steps']} steps, same batches)")
+  fig.suptitle(f'gpt / p-gpt / lc-gpt / cc-gpt at CPU scale ({meta["steps"]} steps, same batches)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -285,19 +354,29 @@ def main():
       row = run_one(label, make_config(module, preset, overrides, args.steps), data_cache, root)
       row['paper_preset'] = paper_summary(paper_spec)
       rows.append(row)
-      print(f"   val loss {row['final_val_loss']:.4f}, {row['total_params']:,} params, {row['wall_s']:.0f} s",
-            flush=True)
+      print(
+        f'   val loss {row["final_val_loss"]:.4f}, {row["total_params"]:,} params, {row["wall_s"]:.0f} s', flush=True
+      )
   bench = []
   for branches, layers in ((2, 4), (4, 4)):
     print(f'== bench {branches} branches', flush=True)
     bench.append(bench_branches(branches, args.bench_repeats, batch=16, seq=64, width=128, layers=layers))
-    print(f"   {bench[-1]}", flush=True)
-  meta = dict(command='python -m experiments.pgpt_table ' + ' '.join(sys.argv[1:]), steps=args.steps,
-              tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
-              scale=('4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
-                     'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'),
-              jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),
-              loadavg_before=load_before, loadavg_after=os.getloadavg(), total_wall_s=time.time() - t0)
+    print(f'   {bench[-1]}', flush=True)
+  meta = dict(
+    command='python -m experiments.pgpt_table ' + ' '.join(sys.argv[1:]),
+    steps=args.steps,
+    tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+    scale=(
+      '4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
+      'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'
+    ),
+    jax=jax.__version__,
+    device=str(jax.devices()[0]),
+    cpus=os.cpu_count(),
+    loadavg_before=load_before,
+    loadavg_after=os.getloadavg(),
+    total_wall_s=time.time() - t0,
+  )
   print(write_outputs(rows, bench, meta))
 
 

@@ -15,6 +15,7 @@ Results are kept per k in <workdir>/prune_results.json (a rerun skips finished k
 Writes experiments/results/prune_<name>.{json,md,png}: validation loss vs the fraction of layers kept, before
 and after the fine-tune.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 def default_config():
   """An 8-block GPT on the scaling sweep's data (BPE 1024, embedded corpus, ctx 64): ~2-3 CPU minutes."""
   from experiments import scaling  # pylint: disable=import-outside-toplevel
+
   c = scaling.base_config('cpu')
   c.model.update(num_layers=8, d_model=64, num_heads=4)
   c.train.update(steps=600, eval_every=200, log_every=50)
@@ -45,12 +47,14 @@ def prune_tree(tree: dict, keep: int) -> dict:
   stack = dict(tree['stack'])
   if 'layers' in stack:
     import jax  # pylint: disable=import-outside-toplevel
+
     stack['layers'] = jax.tree.map(lambda x: x[:keep], stack['layers'])
   else:
     names = [k for k in stack if k.startswith('layer_') and k[6:].isdigit()]
     if not names or any(k in stack for k in ('shared', 'groups')):
-      raise ValueError('prune_layers works on independent GPT blocks (share_layers=none): found '
-                       f'{sorted(stack)} in the stack')
+      raise ValueError(
+        f'prune_layers works on independent GPT blocks (share_layers=none): found {sorted(stack)} in the stack'
+      )
     stack = {k: v for k, v in stack.items() if not (k in names and int(k[6:]) >= keep)}
   return {**tree, 'stack': stack}
 
@@ -58,10 +62,13 @@ def prune_tree(tree: dict, keep: int) -> dict:
 def prune(config, variables: dict, k: int):
   """(config with num_layers = L - k, variables without the last k blocks) for a plain GPT."""
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   m = config.model
   if m.family != 'gpt' or m.share_layers != 'none' or m.doping.pattern:
-    raise ValueError(f'prune_layers supports a plain GPT (family gpt, no sharing, no doping); got family='
-                     f'{m.family!r}, share_layers={m.share_layers!r}, doping={m.doping.pattern!r}')
+    raise ValueError(
+      f'prune_layers supports a plain GPT (family gpt, no sharing, no doping); got family='
+      f'{m.family!r}, share_layers={m.share_layers!r}, doping={m.doping.pattern!r}'
+    )
   if not 0 <= k < m.num_layers:
     raise ValueError(f'k={k} must be in 0..num_layers-1={m.num_layers - 1}')
   pruned = ml_collections.ConfigDict(config.to_dict())
@@ -75,6 +82,7 @@ def load_trained(config, workdir: str):
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from effjax import checkpoint, state as state_lib, train  # pylint: disable=import-outside-toplevel
+
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     config = ml_collections.ConfigDict(json.load(f))
   bundle, config = train.load_data(config, workdir)
@@ -93,8 +101,13 @@ def load_trained(config, workdir: str):
 def val_batches(config, bundle, divisor: int = 1):
   from effjax import train  # pylint: disable=import-outside-toplevel
   from effjax.data import pipeline  # pylint: disable=import-outside-toplevel
-  batches = pipeline.eval_batches(bundle.val_tokens, seq_len=config.data.seq_len,
-                                  batch_size=config.train.batch_size, max_batches=config.train.eval_batches)
+
+  batches = pipeline.eval_batches(
+    bundle.val_tokens,
+    seq_len=config.data.seq_len,
+    batch_size=config.train.batch_size,
+    max_batches=config.train.eval_batches,
+  )
   return [train.eval_rows(b, divisor) for b in batches]
 
 
@@ -102,6 +115,7 @@ def evaluate(config, variables: dict, batches) -> float:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from effjax import state as state_lib, train  # pylint: disable=import-outside-toplevel
+
   setup = state_lib.make_setup(config, with_optimizer=False, devices=jax.devices()[:1])
   params = variables['params']
   extra = {k: v for k, v in variables.items() if k != 'params'}
@@ -116,6 +130,7 @@ def finetune(config, variables: dict, bundle, steps: int, lr: float, seed: int =
   import ml_collections  # pylint: disable=import-outside-toplevel
   from effjax import sharding, state as state_lib, train  # pylint: disable=import-outside-toplevel
   from effjax.data import pipeline  # pylint: disable=import-outside-toplevel
+
   if steps <= 0:
     return variables
   c = ml_collections.ConfigDict(config.to_dict())
@@ -126,11 +141,13 @@ def finetune(config, variables: dict, bundle, steps: int, lr: float, seed: int =
   fresh = lambda tree, shardings: jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), shardings)
   params = fresh(variables['params'], setup.state_shardings.params)
   extra = fresh({k: v for k, v in variables.items() if k != 'params'}, setup.state_shardings.extra)
-  st = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=setup.optimizer.init(params), extra=extra)
+  st = state_lib.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.optimizer.init(params), extra=extra
+  )
   step_fn = train.make_train_step(setup, c)
-  it = pipeline.make_train_iterator(bundle.train_tokens, seq_len=c.data.seq_len, batch_size=c.train.batch_size,
-                                    seed=c.seed)
+  it = pipeline.make_train_iterator(
+    bundle.train_tokens, seq_len=c.data.seq_len, batch_size=c.train.batch_size, seed=c.seed
+  )
   for _ in range(steps):
     st, m = step_fn(st, sharding.global_batch(next(it), setup.batch_sharding))
   loss = float(m['loss'])
@@ -140,10 +157,12 @@ def finetune(config, variables: dict, bundle, steps: int, lr: float, seed: int =
 
 
 # ---------------------------------------------------------------------------------------------------- study
-def study(config, workdir: str, finetune_steps: int, finetune_lr: float, ks=None, train_fn=None,
-          progress: bool | None = None) -> dict:
+def study(
+  config, workdir: str, finetune_steps: int, finetune_lr: float, ks=None, train_fn=None, progress: bool | None = None
+) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from effjax import train  # pylint: disable=import-outside-toplevel
+
   progress = sys.stderr.isatty() if progress is None else progress
   if not os.path.exists(os.path.join(workdir, 'config.json')) or config is not None:
     if config is None:
@@ -151,8 +170,9 @@ def study(config, workdir: str, finetune_steps: int, finetune_lr: float, ks=None
     (train_fn or train.train_and_evaluate)(config, workdir, devices=jax.devices()[:1], progress=progress)
   config, state, bundle = load_trained(config, workdir)
   if int(state.step) < config.train.steps:
-    raise SystemExit(f'the run in {workdir} stopped at step {int(state.step)} of {config.train.steps}; rerun to '
-                     'finish it')
+    raise SystemExit(
+      f'the run in {workdir} stopped at step {int(state.step)} of {config.train.steps}; rerun to finish it'
+    )
   L = config.model.num_layers
   ks = list(range(L)) if ks is None else list(ks)
   path = os.path.join(workdir, 'prune_results.json')
@@ -176,15 +196,30 @@ def study(config, workdir: str, finetune_steps: int, finetune_lr: float, ks=None
     done[k] = dict(k=k, layers_kept=L - k, fraction_kept=(L - k) / L, loss_before=before, loss_after=after)
     print(f'  k={k}: val loss {before:.4f} -> {after:.4f} after {finetune_steps} fine-tune steps', flush=True)
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      json.dump(dict(finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                     rows={str(kk): v for kk, v in sorted(done.items())}), f, indent=1)
+      json.dump(
+        dict(
+          finetune_steps=finetune_steps, finetune_lr=finetune_lr, rows={str(kk): v for kk, v in sorted(done.items())}
+        ),
+        f,
+        indent=1,
+      )
     os.replace(path + '.tmp', path)
   rows = [done[k] for k in sorted(done) if k in ks]
-  return dict(rows=rows, num_layers=L, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-              model=dict(d_model=config.model.d_model, num_heads=config.model.num_heads,
-                         train_steps=config.train.steps, seq_len=config.data.seq_len,
-                         tokenizer=config.data.tokenizer, vocab_size=config.model.vocab_size,
-                         batch_size=config.train.batch_size))
+  return dict(
+    rows=rows,
+    num_layers=L,
+    finetune_steps=finetune_steps,
+    finetune_lr=finetune_lr,
+    model=dict(
+      d_model=config.model.d_model,
+      num_heads=config.model.num_heads,
+      train_steps=config.train.steps,
+      seq_len=config.data.seq_len,
+      tokenizer=config.data.tokenizer,
+      vocab_size=config.model.vocab_size,
+      batch_size=config.train.batch_size,
+    ),
+  )
 
 
 def summarize(res: dict, tolerance: float = 0.01) -> dict:
@@ -203,27 +238,39 @@ def summarize(res: dict, tolerance: float = 0.01) -> dict:
   while kb + 1 in rows and kb + 1 in ok_before:
     kb += 1
   L = res['num_layers']
-  return dict(tolerance=tolerance, reference_loss_after=ref, max_removable_after_finetune=k_max,
-              max_removable_fraction_after_finetune=k_max / L, max_removable_before_finetune=kb,
-              loss_increase_at_30pct={k: rows[k]['loss_after'] / ref - 1 for k in rows
-                                      if abs(k / L - 0.3) <= 0.5 / L + 1e-9} or None)
+  return dict(
+    tolerance=tolerance,
+    reference_loss_after=ref,
+    max_removable_after_finetune=k_max,
+    max_removable_fraction_after_finetune=k_max / L,
+    max_removable_before_finetune=kb,
+    loss_increase_at_30pct={k: rows[k]['loss_after'] / ref - 1 for k in rows if abs(k / L - 0.3) <= 0.5 / L + 1e-9}
+    or None,
+  )
 
 
 def plot(res: dict, path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   rows = res['rows']
   x = [r['fraction_kept'] for r in rows]
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   ax.plot(x, [r['loss_before'] for r in rows], 'o-', color='tab:red', label='pruned, no fine-tune')
-  ax.plot(x, [r['loss_after'] for r in rows], 's-', color='tab:blue',
-          label=f"pruned + {res['finetune_steps']} fine-tune steps")
+  ax.plot(
+    x,
+    [r['loss_after'] for r in rows],
+    's-',
+    color='tab:blue',
+    label=f'pruned + {res["finetune_steps"]} fine-tune steps',
+  )
   ref = next((r for r in rows if r['k'] == 0), None)
   if ref:
     ax.axhline(ref['loss_after'], color='gray', ls='--', lw=1, label='unpruned + same fine-tune (control)')
   ax.axvline(0.7, color='k', ls=':', lw=1, label='70% kept (seed: last ~30% removable)')
-  ax.set_xlabel(f"fraction of the {res['num_layers']} blocks kept (last blocks removed)")
+  ax.set_xlabel(f'fraction of the {res["num_layers"]} blocks kept (last blocks removed)')
   ax.set_ylabel('validation loss (nats / token)')
   ax.set_yscale('log')
   ax.grid(True, which='both', alpha=0.3)
@@ -236,22 +283,32 @@ def plot(res: dict, path: str) -> None:
 
 def markdown(res: dict, summary: dict, png: str, meta: str) -> str:
   m = res['model']
-  lines = [f"# Layer pruning: {res['num_layers']}-block GPT", '',
-           f"d_model {m['d_model']}, {m['num_heads']} heads, ctx {m['seq_len']}, {m['tokenizer']} vocab "
-           f"{m['vocab_size']}, trained {m['train_steps']} steps at batch {m['batch_size']}; fine-tune "
-           f"{res['finetune_steps']} steps at lr {res['finetune_lr']}. {meta}", '',
-           '| blocks removed k | blocks kept | fraction kept | val loss, pruned | val loss, pruned + fine-tune | '
-           'vs fine-tuned unpruned |', '|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    f'# Layer pruning: {res["num_layers"]}-block GPT',
+    '',
+    f'd_model {m["d_model"]}, {m["num_heads"]} heads, ctx {m["seq_len"]}, {m["tokenizer"]} vocab '
+    f'{m["vocab_size"]}, trained {m["train_steps"]} steps at batch {m["batch_size"]}; fine-tune '
+    f'{res["finetune_steps"]} steps at lr {res["finetune_lr"]}. {meta}',
+    '',
+    '| blocks removed k | blocks kept | fraction kept | val loss, pruned | val loss, pruned + fine-tune | '
+    'vs fine-tuned unpruned |',
+    '|---:|---:|---:|---:|---:|---:|',
+  ]
   ref = next((r['loss_after'] for r in res['rows'] if r['k'] == 0), None)
   for r in res['rows']:
-    rel = f"{100 * (r['loss_after'] / ref - 1):+.1f}%" if ref else ''
-    lines.append(f"| {r['k']} | {r['layers_kept']} | {r['fraction_kept']:.3f} | {r['loss_before']:.4f} | "
-                 f"{r['loss_after']:.4f} | {rel} |")
+    rel = f'{100 * (r["loss_after"] / ref - 1):+.1f}%' if ref else ''
+    lines.append(
+      f'| {r["k"]} | {r["layers_kept"]} | {r["fraction_kept"]:.3f} | {r["loss_before"]:.4f} | '
+      f'{r["loss_after"]:.4f} | {rel} |'
+    )
   if summary:
-    lines += ['', f"Within {100 * summary['tolerance']:.0f}% of the fine-tuned unpruned model: up to "
-              f"{summary['max_removable_after_finetune']} of {res['num_layers']} blocks "
-              f"({100 * summary['max_removable_fraction_after_finetune']:.0f}%) after the fine-tune, "
-              f"{summary['max_removable_before_finetune']} without it."]
+    lines += [
+      '',
+      f'Within {100 * summary["tolerance"]:.0f}% of the fine-tuned unpruned model: up to '
+      f'{summary["max_removable_after_finetune"]} of {res["num_layers"]} blocks '
+      f'({100 * summary["max_removable_fraction_after_finetune"]:.0f}%) after the fine-tune, '
+      f'{summary["max_removable_before_finetune"]} without it.',
+    ]
   lines += ['', f'![{os.path.basename(png)}]({os.path.basename(png)})', '']
   return '\n'.join(lines)
 
@@ -269,6 +326,7 @@ def main(argv=None) -> dict:
   config = None if args.reuse else default_config()
   if config is not None:
     from experiments import scaling  # pylint: disable=import-outside-toplevel
+
     shared = os.path.join('experiments', 'runs', 'cpu')
     if os.path.isdir(shared):
       scaling._seed_data_cache(shared, args.workdir)  # pylint: disable=protected-access

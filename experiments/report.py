@@ -9,6 +9,7 @@ date (tests/test_report.py runs it); `--no_figures` skips the plots.
 
 The verdict rule (also stated in REPORT.md) is `verdict()`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,7 @@ def bootstrap_fits(scaling: dict, reps: int = 1000, seed: int = 0) -> dict:
   the eval points of one run); 95% percentile intervals. L(N): final loss of each run; L(C): the Pareto frontier
   of the resampled runs' eval curves after warm-up (as experiments/scaling.analyse does)."""
   from experiments import scaling as scaling_lib  # pylint: disable=import-outside-toplevel
+
   base = [r for r in scaling['results'] if r['family'] == 'baseline']
   rng = np.random.default_rng(seed)
   line = lambda x, y: -float(np.polyfit(np.log(x), np.log(y), 1)[0])
@@ -103,8 +105,13 @@ def bootstrap_fits(scaling: dict, reps: int = 1000, seed: int = 0) -> dict:
           continue
         exps.append(-line(*zip(*front)))
     lo, hi = np.percentile(exps, [2.5, 97.5])
-    out[key] = dict(lo=round(float(lo), 4), hi=round(float(hi), 4), reps=len(exps), runs=len(base),
-                    sizes=len({r['non_embedding_trainable_params'] for r in base}))
+    out[key] = dict(
+      lo=round(float(lo), 4),
+      hi=round(float(hi), 4),
+      reps=len(exps),
+      runs=len(base),
+      sizes=len({r['non_embedding_trainable_params'] for r in base}),
+    )
   return out
 
 
@@ -123,8 +130,10 @@ def derive(res: dict) -> dict:
   bt = {r['name']: r for r in res['bench_train']['rows']}['6L-384d-ctx256-b16']
   d['mfu_6l'] = [round(100 * rows['effjax']['mfu'], 1), round(100 * train['mfu'], 1), round(100 * bt['mfu'], 1)]
   d['step_ratio_torch_over_effjax'] = {
-      impl: {o: round(rows[o]['step_ms'] / rows[impl]['step_ms'], 2) for o in ('torch eager', 'torch.compile')}
-      for impl in EFFJAX_IMPLS if impl in rows}
+    impl: {o: round(rows[o]['step_ms'] / rows[impl]['step_ms'], 2) for o in ('torch eager', 'torch.compile')}
+    for impl in EFFJAX_IMPLS
+    if impl in rows
+  }
   # ---- Efficio: each run vs the baseline; FLOPs/token spread
   eff = {r['label']: r for r in res['efficio_ablation']['rows']}
   ref = eff['neither (baseline)']['final_val_loss']
@@ -134,35 +143,47 @@ def derive(res: dict) -> dict:
   # ---- p-gpt: gaps to gpt per eval step
   pg = {r['label']: r for r in res['pgpt_table']['rows']}
   g = dict(pg['gpt']['val_curve'])
-  d['pgpt_val_gap'] = {k: {str(s): round(loss - g[s], 3) for s, loss in r['val_curve']}
-                       for k, r in pg.items() if k != 'gpt'}
-  d['pgpt_vs_gpt_pct'] = {k: round(100 * rel(r['final_val_loss'], pg['gpt']['final_val_loss']), 2)
-                          for k, r in pg.items() if k != 'gpt'}
+  d['pgpt_val_gap'] = {
+    k: {str(s): round(loss - g[s], 3) for s, loss in r['val_curve']} for k, r in pg.items() if k != 'gpt'
+  }
+  d['pgpt_vs_gpt_pct'] = {
+    k: round(100 * rel(r['final_val_loss'], pg['gpt']['final_val_loss']), 2) for k, r in pg.items() if k != 'gpt'
+  }
   d['pgpt1_vs_gpt_pct'] = round(100 * rel(pg['p-gpt']['val_loss_p_gpt_1'], pg['gpt']['final_val_loss']), 2)
   paper = res['pgpt_table']['paper']
-  d['paper_vs_gpt_pct'] = {k: round(100 * rel(v['val_loss'], paper['gpt']['val_loss']), 2) for k, v in paper.items()
-                           if k != 'gpt'}
+  d['paper_vs_gpt_pct'] = {
+    k: round(100 * rel(v['val_loss'], paper['gpt']['val_loss']), 2) for k, v in paper.items() if k != 'gpt'
+  }
   # ---- LightOn: doped vs the baseline with the same trainable blocks; seed pairs
   sc = {r['name']: r for r in res['scaling_cpu']['results']}
   d['doped_vs_same_trainable_pct'] = {
-      'doped-2x96': round(100 * rel(sc['doped-2x96']['final_loss'], sc['baseline-2x96']['final_loss']), 2),
-      'doped-3x128': round(100 * rel(sc['doped-3x128']['final_loss'], sc['baseline-3x128']['final_loss']), 2)}
+    'doped-2x96': round(100 * rel(sc['doped-2x96']['final_loss'], sc['baseline-2x96']['final_loss']), 2),
+    'doped-3x128': round(100 * rel(sc['doped-3x128']['final_loss'], sc['baseline-3x128']['final_loss']), 2),
+  }
   d['seed_pairs_pct'] = {
-      f: round(100 * rel(sc[f'{f}-seed1']['final_loss'], sc[f]['final_loss']), 2)
-      for f in ('baseline-3x128', 'fastfood-3x128')}
+    f: round(100 * rel(sc[f'{f}-seed1']['final_loss'], sc[f]['final_loss']), 2)
+    for f in ('baseline-3x128', 'fastfood-3x128')
+  }
   base_dev = [x['vs_L(N)_trainable'] for x in res['scaling_cpu']['deviations'] if x['family'] == 'baseline']
   base_devc = [x['vs_L(C)_compute'] for x in res['scaling_cpu']['deviations'] if x['family'] == 'baseline']
-  d['baseline_scatter_pct'] = {'L(N) rms': round(100 * float(np.sqrt(np.mean(np.square(base_dev)))), 2),
-                               'L(N) max': round(100 * float(np.max(np.abs(base_dev))), 2),
-                               'L(C) max': round(100 * float(np.max(np.abs(base_devc))), 2)}
+  d['baseline_scatter_pct'] = {
+    'L(N) rms': round(100 * float(np.sqrt(np.mean(np.square(base_dev)))), 2),
+    'L(N) max': round(100 * float(np.max(np.abs(base_dev))), 2),
+    'L(C) max': round(100 * float(np.max(np.abs(base_devc))), 2),
+  }
   d['bootstrap'] = bootstrap_fits(res['scaling_cpu'])
   if 'prune_control' in res:  # per-seed differences and mean ± 2 SE, in percent as the table shows them
     d['prune_control_pct'] = {
-        str(r['k']): {key: dict(values=[round(100 * v, 2) for v in r[key]['values']],
-                                mean=round(100 * paired(r[key]['values'])[0], 2),
-                                two_se=round(100 * paired(r[key]['values'])[1], 2))
-                      for key in ('pruned_vs_unpruned', 'shallow_vs_pruned')}
-        for r in res['prune_control']['summary']}
+      str(r['k']): {
+        key: dict(
+          values=[round(100 * v, 2) for v in r[key]['values']],
+          mean=round(100 * paired(r[key]['values'])[0], 2),
+          two_se=round(100 * paired(r[key]['values'])[1], 2),
+        )
+        for key in ('pruned_vs_unpruned', 'shallow_vs_pruned')
+      }
+      for r in res['prune_control']['summary']
+    }
   d['verdicts'] = claims(res, d)
   return d
 
@@ -174,56 +195,112 @@ def claims(res: dict, d: dict) -> list[dict]:
 
   def add(seed, claim, effect, band, seeds, half=None, value=None, note=''):
     v = verdict(value if value is not None else 0.0, half, band, seeds)
-    out.append(dict(seed=seed, claim=claim, effect=effect, band=band, seeds=seeds,
-                    half_width=None if half is None else round(100 * half, 2), verdict=v, note=note))
+    out.append(
+      dict(
+        seed=seed,
+        claim=claim,
+        effect=effect,
+        band=band,
+        seeds=seeds,
+        half_width=None if half is None else round(100 * half, 2),
+        verdict=v,
+        note=note,
+      )
+    )
 
   eff = d['efficio_vs_baseline']
   counts = {r['name']: r for r in res['preset_counts']['rows']}
   paper = res['pgpt_table']['paper']
   match = []
-  for key, name in (('gpt', 'gpt:paper_pgpt_baseline'), ('p-gpt-1', 'pgpt:paper_1'), ('lc-gpt', 'lcgpt:paper'),
-                    ('cc-gpt', 'ccgpt:paper')):
+  for key, name in (
+    ('gpt', 'gpt:paper_pgpt_baseline'),
+    ('p-gpt-1', 'pgpt:paper_1'),
+    ('lc-gpt', 'lcgpt:paper'),
+    ('cc-gpt', 'ccgpt:paper'),
+  ):
     r = counts[name]
     n, mb = (r['active_params'], r['active_param_mb']) if r['active'] else (r['total_params'], r['param_mb'])
     match.append(f'{n / 1e6:.2f} M' == paper[key]['params'] and round(mb, 2) == paper[key]['mb'])
-  out.append(dict(seed='002/003', claim='parameter counts and MB of gpt, p-gpt-1, lc-gpt, cc-gpt (paper table)',
-                  effect=f'{sum(match)} of {len(match)} equal at the paper\'s rounding', band=None, seeds=0,
-                  half_width=None, verdict=CONSISTENT if all(match) else CONTRADICTED,
-                  note='deterministic: checked by equality'))
-  add('000', 'sharing + factorized embedding keep quality (≤ +5 %)', 'share all + E=64 vs baseline: '
-      f"{eff['share all + E=64 (efficio)']:+.2f}%", (-math.inf, 0.05), 1)
+  out.append(
+    dict(
+      seed='002/003',
+      claim='parameter counts and MB of gpt, p-gpt-1, lc-gpt, cc-gpt (paper table)',
+      effect=f"{sum(match)} of {len(match)} equal at the paper's rounding",
+      band=None,
+      seeds=0,
+      half_width=None,
+      verdict=CONSISTENT if all(match) else CONTRADICTED,
+      note='deterministic: checked by equality',
+    )
+  )
+  add(
+    '000',
+    'sharing + factorized embedding keep quality (≤ +5 %)',
+    f'share all + E=64 vs baseline: {eff["share all + E=64 (efficio)"]:+.2f}%',
+    (-math.inf, 0.05),
+    1,
+  )
   if 'prune_control' in res:
     for r in res['prune_control']['summary']:
       a = r['pruned_vs_unpruned']
       m, h = paired(a['values'])
-      add('001', f"removing the last {r['k']} of 8 blocks + 150-step fine-tune costs ≤ 1 %",
-          f"pruned vs unpruned (both fine-tuned): {100 * m:+.2f}% ± {100 * h:.2f}%", (-math.inf, 0.01), a['n'], h, m)
+      add(
+        '001',
+        f'removing the last {r["k"]} of 8 blocks + 150-step fine-tune costs ≤ 1 %',
+        f'pruned vs unpruned (both fine-tuned): {100 * m:+.2f}% ± {100 * h:.2f}%',
+        (-math.inf, 0.01),
+        a['n'],
+        h,
+        m,
+      )
   else:
     p = res['prune_gpt8']['summary']['loss_increase_at_30pct']
-    add('001', 'removing the last 2 of 8 blocks + 150-step fine-tune costs ≤ 1 %',
-        f"pruned vs unpruned: {100 * p['2']:+.2f}%", (-math.inf, 0.01), 1)
+    add(
+      '001',
+      'removing the last 2 of 8 blocks + 150-step fine-tune costs ≤ 1 %',
+      f'pruned vs unpruned: {100 * p["2"]:+.2f}%',
+      (-math.inf, 0.01),
+      1,
+    )
   pg = d['pgpt_vs_gpt_pct']
   for label in ('p-gpt', 'lc-gpt', 'cc-gpt'):
-    add('002/003', f'{label} loss comparable to gpt (≤ +5 %)', f'{label} vs gpt: {pg[label]:+.2f}%',
-        (-math.inf, 0.05), 1)
+    add(
+      '002/003', f'{label} loss comparable to gpt (≤ +5 %)', f'{label} vs gpt: {pg[label]:+.2f}%', (-math.inf, 0.05), 1
+    )
   dp = d['doped_vs_same_trainable_pct']
-  add('004', 'frozen (doped) weights do not help (within ±2 % of the baseline with the same trainable blocks)',
-      f"doped vs baseline: {dp['doped-2x96']:+.2f}% (2×96), {dp['doped-3x128']:+.2f}% (3×128)", (-0.02, 0.02), 1)
+  add(
+    '004',
+    'frozen (doped) weights do not help (within ±2 % of the baseline with the same trainable blocks)',
+    f'doped vs baseline: {dp["doped-2x96"]:+.2f}% (2×96), {dp["doped-3x128"]:+.2f}% (3×128)',
+    (-0.02, 0.02),
+    1,
+  )
   dev = {x['name']: x for x in res['scaling_cpu']['deviations']}
   st = [100 * dev[n]['vs_L(N)_trainable'] for n in dev if dev[n]['family'] in ('fastfood', 'blockdiag')]
-  add('004', 'structured MLPs count by their trainable parameters (within ±2 % of the baseline L(N) fit)',
-      f'vs L(N) at trainable N: {min(st):+.1f}% … {max(st):+.1f}%', (-0.02, 0.02), 2,
-      note='FastFood-3×128 and baseline-3×128 have 2 seeds, the other runs 1')
+  add(
+    '004',
+    'structured MLPs count by their trainable parameters (within ±2 % of the baseline L(N) fit)',
+    f'vs L(N) at trainable N: {min(st):+.1f}% … {max(st):+.1f}%',
+    (-0.02, 0.02),
+    2,
+    note='FastFood-3×128 and baseline-3×128 have 2 seeds, the other runs 1',
+  )
   b = d['bootstrap']['L(C)']
-  add('004', 'L(C) exponent −0.041', f"fitted {res['scaling_cpu']['fits']['L(C) compute']['exponent']:.3f}, "
-      f"95% bootstrap over runs [{b['lo']:.3f}, {b['hi']:.3f}]", (-0.041, -0.041), 1,
-      note=f"one seed per size ({b['sizes']} sizes, {b['runs']} runs)")
+  add(
+    '004',
+    'L(C) exponent −0.041',
+    f'fitted {res["scaling_cpu"]["fits"]["L(C) compute"]["exponent"]:.3f}, '
+    f'95% bootstrap over runs [{b["lo"]:.3f}, {b["hi"]:.3f}]',
+    (-0.041, -0.041),
+    1,
+    note=f'one seed per size ({b["sizes"]} sizes, {b["runs"]} runs)',
+  )
   return out
 
 
 # ------------------------------------------------------------------------------------------------ blocks
 def block_verdicts(res, d):
-  rows = [[v['seed'], v['claim'], v['effect'], v['seeds'] or '—', f"**{v['verdict']}**"] for v in d['verdicts']]
+  rows = [[v['seed'], v['claim'], v['effect'], v['seeds'] or '—', f'**{v["verdict"]}**'] for v in d['verdicts']]
   return table(['seed', 'claim as tested (band)', 'measured effect', 'seeds', 'verdict'], 'llllr', rows)
 
 
@@ -233,10 +310,28 @@ def block_speed(res, d):
   rows = []
   for name, src in (('', torch), (' (no huge pages, `bench_nohuge`)', nohuge)):
     for r in src['rows']:
-      rows.append([r['impl'] + name, f"{r['step_ms']:,.1f}", f"{r['tokens_per_sec']:,.0f}", pct_plain(r['mfu']),
-                   f"{r['speedup_of_effjax']:.2f}x", f"{r['page_faults_per_step']:,.0f}"])
-  return table(['6L/384d/ctx256/b16', 'step ms (median)', 'tokens/s', 'MFU (median)',
-                'effjax default speedup over it (paired median)', 'page faults/step'], 'lrrrrr', rows)
+      rows.append(
+        [
+          r['impl'] + name,
+          f'{r["step_ms"]:,.1f}',
+          f'{r["tokens_per_sec"]:,.0f}',
+          pct_plain(r['mfu']),
+          f'{r["speedup_of_effjax"]:.2f}x',
+          f'{r["page_faults_per_step"]:,.0f}',
+        ]
+      )
+  return table(
+    [
+      '6L/384d/ctx256/b16',
+      'step ms (median)',
+      'tokens/s',
+      'MFU (median)',
+      'effjax default speedup over it (paired median)',
+      'page faults/step',
+    ],
+    'lrrrrr',
+    rows,
+  )
 
 
 def block_targets(res, d):
@@ -249,40 +344,62 @@ def block_targets(res, d):
   best = max(v['torch eager'] for v in ratio.values())
   met = lambda ok: 'met' if all(ok) else ('not met' if not any(ok) else 'not established')
   rows = [
-      ['MFU ≥ 40 % (gpt 6L/384d, default step)', f'{mfu[0]:.1f}% / {mfu[1]:.1f}% / {mfu[2]:.1f}%',
-       '`bench.md` torch table / `bench.md` train table / `bench_train.md`', met([m >= 40 for m in mfu])],
-      ['effjax ≥ 1.5× torch eager (step time, 6L/384d)',
-       ', '.join(f"{impl} {r['torch eager']:.2f}x" for impl, r in ratio.items()),
-       '`bench.md` torch table (median steps)', met([best >= 1.5])],
-      ['FWHT ≥ 10× dense Hadamard at n = 4096', f'{fwht:.1f}x', '`bench_structured.md`', met([fwht >= 10])],
-      ['Adaptive FastFood ≥ 3× dense (1024→4096 / →6144)', f'{ff[0]:.1f}x / {ff[1]:.1f}x', '`bench_structured.md`',
-       met([max(ff) >= 3])],
-      ['block-diagonal vs dense (no target)', f'{bd[0]:.1f}x / {bd[1]:.1f}x', '`bench_structured.md`', '—'],
+    [
+      'MFU ≥ 40 % (gpt 6L/384d, default step)',
+      f'{mfu[0]:.1f}% / {mfu[1]:.1f}% / {mfu[2]:.1f}%',
+      '`bench.md` torch table / `bench.md` train table / `bench_train.md`',
+      met([m >= 40 for m in mfu]),
+    ],
+    [
+      'effjax ≥ 1.5× torch eager (step time, 6L/384d)',
+      ', '.join(f'{impl} {r["torch eager"]:.2f}x' for impl, r in ratio.items()),
+      '`bench.md` torch table (median steps)',
+      met([best >= 1.5]),
+    ],
+    ['FWHT ≥ 10× dense Hadamard at n = 4096', f'{fwht:.1f}x', '`bench_structured.md`', met([fwht >= 10])],
+    [
+      'Adaptive FastFood ≥ 3× dense (1024→4096 / →6144)',
+      f'{ff[0]:.1f}x / {ff[1]:.1f}x',
+      '`bench_structured.md`',
+      met([max(ff) >= 3]),
+    ],
+    ['block-diagonal vs dense (no target)', f'{bd[0]:.1f}x / {bd[1]:.1f}x', '`bench_structured.md`', '—'],
   ]
   return table(['target', 'measured', 'file', 'verdict (one timing run each, shared machine)'], 'llll', rows)
 
 
 def block_compile(res, d):
   r = res['bench_compile']['ratios']
-  rows = [[k, f"{v['compile']:.2f}x", f"{v['lower+compile']:.2f}x", f"{v['hlo_size']:.2f}x"] for k, v in r.items()]
+  rows = [[k, f'{v["compile"]:.2f}x', f'{v["lower+compile"]:.2f}x', f'{v["hlo_size"]:.2f}x'] for k, v in r.items()]
   return table(['ratio (`bench_compile.md`)', 'compile', 'lower+compile', 'StableHLO size'], 'lrrr', rows)
 
 
 def block_efficio(res, d):
   rows = []
   for r in res['efficio_ablation']['rows']:
-    rows.append([r['label'], f"{r['total_params']:,}", f"{r['flops_per_token'] / 1e6:.2f} M",
-                 f"{r['final_val_loss']:.4f}",
-                 f"{d['efficio_vs_baseline'][r['label']]:+.2f}%"])
-  return table(['run (seed 0, 300 steps)', 'params', 'fwd FLOPs/token', 'final val loss', 'vs baseline'], 'lrrrr',
-               rows)
+    rows.append(
+      [
+        r['label'],
+        f'{r["total_params"]:,}',
+        f'{r["flops_per_token"] / 1e6:.2f} M',
+        f'{r["final_val_loss"]:.4f}',
+        f'{d["efficio_vs_baseline"][r["label"]]:+.2f}%',
+      ]
+    )
+  return table(['run (seed 0, 300 steps)', 'params', 'fwd FLOPs/token', 'final val loss', 'vs baseline'], 'lrrrr', rows)
 
 
 def block_pgpt_counts(res, d):
   counts = res.get('preset_counts', {}).get('rows', [])
-  paper = {'gpt': '8.82 M / 33.66 MB', 'pgpt:paper': '— (not listed)', 'pgpt:paper_1': '6.19 M / 23.60 MB',
-           'pgpt:published': '— (not listed)', 'pgpt:published_1': '6.19 M / 23.60 MB',
-           'lcgpt:paper': '5.65 M / 21.54 MB', 'ccgpt:paper': '5.65 M / 21.54 MB'}
+  paper = {
+    'gpt': '8.82 M / 33.66 MB',
+    'pgpt:paper': '— (not listed)',
+    'pgpt:paper_1': '6.19 M / 23.60 MB',
+    'pgpt:published': '— (not listed)',
+    'pgpt:published_1': '6.19 M / 23.60 MB',
+    'lcgpt:paper': '5.65 M / 21.54 MB',
+    'ccgpt:paper': '5.65 M / 21.54 MB',
+  }
   rows = []
   for r in counts:
     if not r['name'].startswith(('gpt:paper_pgpt', 'pgpt', 'lcgpt', 'ccgpt')):
@@ -290,30 +407,42 @@ def block_pgpt_counts(res, d):
     key = 'gpt' if r['name'].startswith('gpt') else r['name']
     params = r.get('active_params', r['total_params']) if r.get('active') else r['total_params']
     mb = r.get('active_param_mb', r['param_mb']) if r.get('active') else r['param_mb']
-    rows.append([f"`{r['name']}`", r['what'], f'{params:,}', f'{mb:.2f}', paper.get(key, '—')])
+    rows.append([f'`{r["name"]}`', r['what'], f'{params:,}', f'{mb:.2f}', paper.get(key, '—')])
   return table(['preset', 'what is counted', 'params', 'MB (params·4/2²⁰)', 'paper'], 'llrrl', rows)
 
 
 def block_pgpt_cpu(res, d):
   rows = []
   for r in res['pgpt_table']['rows']:
-    rows.append([r['label'], f"{r['total_params']:,}", f"{r['flops_per_token'] / 1e6:.2f}",
-                 f"{r['final_val_loss']:.4f}",
-                 f"{d['pgpt_vs_gpt_pct'][r['label']]:+.2f}%" if r['label'] != 'gpt' else '—'])
+    rows.append(
+      [
+        r['label'],
+        f'{r["total_params"]:,}',
+        f'{r["flops_per_token"] / 1e6:.2f}',
+        f'{r["final_val_loss"]:.4f}',
+        f'{d["pgpt_vs_gpt_pct"][r["label"]]:+.2f}%' if r['label'] != 'gpt' else '—',
+      ]
+    )
     if r['label'] == 'p-gpt':
       w = r['branch_weights']
       keep = int(np.argmax(w))
-      rows.append([f'p-gpt-1 (branch {keep}, trained weight {w[keep]:.3f}; other branch alone '
-                   f"{r[f'val_loss_branch_{1 - keep}']:.4f})", f"{r['single_branch_params']:,} active",
-                   f"{r['single_branch_flops_per_token'] / 1e6:.2f}", f"{r['val_loss_p_gpt_1']:.4f}",
-                   f"{d['pgpt1_vs_gpt_pct']:+.2f}%"])
+      rows.append(
+        [
+          f'p-gpt-1 (branch {keep}, trained weight {w[keep]:.3f}; other branch alone '
+          f'{r[f"val_loss_branch_{1 - keep}"]:.4f})',
+          f'{r["single_branch_params"]:,} active',
+          f'{r["single_branch_flops_per_token"] / 1e6:.2f}',
+          f'{r["val_loss_p_gpt_1"]:.4f}',
+          f'{d["pgpt1_vs_gpt_pct"]:+.2f}%',
+        ]
+      )
   return table(['model (seed 0, 400 steps)', 'params', 'fwd MFLOP/token', 'val loss', 'vs gpt'], 'lrrrr', rows)
 
 
 def block_pgpt_gaps(res, d):
   steps = sorted(int(s) for s in next(iter(d['pgpt_val_gap'].values())))
   rows = [[k] + [f'{v[str(s)]:+.3f}' for s in steps] for k, v in d['pgpt_val_gap'].items()]
-  return table(['val loss − gpt\'s, at step'] + [str(s) for s in steps], 'l' + 'r' * len(steps), rows)
+  return table(["val loss − gpt's, at step"] + [str(s) for s in steps], 'l' + 'r' * len(steps), rows)
 
 
 def block_scaling_runs(res, d):
@@ -321,50 +450,113 @@ def block_scaling_runs(res, d):
   rows = []
   for r in res['scaling_cpu']['results']:
     x = dev[r['name']]
-    rows.append([r['name'], f"{r['non_embedding_trainable_params']:,}", f"{r['frozen_params']:,}",
-                 f"{r['emulated_non_embedding_params']:,}", f"{r['final_loss']:.4f}", pct(x['vs_L(N)_trainable']),
-                 pct(x['vs_L(N)_all']), pct(x['vs_L(C)_compute']), pct(x['vs_L(C)_frozen_free'])])
-  return table(['run (400 steps)', 'trainable non-emb', 'frozen', 'emulated non-emb', 'final val loss',
-                'vs L(N) at trainable N', 'vs L(N) at all N', 'vs L(C), frozen 2/3', 'vs L(C), frozen free'],
-               'lrrrrrrrr', rows)
+    rows.append(
+      [
+        r['name'],
+        f'{r["non_embedding_trainable_params"]:,}',
+        f'{r["frozen_params"]:,}',
+        f'{r["emulated_non_embedding_params"]:,}',
+        f'{r["final_loss"]:.4f}',
+        pct(x['vs_L(N)_trainable']),
+        pct(x['vs_L(N)_all']),
+        pct(x['vs_L(C)_compute']),
+        pct(x['vs_L(C)_frozen_free']),
+      ]
+    )
+  return table(
+    [
+      'run (400 steps)',
+      'trainable non-emb',
+      'frozen',
+      'emulated non-emb',
+      'final val loss',
+      'vs L(N) at trainable N',
+      'vs L(N) at all N',
+      'vs L(C), frozen 2/3',
+      'vs L(C), frozen free',
+    ],
+    'lrrrrrrrr',
+    rows,
+  )
 
 
 def block_scaling_fits(res, d):
   f = res['scaling_cpu']['fits']
   b = d['bootstrap']
-  rows = [['L(C), frontier, L = a·C^−b', f"{f['L(C) compute']['exponent']:.4f} ± {f['L(C) compute']['b_err']:.4f}",
-           f"[{b['L(C)']['lo']:.4f}, {b['L(C)']['hi']:.4f}]", f"{f['L(C) compute']['n']} points", '−0.041'],
-          ['L(N), final loss, L = a·N^−b', f"{f['L(N)']['exponent']:.4f} ± {f['L(N)']['b_err']:.4f}",
-           f"[{b['L(N)']['lo']:.4f}, {b['L(N)']['hi']:.4f}]", f"{f['L(N)']['n']} runs", '—'],
-          ['L(C) with irreducible c', f"{f['L(C)+c compute']['exponent']:.4f} ± {f['L(C)+c compute']['b_err']:.4f}",
-           '—', f"c = {f['L(C)+c compute']['c']:.3f}", ''],
-          ['L(N) with irreducible c', f"{f['L(N)+c']['exponent']:.4f} ± {f['L(N)+c']['b_err']:.4f}", '—',
-           f"c = {f['L(N)+c']['c']:.3f}", '']]
-  return table(['fit (baselines)', 'exponent ± 1σ (covariance)', '95% bootstrap over runs', 'n', 'seed 004'],
-               'lrrrr', rows)
+  rows = [
+    [
+      'L(C), frontier, L = a·C^−b',
+      f'{f["L(C) compute"]["exponent"]:.4f} ± {f["L(C) compute"]["b_err"]:.4f}',
+      f'[{b["L(C)"]["lo"]:.4f}, {b["L(C)"]["hi"]:.4f}]',
+      f'{f["L(C) compute"]["n"]} points',
+      '−0.041',
+    ],
+    [
+      'L(N), final loss, L = a·N^−b',
+      f'{f["L(N)"]["exponent"]:.4f} ± {f["L(N)"]["b_err"]:.4f}',
+      f'[{b["L(N)"]["lo"]:.4f}, {b["L(N)"]["hi"]:.4f}]',
+      f'{f["L(N)"]["n"]} runs',
+      '—',
+    ],
+    [
+      'L(C) with irreducible c',
+      f'{f["L(C)+c compute"]["exponent"]:.4f} ± {f["L(C)+c compute"]["b_err"]:.4f}',
+      '—',
+      f'c = {f["L(C)+c compute"]["c"]:.3f}',
+      '',
+    ],
+    [
+      'L(N) with irreducible c',
+      f'{f["L(N)+c"]["exponent"]:.4f} ± {f["L(N)+c"]["b_err"]:.4f}',
+      '—',
+      f'c = {f["L(N)+c"]["c"]:.3f}',
+      '',
+    ],
+  ]
+  return table(
+    ['fit (baselines)', 'exponent ± 1σ (covariance)', '95% bootstrap over runs', 'n', 'seed 004'], 'lrrrr', rows
+  )
 
 
 def block_lighton_pairs(res, d):
   sc = {r['name']: r for r in res['scaling_cpu']['results']}
   dp, sp = d['doped_vs_same_trainable_pct'], d['seed_pairs_pct']
   bs = d['baseline_scatter_pct']
-  rows = [['doped-2x96 vs baseline-2x96 (same trainable blocks)', f"{sc['doped-2x96']['final_loss']:.4f} vs "
-           f"{sc['baseline-2x96']['final_loss']:.4f}", f"{dp['doped-2x96']:+.2f}%"],
-          ['doped-3x128 vs baseline-3x128 (seed 0)', f"{sc['doped-3x128']['final_loss']:.4f} vs "
-           f"{sc['baseline-3x128']['final_loss']:.4f}", f"{dp['doped-3x128']:+.2f}%"],
-          ['baseline-3x128: seed 1 vs seed 0', '', f"{sp['baseline-3x128']:+.2f}%"],
-          ['fastfood-3x128: seed 1 vs seed 0', '', f"{sp['fastfood-3x128']:+.2f}%"],
-          ['baselines around their L(N) fit: rms / max', '', f"{bs['L(N) rms']:.2f}% / {bs['L(N) max']:.2f}%"],
-          ['baselines around their L(C) fit: max', '', f"{bs['L(C) max']:.2f}%"]]
+  rows = [
+    [
+      'doped-2x96 vs baseline-2x96 (same trainable blocks)',
+      f'{sc["doped-2x96"]["final_loss"]:.4f} vs {sc["baseline-2x96"]["final_loss"]:.4f}',
+      f'{dp["doped-2x96"]:+.2f}%',
+    ],
+    [
+      'doped-3x128 vs baseline-3x128 (seed 0)',
+      f'{sc["doped-3x128"]["final_loss"]:.4f} vs {sc["baseline-3x128"]["final_loss"]:.4f}',
+      f'{dp["doped-3x128"]:+.2f}%',
+    ],
+    ['baseline-3x128: seed 1 vs seed 0', '', f'{sp["baseline-3x128"]:+.2f}%'],
+    ['fastfood-3x128: seed 1 vs seed 0', '', f'{sp["fastfood-3x128"]:+.2f}%'],
+    ['baselines around their L(N) fit: rms / max', '', f'{bs["L(N) rms"]:.2f}% / {bs["L(N) max"]:.2f}%'],
+    ['baselines around their L(C) fit: max', '', f'{bs["L(C) max"]:.2f}%'],
+  ]
   return table(['comparison (one seed unless stated)', 'final val loss', 'difference'], 'lrr', rows)
 
 
 def block_prune(res, d):
-  rows = [[r['k'], r['layers_kept'], f"{r['loss_before']:.4f}", f"{r['loss_after']:.4f}",
-           pct(rel(r['loss_after'], res['prune_gpt8']['rows'][0]['loss_after']))]
-          for r in res['prune_gpt8']['rows']]
-  return table(['blocks removed k (seed 0)', 'kept', 'val loss, pruned', 'after 150-step fine-tune',
-                'vs fine-tuned unpruned'], 'rrrrr', rows)
+  rows = [
+    [
+      r['k'],
+      r['layers_kept'],
+      f'{r["loss_before"]:.4f}',
+      f'{r["loss_after"]:.4f}',
+      pct(rel(r['loss_after'], res['prune_gpt8']['rows'][0]['loss_after'])),
+    ]
+    for r in res['prune_gpt8']['rows']
+  ]
+  return table(
+    ['blocks removed k (seed 0)', 'kept', 'val loss, pruned', 'after 150-step fine-tune', 'vs fine-tuned unpruned'],
+    'rrrrr',
+    rows,
+  )
 
 
 def block_prune_control(res, d):
@@ -376,18 +568,37 @@ def block_prune_control(res, d):
     a, b = r['pruned_vs_unpruned'], r['shallow_vs_pruned']
     ma, ha = paired(a['values'])
     mb, hb = paired(b['values'])
-    rows.append([r['k'], r['layers_kept'], ', '.join(pct(v, 2) for v in a['values']), f'{pct(ma, 2)} ± {100 * ha:.2f}%',
-                 ', '.join(pct(v, 2) for v in b['values']), f'{pct(mb, 2)} ± {100 * hb:.2f}%'])
-  return table(['k', 'blocks kept', 'pruned vs unpruned, per seed', 'mean ± 2 SE',
-                'shallow from scratch vs pruned, per seed', 'mean ± 2 SE'], 'rrrrrr', rows)
+    rows.append(
+      [
+        r['k'],
+        r['layers_kept'],
+        ', '.join(pct(v, 2) for v in a['values']),
+        f'{pct(ma, 2)} ± {100 * ha:.2f}%',
+        ', '.join(pct(v, 2) for v in b['values']),
+        f'{pct(mb, 2)} ± {100 * hb:.2f}%',
+      ]
+    )
+  return table(
+    [
+      'k',
+      'blocks kept',
+      'pruned vs unpruned, per seed',
+      'mean ± 2 SE',
+      'shallow from scratch vs pruned, per seed',
+      'mean ± 2 SE',
+    ],
+    'rrrrrr',
+    rows,
+  )
 
 
 def block_bench_data(res, d):
   if 'bench_data' not in res:
     return 'Not run: `results/bench_data.json` is absent.\n'
   bd = res['bench_data']
-  rows = [[r['tokenizer'], r['path'], f"{r['mb']:.0f}", f"{r['seconds']:.1f}", f"{r['mb_per_s']:.2f}"]
-          for r in bd['rows']]
+  rows = [
+    [r['tokenizer'], r['path'], f'{r["mb"]:.0f}', f'{r["seconds"]:.1f}', f'{r["mb_per_s"]:.2f}'] for r in bd['rows']
+  ]
   return table(['tokenizer', 'path', 'MB of text', 'seconds', 'MB/s'], 'llrrr', rows)
 
 
@@ -396,10 +607,20 @@ def block_data_memory(res, d):
     return 'Not run: `results/data_scale.json` is absent.\n'
   ds = res['data_scale']
   p, t = ds['prepare_bpe'], ds['train_on_it']
-  rows = [['prepare, BPE 4096 (all worker processes)', f"{ds['corpus']['text_bytes']:,}",
-           f"{p['peak_tree_rss_mb']:,.1f}", f"{p['peak_single_rss_mb']:,.1f}"],
-          ['gpt:tiny training on the prepared dataset', f"{ds['corpus']['text_bytes']:,}",
-           f"{t['peak_tree_rss_mb']:,.1f}", f"{t['peak_single_rss_mb']:,.1f}"]]
+  rows = [
+    [
+      'prepare, BPE 4096 (all worker processes)',
+      f'{ds["corpus"]["text_bytes"]:,}',
+      f'{p["peak_tree_rss_mb"]:,.1f}',
+      f'{p["peak_single_rss_mb"]:,.1f}',
+    ],
+    [
+      'gpt:tiny training on the prepared dataset',
+      f'{ds["corpus"]["text_bytes"]:,}',
+      f'{t["peak_tree_rss_mb"]:,.1f}',
+      f'{t["peak_single_rss_mb"]:,.1f}',
+    ],
+  ]
   return table(['process', 'corpus bytes', 'peak RSS MB, process tree', 'largest process MB'], 'lrrr', rows)
 
 
@@ -409,11 +630,23 @@ def block_decode(res, d):
   rows = []
   for r in res['bench_decode']['rows']:
     sp = r.get('speedup_vs_transformers')
-    rows.append([r['impl'], r['batch'], r['new_tokens'], f"{r['prefill_ms']:,.1f}", f"{r['per_token_ms']:,.2f}",
-                 f"{r['tokens_per_sec']:,.1f}", f'{sp:.2f}x' if sp else '—',
-                 str(r['greedy_identical']) if 'greedy_identical' in r else '—'])
-  return table(['impl', 'batch', 'new tokens', 'prefill ms', 'per-token ms', 'tokens/s', 'effjax speedup',
-                'greedy identical'], 'lrrrrrrl', rows)
+    rows.append(
+      [
+        r['impl'],
+        r['batch'],
+        r['new_tokens'],
+        f'{r["prefill_ms"]:,.1f}',
+        f'{r["per_token_ms"]:,.2f}',
+        f'{r["tokens_per_sec"]:,.1f}',
+        f'{sp:.2f}x' if sp else '—',
+        str(r['greedy_identical']) if 'greedy_identical' in r else '—',
+      ]
+    )
+  return table(
+    ['impl', 'batch', 'new tokens', 'prefill ms', 'per-token ms', 'tokens/s', 'effjax speedup', 'greedy identical'],
+    'lrrrrrrl',
+    rows,
+  )
 
 
 BLOCKS = {name[6:]: fn for name, fn in globals().items() if name.startswith('block_')}
@@ -422,13 +655,16 @@ BLOCKS = {name[6:]: fn for name, fn in globals().items() if name.startswith('blo
 # ------------------------------------------------------------------------------------------------ figures
 def figures(res: dict, results_dir: str) -> None:
   from experiments import efficio_ablation, pgpt_table, prune_layers, scaling  # pylint: disable=import-outside-toplevel
+
   sc = res['scaling_cpu']
-  scaling.plot(sc['results'], dict(fits=sc['fits'], deviations=sc['deviations']),
-               os.path.join(results_dir, 'scaling_cpu'))
+  scaling.plot(
+    sc['results'], dict(fits=sc['fits'], deviations=sc['deviations']), os.path.join(results_dir, 'scaling_cpu')
+  )
   prune_layers.plot(res['prune_gpt8'], os.path.join(results_dir, 'prune_gpt8.png'))
   efficio_ablation.plot(res['efficio_ablation']['rows'], os.path.join(results_dir, 'efficio_ablation.png'))
-  pgpt_table.plot(res['pgpt_table']['rows'], os.path.join(results_dir, 'pgpt_loss_curves.png'),
-                  res['pgpt_table']['meta'])
+  pgpt_table.plot(
+    res['pgpt_table']['rows'], os.path.join(results_dir, 'pgpt_loss_curves.png'), res['pgpt_table']['meta']
+  )
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -436,9 +672,11 @@ def render(text: str, res: dict, derived: dict) -> str:
   def sub(m):
     name = m.group(2)
     if name not in BLOCKS:
-      raise SystemExit(f'REPORT.md has a block {name!r} that experiments/report.py does not know; known: '
-                       f'{", ".join(sorted(BLOCKS))}')
+      raise SystemExit(
+        f'REPORT.md has a block {name!r} that experiments/report.py does not know; known: {", ".join(sorted(BLOCKS))}'
+      )
     return m.group(1) + BLOCKS[name](res, derived) + m.group(4)
+
   return BLOCK.sub(sub, text)
 
 

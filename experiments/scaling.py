@@ -18,6 +18,7 @@ structured run from the baseline L(N) fit when N counts only trainable parameter
 
 Outputs: experiments/results/scaling_<sweep>.{json,md}, scaling_<sweep>_params.png, scaling_<sweep>_compute.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,29 +35,29 @@ import numpy as np
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 FAMILY_STYLE = {  # family: (colour, marker)
-    'baseline': ('black', 'o'),
-    'doped': ('tab:red', 's'),
-    'fastfood': ('tab:blue', '^'),
-    'blockdiag': ('tab:green', 'D'),
+  'baseline': ('black', 'o'),
+  'doped': ('tab:red', 's'),
+  'fastfood': ('tab:blue', '^'),
+  'blockdiag': ('tab:green', 'D'),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
-  family: str            # 'baseline' | 'doped' | 'fastfood' | 'blockdiag'
-  layers: int            # trainable blocks (doped: frozen MLPs are interleaved between them)
+  family: str  # 'baseline' | 'doped' | 'fastfood' | 'blockdiag'
+  layers: int  # trainable blocks (doped: frozen MLPs are interleaved between them)
   d_model: int
   steps: int
-  model: tuple = ()      # extra model.* overrides as (key, value) pairs
+  model: tuple = ()  # extra model.* overrides as (key, value) pairs
   seed: int = 0
 
 
 FAMILY_MODEL = {
-    'baseline': {},
-    'doped': {'doping': {'pattern': 'interleave', 'frozen_mlp_ratio': 6}},
-    'fastfood': {'mlp_kind': 'fastfood'},
-    'blockdiag': {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 4}},
+  'baseline': {},
+  'doped': {'doping': {'pattern': 'interleave', 'frozen_mlp_ratio': 6}},
+  'fastfood': {'mlp_kind': 'fastfood'},
+  'blockdiag': {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 4}},
 }
 
 
@@ -69,21 +70,34 @@ def sweep_runs(sweep: str, steps: int | None = None) -> list[Run]:
   if sweep != 'cpu':
     raise SystemExit(f'unknown sweep {sweep!r}; valid: cpu, quick')
   s = steps or 400
-  grid = [('baseline', 2, 48), ('baseline', 2, 64), ('baseline', 2, 96), ('baseline', 3, 128), ('baseline', 4, 160),
-          # doped: the trainable blocks of a baseline (same trainable params) + frozen 6d MLPs between them
-          ('doped', 2, 96), ('doped', 3, 128),
-          # structured MLPs: dense-equivalent ("emulated") size of a wider model, far fewer trainable params
-          ('fastfood', 3, 128), ('fastfood', 2, 256), ('blockdiag', 3, 128), ('blockdiag', 2, 256)]
+  grid = [
+    ('baseline', 2, 48),
+    ('baseline', 2, 64),
+    ('baseline', 2, 96),
+    ('baseline', 3, 128),
+    ('baseline', 4, 160),
+    # doped: the trainable blocks of a baseline (same trainable params) + frozen 6d MLPs between them
+    ('doped', 2, 96),
+    ('doped', 3, 128),
+    # structured MLPs: dense-equivalent ("emulated") size of a wider model, far fewer trainable params
+    ('fastfood', 3, 128),
+    ('fastfood', 2, 256),
+    ('blockdiag', 3, 128),
+    ('blockdiag', 2, 256),
+  ]
   runs = [Run(f'{fam}-{layers}x{d}', fam, layers, d, s) for fam, layers, d in grid]
   # seed repeats: the run-to-run noise the differences above have to beat
-  runs += [Run(f'{fam}-{layers}x{d}-seed1', fam, layers, d, s, seed=1)
-           for fam, layers, d in (('baseline', 3, 128), ('fastfood', 3, 128))]
+  runs += [
+    Run(f'{fam}-{layers}x{d}-seed1', fam, layers, d, s, seed=1)
+    for fam, layers, d in (('baseline', 3, 128), ('fastfood', 3, 128))
+  ]
   return runs
 
 
 def base_config(sweep: str):
   """The training recipe every run of a sweep shares: rotary GPT, BPE on the embedded corpus, AdamW + cosine."""
   from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
+
   c = gpt_config.get_config('')
   c.model.update(pos_emb='rotary', max_len=64, dropout=0.0, attn_dropout=0.0)
   c.data.update(corpus='embedded', tokenizer='bpe', bpe_vocab_size=1024, seq_len=64, max_bytes=3_000_000)
@@ -102,8 +116,13 @@ def run_config(run: Run, sweep: str, corpus: str | None = None):
     c.data.corpus = corpus
   if run.seed:
     c.seed = run.seed
-  c.model.update(num_layers=run.layers, d_model=run.d_model, num_heads=max(run.d_model // 32, 1),
-                 **FAMILY_MODEL[run.family], **dict(run.model))
+  c.model.update(
+    num_layers=run.layers,
+    d_model=run.d_model,
+    num_heads=max(run.d_model // 32, 1),
+    **FAMILY_MODEL[run.family],
+    **dict(run.model),
+  )
   evals = 6 if run.steps >= 60 else 2
   c.train.update(steps=run.steps, log_every=max(run.steps // evals, 1), eval_every=max(run.steps // evals, 1))
   c.checkpoint.every = max(run.steps // 3, 1)
@@ -126,6 +145,7 @@ def read_result(workdir: str) -> dict | None:
 def finish_run(run: Run, config, workdir: str) -> dict | None:
   """result.json from a finished workdir (None if the run has not reached its last step)."""
   from effjax import accounting, metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
   records = metrics_lib.read_metrics(workdir)
   evals = {}
   for r in records:
@@ -136,22 +156,45 @@ def finish_run(run: Run, config, workdir: str) -> dict | None:
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     resolved = json.load(f)  # model.vocab_size filled in from the tokenizer
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   resolved = ml_collections.ConfigDict(resolved)
   counts = accounting.param_counts(resolved.model)
   emulated = accounting.emulated_params(resolved.model)
   step_c = accounting.step_compute(resolved)
   tokens = resolved.train.batch_size * resolved.data.seq_len
-  curve = [dict(step=s, loss=r['loss'], bpb=r.get('bpb'), tokens=s * tokens, compute=s * step_c['compute'],
-                compute_frozen_free=s * step_c['compute_frozen_free']) for s, r in sorted(evals.items())]
+  curve = [
+    dict(
+      step=s,
+      loss=r['loss'],
+      bpb=r.get('bpb'),
+      tokens=s * tokens,
+      compute=s * step_c['compute'],
+      compute_frozen_free=s * step_c['compute_frozen_free'],
+    )
+    for s, r in sorted(evals.items())
+  ]
   final = evals[config.train.steps]
-  result = dict(name=run.name, family=run.family, layers=run.layers, d_model=run.d_model, steps=run.steps,
-                config_hash=config_hash(config), **counts, emulated_params=emulated,
-                emulated_non_embedding_params=emulated - counts['embedding_params'],
-                non_embedding_total_params=counts['total_params'] - counts['embedding_params'],
-                step_compute=step_c['compute'], step_compute_frozen_free=step_c['compute_frozen_free'],
-                tokens_per_step=tokens, final_loss=final['loss'], final_bpb=final.get('bpb'), curve=curve,
-                train_tokens_per_sec=_median([r['tokens_per_sec'] for r in records
-                                              if r['split'] == 'train' and 'tokens_per_sec' in r]))
+  result = dict(
+    name=run.name,
+    family=run.family,
+    layers=run.layers,
+    d_model=run.d_model,
+    steps=run.steps,
+    config_hash=config_hash(config),
+    **counts,
+    emulated_params=emulated,
+    emulated_non_embedding_params=emulated - counts['embedding_params'],
+    non_embedding_total_params=counts['total_params'] - counts['embedding_params'],
+    step_compute=step_c['compute'],
+    step_compute_frozen_free=step_c['compute_frozen_free'],
+    tokens_per_step=tokens,
+    final_loss=final['loss'],
+    final_bpb=final.get('bpb'),
+    curve=curve,
+    train_tokens_per_sec=_median(
+      [r['tokens_per_sec'] for r in records if r['split'] == 'train' and 'tokens_per_sec' in r]
+    ),
+  )
   with open(os.path.join(workdir, 'result.json.tmp'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=1)
   os.replace(os.path.join(workdir, 'result.json.tmp'), os.path.join(workdir, 'result.json'))
@@ -177,11 +220,13 @@ def _publish_data_cache(root: str, workdir: str) -> None:
     os.replace(tmp, shared)
 
 
-def run_sweep(runs: list[Run], root: str, sweep: str, corpus: str | None = None, progress: bool | None = None,
-              train_fn=None) -> tuple[list[dict], bool]:
+def run_sweep(
+  runs: list[Run], root: str, sweep: str, corpus: str | None = None, progress: bool | None = None, train_fn=None
+) -> tuple[list[dict], bool]:
   """Runs what is not finished yet; returns (results of finished runs, whether every run finished)."""
   import jax  # pylint: disable=import-outside-toplevel
   from effjax import train  # pylint: disable=import-outside-toplevel
+
   train_fn = train_fn or train.train_and_evaluate
   progress = sys.stderr.isatty() if progress is None else progress
   os.makedirs(root, exist_ok=True)
@@ -191,14 +236,14 @@ def run_sweep(runs: list[Run], root: str, sweep: str, corpus: str | None = None,
     workdir = os.path.join(root, run.name)
     done = read_result(workdir)
     if done is not None and done.get('config_hash') != config_hash(config):
-      raise SystemExit(f'{workdir} holds a finished run of a different configuration; delete it or use another '
-                       '--root')
+      raise SystemExit(f'{workdir} holds a finished run of a different configuration; delete it or use another --root')
     if done is not None:
       results[run.name] = done
     else:
       todo.append((run, config, workdir))
-  print(f'sweep {sweep!r}: {len(runs)} runs, {len(results)} already finished, {len(todo)} to run (root {root})',
-        flush=True)
+  print(
+    f'sweep {sweep!r}: {len(runs)} runs, {len(results)} already finished, {len(todo)} to run (root {root})', flush=True
+  )
   weights = [c.train.steps * (_step_cost(c) + 2e8) for _, c, _ in todo]  # + a fixed per-step overhead
   start, spent = time.time(), 0.0
   for i, ((run, config, workdir), weight) in enumerate(zip(todo, weights)):
@@ -215,8 +260,7 @@ def run_sweep(runs: list[Run], root: str, sweep: str, corpus: str | None = None,
     _publish_data_cache(root, workdir)
     result = finish_run(run, config, workdir)
     if result is None:  # effjax caught SIGINT/SIGTERM, saved a checkpoint and returned early
-      print(f'{run.name} stopped before its last step (checkpoint saved); rerun the same command to resume',
-            flush=True)
+      print(f'{run.name} stopped before its last step (checkpoint saved); rerun the same command to resume', flush=True)
       return list(results.values()), False
     results[run.name] = result
     spent += weight
@@ -227,10 +271,10 @@ def run_sweep(runs: list[Run], root: str, sweep: str, corpus: str | None = None,
 def _step_cost(config) -> float:
   from effjax import accounting  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   m = ml_collections.ConfigDict(config.model.to_dict())
   m.vocab_size = m.vocab_size or config.data.bpe_vocab_size  # 0 = from the tokenizer: estimate with the target
-  return 3 * accounting.flops_per_token(m, config.data.seq_len) * config.train.batch_size * \
-      config.data.seq_len
+  return 3 * accounting.flops_per_token(m, config.data.seq_len) * config.train.batch_size * config.data.seq_len
 
 
 # ------------------------------------------------------------------------------------------------- fitting
@@ -247,6 +291,7 @@ def fit_power_law(x, y, irreducible: bool = False) -> dict | None:
 
   Returns None when there are too few points or the fit does not converge."""
   from scipy import optimize  # pylint: disable=import-outside-toplevel
+
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if len(x) < (4 if irreducible else 3):
     return None
@@ -256,20 +301,39 @@ def fit_power_law(x, y, irreducible: bool = False) -> dict | None:
       (log_a, b), cov = optimize.curve_fit(line, np.log(x), np.log(y), p0=(np.log(y[0]), 0.1))
       err = np.sqrt(np.diag(cov))
       resid = np.log(y) - line(np.log(x), log_a, b)
-      return dict(a=float(np.exp(log_a)), a_err=float(np.exp(log_a) * err[0]), b=float(b), b_err=float(err[1]),
-                  c=0.0, c_err=0.0, exponent=-float(b), rms_log_residual=float(np.sqrt(np.mean(resid ** 2))),
-                  n=len(x), form='a*x^-b')
+      return dict(
+        a=float(np.exp(log_a)),
+        a_err=float(np.exp(log_a) * err[0]),
+        b=float(b),
+        b_err=float(err[1]),
+        c=0.0,
+        c_err=0.0,
+        exponent=-float(b),
+        rms_log_residual=float(np.sqrt(np.mean(resid**2))),
+        n=len(x),
+        form='a*x^-b',
+      )
     x0 = np.exp(np.mean(np.log(x)))  # fit in x / x0 for conditioning
     p0 = (float(y.max() - 0.9 * y.min()), 0.3, 0.9 * float(y.min()))
-    (a, b, c), cov = optimize.curve_fit(power_law_offset, x / x0, y, p0=p0,
-                                        bounds=([0, 0, 0], [np.inf, 5, float(y.min())]), maxfev=20000)
+    (a, b, c), cov = optimize.curve_fit(
+      power_law_offset, x / x0, y, p0=p0, bounds=([0, 0, 0], [np.inf, 5, float(y.min())]), maxfev=20000
+    )
     err = np.sqrt(np.diag(cov))
     if not np.all(np.isfinite(err)):
       return None
     resid = np.log(y) - np.log(power_law_offset(x / x0, a, b, c))
-    return dict(a=float(a * x0 ** b), a_err=float(err[0] * x0 ** b), b=float(b), b_err=float(err[1]), c=float(c),
-                c_err=float(err[2]), exponent=-float(b), rms_log_residual=float(np.sqrt(np.mean(resid ** 2))),
-                n=len(x), form='c+a*x^-b')
+    return dict(
+      a=float(a * x0**b),
+      a_err=float(err[0] * x0**b),
+      b=float(b),
+      b_err=float(err[1]),
+      c=float(c),
+      c_err=float(err[2]),
+      exponent=-float(b),
+      rms_log_residual=float(np.sqrt(np.mean(resid**2))),
+      n=len(x),
+      form='c+a*x^-b',
+    )
   except (RuntimeError, ValueError, optimize.OptimizeWarning):
     return None
 
@@ -304,9 +368,14 @@ def analyse(results: list[dict], warmup_steps: int = 40) -> dict:
   ln = fits['L(N)']
   lc = fits['L(C) compute']
   for r in results:
-    row = dict(name=r['name'], family=r['family'], final_loss=r['final_loss'],
-               trainable=r['non_embedding_trainable_params'], total=r['non_embedding_total_params'],
-               emulated=r['emulated_non_embedding_params'])
+    row = dict(
+      name=r['name'],
+      family=r['family'],
+      final_loss=r['final_loss'],
+      trainable=r['non_embedding_trainable_params'],
+      total=r['non_embedding_total_params'],
+      emulated=r['emulated_non_embedding_params'],
+    )
     if ln:
       row['vs_L(N)_trainable'] = r['final_loss'] / float(predict(ln, row['trainable'])) - 1
       row['vs_L(N)_all'] = r['final_loss'] / float(predict(ln, max(row['emulated'], row['total']))) - 1
@@ -322,25 +391,29 @@ def analyse(results: list[dict], warmup_steps: int = 40) -> dict:
 def _plot_loss_vs_params(plt, results: list[dict], fits: dict, path: str) -> str:
   """Loss against trainable and against all parameters, with the baseline L(N) fit."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-  for ax, key, title in ((axes[0], 'non_embedding_trainable_params', 'trainable non-embedding params'),
-                         (axes[1], 'all', 'all non-embedding params (frozen + emulated dense)')):
+  for ax, key, title in (
+    (axes[0], 'non_embedding_trainable_params', 'trainable non-embedding params'),
+    (axes[1], 'all', 'all non-embedding params (frozen + emulated dense)'),
+  ):
     for fam, (colour, marker) in FAMILY_STYLE.items():
       rs = [r for r in results if r['family'] == fam]
       if not rs:
         continue
-      xs = [r[key] if key != 'all' else max(r['emulated_non_embedding_params'], r['non_embedding_total_params'])
-            for r in rs]
+      xs = [
+        r[key] if key != 'all' else max(r['emulated_non_embedding_params'], r['non_embedding_total_params']) for r in rs
+      ]
       ax.scatter(xs, [r['final_loss'] for r in rs], c=colour, marker=marker, label=fam, zorder=3)
       for x, r in zip(xs, rs):
-        ax.annotate(r['name'].split('-', 1)[1], (x, r['final_loss']), fontsize=7, xytext=(3, 3),
-                    textcoords='offset points')
+        ax.annotate(
+          r['name'].split('-', 1)[1], (x, r['final_loss']), fontsize=7, xytext=(3, 3), textcoords='offset points'
+        )
     if fits.get('L(N)'):
       f = fits['L(N)']
       allx = [r['non_embedding_trainable_params'] for r in results] + [
-          max(r['emulated_non_embedding_params'], r['non_embedding_total_params']) for r in results]
+        max(r['emulated_non_embedding_params'], r['non_embedding_total_params']) for r in results
+      ]
       grid = np.geomspace(min(allx) * 0.8, max(allx) * 1.2, 50)
-      ax.plot(grid, predict(f, grid), 'k--', lw=1,
-              label=f"baseline fit L ∝ N^({f['exponent']:.3f}±{f['b_err']:.3f})")
+      ax.plot(grid, predict(f, grid), 'k--', lw=1, label=f'baseline fit L ∝ N^({f["exponent"]:.3f}±{f["b_err"]:.3f})')
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel(title)
@@ -357,22 +430,38 @@ def _plot_loss_vs_params(plt, results: list[dict], fits: dict, path: str) -> str
 def _plot_loss_vs_compute(plt, results: list[dict], fits: dict, path: str) -> str:
   """Loss curves against compute under both accountings, with the baseline frontier fit."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-  for ax, key, title in ((axes[0], 'compute', 'compute, frozen weights at 2/3 cost (FLOPs)'),
-                         (axes[1], 'compute_frozen_free', 'compute, frozen weights free (FLOPs)')):
+  for ax, key, title in (
+    (axes[0], 'compute', 'compute, frozen weights at 2/3 cost (FLOPs)'),
+    (axes[1], 'compute_frozen_free', 'compute, frozen weights free (FLOPs)'),
+  ):
     for r in results:
       colour, marker = FAMILY_STYLE[r['family']]
       xs, ys = [p[key] for p in r['curve']], [p['loss'] for p in r['curve']]
-      ax.plot(xs, ys, color=colour, marker=marker, ms=3, lw=1, alpha=0.5 if r['family'] == 'baseline' else 0.9,
-              ls='-' if r['family'] != 'baseline' else ':')
-      ax.annotate(r['name'].split('-', 1)[1], (xs[-1], ys[-1]), fontsize=7, color=colour, xytext=(3, 0),
-                  textcoords='offset points')
+      ax.plot(
+        xs,
+        ys,
+        color=colour,
+        marker=marker,
+        ms=3,
+        lw=1,
+        alpha=0.5 if r['family'] == 'baseline' else 0.9,
+        ls='-' if r['family'] != 'baseline' else ':',
+      )
+      ax.annotate(
+        r['name'].split('-', 1)[1],
+        (xs[-1], ys[-1]),
+        fontsize=7,
+        color=colour,
+        xytext=(3, 0),
+        textcoords='offset points',
+      )
     f = fits.get(f'L(C) {key}')
     front = fits.get(f'frontier {key}') or []
     if front:
       ax.scatter(*zip(*front), facecolors='none', edgecolors='k', s=30, label='baseline frontier points')
     if f:
       grid = np.geomspace(min(c for c, _ in front) * 0.5, max(c for c, _ in front) * 2, 50)
-      ax.plot(grid, predict(f, grid), 'k--', lw=1.2, label=f"frontier fit L ∝ C^({f['exponent']:.3f}±{f['b_err']:.3f})")
+      ax.plot(grid, predict(f, grid), 'k--', lw=1.2, label=f'frontier fit L ∝ C^({f["exponent"]:.3f}±{f["b_err"]:.3f})')
     for fam, (colour, marker) in FAMILY_STYLE.items():
       if any(r['family'] == fam for r in results):
         ax.plot([], [], color=colour, marker=marker, label=fam)
@@ -391,49 +480,69 @@ def _plot_loss_vs_compute(plt, results: list[dict], fits: dict, path: str) -> st
 
 def plot(results: list[dict], analysis: dict, prefix: str) -> list[str]:
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fits = analysis['fits']
-  return [_plot_loss_vs_params(plt, results, fits, prefix + '_params.png'),
-          _plot_loss_vs_compute(plt, results, fits, prefix + '_compute.png')]
+  return [
+    _plot_loss_vs_params(plt, results, fits, prefix + '_params.png'),
+    _plot_loss_vs_compute(plt, results, fits, prefix + '_compute.png'),
+  ]
 
 
 # ------------------------------------------------------------------------------------------------- reports
 def _fmt_fit(f) -> str:
   if not f:
     return 'did not converge / too few points'
-  s = f"exponent {f['exponent']:.4f} ± {f['b_err']:.4f} (a = {f['a']:.3g})"
+  s = f'exponent {f["exponent"]:.4f} ± {f["b_err"]:.4f} (a = {f["a"]:.3g})'
   if f['form'] != 'a*x^-b':
-    s += f", irreducible c = {f['c']:.3f} ± {f['c_err']:.3f}"
-  return s + f", rms log residual {f['rms_log_residual']:.4f}, {f['n']} points"
+    s += f', irreducible c = {f["c"]:.3f} ± {f["c_err"]:.3f}'
+  return s + f', rms log residual {f["rms_log_residual"]:.4f}, {f["n"]} points'
 
 
 def markdown(results: list[dict], analysis: dict, sweep: str, plots: list[str], meta: dict) -> str:
   fits = analysis['fits']
-  lines = [f'# Scaling sweep `{sweep}`', '', f"{meta['note']}", '',
-           '| run | family | trainable non-emb params | frozen params | emulated non-emb params | steps | tokens | '
-           'compute (frozen 2/3) | compute (frozen free) | final val loss | bpb | train tokens/s |',
-           '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    f'# Scaling sweep `{sweep}`',
+    '',
+    f'{meta["note"]}',
+    '',
+    '| run | family | trainable non-emb params | frozen params | emulated non-emb params | steps | tokens | '
+    'compute (frozen 2/3) | compute (frozen free) | final val loss | bpb | train tokens/s |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for r in results:
     last = r['curve'][-1]
-    lines.append(f"| {r['name']} | {r['family']} | {r['non_embedding_trainable_params']:,} | {r['frozen_params']:,} "
-                 f"| {r['emulated_non_embedding_params']:,} | {r['steps']} | {last['tokens']:,} | "
-                 f"{last['compute']:.3g} | {last['compute_frozen_free']:.3g} | {r['final_loss']:.4f} | "
-                 f"{r['final_bpb']:.4f} | {r['train_tokens_per_sec']:,.0f} |")
-  lines += ['', '## Fits (baselines)', '',
-            f"- L(N), final loss vs trainable non-embedding params: {_fmt_fit(fits.get('L(N)'))}",
-            f"- L(N) with irreducible term: {_fmt_fit(fits.get('L(N)+c'))}",
-            f"- L(C), compute frontier: {_fmt_fit(fits.get('L(C) compute'))}",
-            f"- L(C) with irreducible term: {_fmt_fit(fits.get('L(C)+c compute'))}",
-            '- seed 004 (LightOn, French CCNet, 32 G tokens): L(C) exponent −0.041; Henighan et al. 2020: −0.048.',
-            '', '## Each run against the baseline fits', '',
-            'Relative loss difference to the baseline prediction (positive = worse than a baseline).', '',
-            '| run | family | vs L(N) at trainable N | vs L(N) at all/emulated N | vs L(C) frozen 2/3 | '
-            'vs L(C) frozen free |', '|---|---|---:|---:|---:|---:|']
+    lines.append(
+      f'| {r["name"]} | {r["family"]} | {r["non_embedding_trainable_params"]:,} | {r["frozen_params"]:,} '
+      f'| {r["emulated_non_embedding_params"]:,} | {r["steps"]} | {last["tokens"]:,} | '
+      f'{last["compute"]:.3g} | {last["compute_frozen_free"]:.3g} | {r["final_loss"]:.4f} | '
+      f'{r["final_bpb"]:.4f} | {r["train_tokens_per_sec"]:,.0f} |'
+    )
+  lines += [
+    '',
+    '## Fits (baselines)',
+    '',
+    f'- L(N), final loss vs trainable non-embedding params: {_fmt_fit(fits.get("L(N)"))}',
+    f'- L(N) with irreducible term: {_fmt_fit(fits.get("L(N)+c"))}',
+    f'- L(C), compute frontier: {_fmt_fit(fits.get("L(C) compute"))}',
+    f'- L(C) with irreducible term: {_fmt_fit(fits.get("L(C)+c compute"))}',
+    '- seed 004 (LightOn, French CCNet, 32 G tokens): L(C) exponent −0.041; Henighan et al. 2020: −0.048.',
+    '',
+    '## Each run against the baseline fits',
+    '',
+    'Relative loss difference to the baseline prediction (positive = worse than a baseline).',
+    '',
+    '| run | family | vs L(N) at trainable N | vs L(N) at all/emulated N | vs L(C) frozen 2/3 | vs L(C) frozen free |',
+    '|---|---|---:|---:|---:|---:|',
+  ]
   pct = lambda v: '' if v is None else f'{100 * v:+.1f}%'
   for d in analysis['deviations']:
-    lines.append(f"| {d['name']} | {d['family']} | {pct(d.get('vs_L(N)_trainable'))} | {pct(d.get('vs_L(N)_all'))} "
-                 f"| {pct(d.get('vs_L(C)_compute'))} | {pct(d.get('vs_L(C)_frozen_free'))} |")
+    lines.append(
+      f'| {d["name"]} | {d["family"]} | {pct(d.get("vs_L(N)_trainable"))} | {pct(d.get("vs_L(N)_all"))} '
+      f'| {pct(d.get("vs_L(C)_compute"))} | {pct(d.get("vs_L(C)_frozen_free"))} |'
+    )
   lines += [''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in plots] + ['']
   return '\n'.join(lines)
 
@@ -442,7 +551,7 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--sweep', default='cpu', help='cpu | quick')
   p.add_argument('--root', default='experiments/runs', help='where run workdirs live (git-ignored)')
-  p.add_argument('--steps', type=int, default=None, help='override every run\'s steps')
+  p.add_argument('--steps', type=int, default=None, help="override every run's steps")
   p.add_argument('--corpus', default=None, help='override data.corpus (tests)')
   p.add_argument('--out', default=None, help='output prefix (default experiments/results/scaling_<sweep>)')
   p.add_argument('--only', default='', help='comma-separated run names (default: all)')
@@ -465,17 +574,25 @@ def main(argv=None) -> dict:
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   analysis = analyse(results, warmup_steps=run_config(runs[0], args.sweep).train.warmup_steps)
   plots = plot(results, analysis, prefix)
-  meta = dict(sweep=args.sweep, runs=len(results), wall_s=time.time() - t0,
-              note=f'{len(results)} runs; base recipe: rotary GPT, BPE {base_config(args.sweep).data.bpe_vocab_size} '
-                   f'on the embedded corpus, ctx {base_config(args.sweep).data.seq_len}, batch '
-                   f'{base_config(args.sweep).train.batch_size}, AdamW lr {base_config(args.sweep).train.lr} '
-                   f'cosine, no weight decay. Shared 2-core CPU (load average {load0:.1f} at start).')
+  meta = dict(
+    sweep=args.sweep,
+    runs=len(results),
+    wall_s=time.time() - t0,
+    note=f'{len(results)} runs; base recipe: rotary GPT, BPE {base_config(args.sweep).data.bpe_vocab_size} '
+    f'on the embedded corpus, ctx {base_config(args.sweep).data.seq_len}, batch '
+    f'{base_config(args.sweep).train.batch_size}, AdamW lr {base_config(args.sweep).train.lr} '
+    f'cosine, no weight decay. Shared 2-core CPU (load average {load0:.1f} at start).',
+  )
   md = markdown(results, analysis, args.sweep, plots, meta)
   with open(prefix + '.md', 'w', encoding='utf-8') as f:
     f.write(md)
   with open(prefix + '.json', 'w', encoding='utf-8') as f:
-    json.dump(dict(meta=meta, results=results, fits=analysis['fits'], deviations=analysis['deviations']), f,
-              indent=1, default=float)
+    json.dump(
+      dict(meta=meta, results=results, fits=analysis['fits'], deviations=analysis['deviations']),
+      f,
+      indent=1,
+      default=float,
+    )
   print(md)
   return {'results': results, 'complete': True, 'analysis': analysis}
 

@@ -7,6 +7,7 @@ Not part of the test suite (it takes many minutes): every cycle is a real CLI pr
 cycle and a final JSON summary; exits 1 if any loss differs, a run ended with an unexpected exit code, or its
 stderr held a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,28 @@ PREEMPTED = 75
 def make_corpus(directory: str) -> str:
   os.makedirs(directory, exist_ok=True)
   for i in range(24):
-    lines = [f'def function_{i}_{j}(x, y={j}):\n    """Return x plus {j}."""\n    return x + y * {i}\n\n'
-             for j in range(40)]
+    lines = [
+      f'def function_{i}_{j}(x, y={j}):\n    """Return x plus {j}."""\n    return x + y * {i}\n\n' for j in range(40)
+    ]
     with open(os.path.join(directory, f'module_{i:02d}.py'), 'w', encoding='utf-8') as f:
       f.write(''.join(lines))
   return directory
 
 
 def command(workdir: str, corpus: str, steps: int) -> list[str]:
-  return [sys.executable, '-m', 'effjax.main', '--config=configs/gpt.py:tiny', f'--workdir={workdir}',
-          f'--config.data.corpus={corpus}', f'--config.train.steps={steps}', '--config.train.log_every=1',
-          '--config.train.eval_every=100000', '--config.checkpoint.every=4', '--progress=false']
+  return [
+    sys.executable,
+    '-m',
+    'effjax.main',
+    '--config=configs/gpt.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.corpus={corpus}',
+    f'--config.train.steps={steps}',
+    '--config.train.log_every=1',
+    '--config.train.eval_every=100000',
+    '--config.checkpoint.every=4',
+    '--progress=false',
+  ]
 
 
 def env(cache_dir: str = '') -> dict:
@@ -45,8 +57,11 @@ def env(cache_dir: str = '') -> dict:
   instead of compiling them again (the same executables: the losses do not change)."""
   out = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   if cache_dir:
-    out.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+    out.update(
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+    )
   return out
 
 
@@ -117,9 +132,15 @@ def one_cycle(rng: random.Random, workdir: str, args: list[str], log_dir: str, n
   with open(err_path, encoding='utf-8') as f:
     stderr = f.read()
   expected = {0, PREEMPTED} if sig == signal.SIGTERM else {0, -signal.SIGKILL}
-  return {'cycle': n, 'phase': phase, 'signal': signal.Signals(sig).name, 'hit': hit, 'rc': proc.returncode,
-          'ok': proc.returncode in expected and 'Traceback' not in stderr,
-          'step': max(train_losses(workdir), default=0)}
+  return {
+    'cycle': n,
+    'phase': phase,
+    'signal': signal.Signals(sig).name,
+    'hit': hit,
+    'rc': proc.returncode,
+    'ok': proc.returncode in expected and 'Traceback' not in stderr,
+    'step': max(train_losses(workdir), default=0),
+  }
 
 
 def main() -> int:
@@ -134,8 +155,9 @@ def main() -> int:
   os.makedirs(logs)
   corpus = make_corpus(os.path.join(a.root, 'corpus'))
   t0 = time.time()
-  ref = subprocess.run(command(reference, corpus, a.steps), cwd=ROOT, env=env(), capture_output=True, text=True,
-                       check=False)
+  ref = subprocess.run(
+    command(reference, corpus, a.steps), cwd=ROOT, env=env(), capture_output=True, text=True, check=False
+  )
   if ref.returncode != 0:
     print(ref.stderr[-3000:])
     return 1
@@ -147,20 +169,31 @@ def main() -> int:
       break  # finished before all cycles: the run was too short for the kills
     results.append(one_cycle(rng, soaked, command(soaked, corpus, a.steps), logs, n, cached))
     print(json.dumps(results[-1]), flush=True)
-  final = subprocess.run(command(soaked, corpus, a.steps), cwd=ROOT, env=cached, capture_output=True, text=True,
-                         check=False)
+  final = subprocess.run(
+    command(soaked, corpus, a.steps), cwd=ROOT, env=cached, capture_output=True, text=True, check=False
+  )
   want, got = train_losses(reference), train_losses(soaked)
   diffs = [abs(want[s] - got.get(s, float('nan'))) for s in want]
   summary = {
-      'cycles': len(results), 'kills_landed': sum(r['rc'] not in (0,) for r in results),
-      'by_phase': {p: sum(r['phase'] == p for r in results) for p in ('setup', 'mid_step', 'mid_save')},
-      'by_signal': {s: sum(r['signal'] == s for r in results) for s in ('SIGTERM', 'SIGKILL')},
-      'unexpected': [r for r in results if not r['ok']], 'final_rc': final.returncode,
-      'steps_compared': len(want), 'losses_equal': all(d == 0.0 for d in diffs),
-      'max_abs_loss_diff': max(diffs) if diffs else None, 'seconds': round(time.time() - t0)}
+    'cycles': len(results),
+    'kills_landed': sum(r['rc'] not in (0,) for r in results),
+    'by_phase': {p: sum(r['phase'] == p for r in results) for p in ('setup', 'mid_step', 'mid_save')},
+    'by_signal': {s: sum(r['signal'] == s for r in results) for s in ('SIGTERM', 'SIGKILL')},
+    'unexpected': [r for r in results if not r['ok']],
+    'final_rc': final.returncode,
+    'steps_compared': len(want),
+    'losses_equal': all(d == 0.0 for d in diffs),
+    'max_abs_loss_diff': max(diffs) if diffs else None,
+    'seconds': round(time.time() - t0),
+  }
   print(json.dumps(summary))
-  ok = (final.returncode == 0 and len(results) == a.cycles and not summary['unexpected']
-        and sorted(got) == sorted(want) and max(diffs) <= 1e-5 * max(abs(v) for v in want.values()))
+  ok = (
+    final.returncode == 0
+    and len(results) == a.cycles
+    and not summary['unexpected']
+    and sorted(got) == sorted(want)
+    and max(diffs) <= 1e-5 * max(abs(v) for v in want.values())
+  )
   return 0 if ok else 1
 
 

@@ -8,6 +8,7 @@ tree in so both compute the same logits (tests/test_experiments.py), which is wh
 the same model. `make_train_step` is the same training step: cross-entropy, backward, global-norm clipping and
 AdamW with decay on the matrices only (effjax's `optim.decay_mask`).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,13 @@ def check_supported(m) -> None:
   problems = []
   if m.family != 'gpt':
     problems.append(f'family={m.family!r}')
-  for key, plain in (('share_layers', 'none'), ('mlp_kind', 'dense'), ('attn_kind', 'dense'),
-                     ('doping.pattern', ''), ('embed_dim', 0)):
+  for key, plain in (
+    ('share_layers', 'none'),
+    ('mlp_kind', 'dense'),
+    ('attn_kind', 'dense'),
+    ('doping.pattern', ''),
+    ('embed_dim', 0),
+  ):
     value = checkpoint.lookup(m, key)
     if value not in (None, plain):
       problems.append(f'{key}={value!r}')
@@ -51,7 +57,6 @@ def _norm(m, d: int) -> nn.Module:
 
 
 class CausalSelfAttention(nn.Module):
-
   def __init__(self, m):
     super().__init__()
     d = m.d_model
@@ -70,7 +75,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
   def __init__(self, m):
     super().__init__()
     self.c_fc = nn.Linear(m.d_model, m.mlp_ratio * m.d_model, bias=m.use_bias)
@@ -81,7 +85,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
   def __init__(self, m):
     super().__init__()
     self.pre = m.norm_position == 'pre'
@@ -139,6 +142,7 @@ def num_params(model: nn.Module) -> int:
 def load_effjax_params(model: TorchGPT, params) -> None:
   """Copies an effjax GPT param tree (scanned or unrolled layout) into `model`, in place."""
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
+
   p = layers.unstack_layers(dict(params))
   t = lambda a: torch.from_numpy(np.array(a, np.float32))
 
@@ -160,8 +164,11 @@ def load_effjax_params(model: TorchGPT, params) -> None:
       lp = p['stack'][f'layer_{i}']
       a = lp['attn']
       names = ('query', 'key', 'value')
-      linear(block.attn.c_attn, [a[n]['kernel'] for n in names],
-             [a[n]['bias'] for n in names] if 'bias' in a['query'] else None)
+      linear(
+        block.attn.c_attn,
+        [a[n]['kernel'] for n in names],
+        [a[n]['bias'] for n in names] if 'bias' in a['query'] else None,
+      )
       linear(block.attn.c_proj, [a['out']['kernel']], [a['out']['bias']] if 'bias' in a['out'] else None)
       for mod, name in ((block.mlp.c_fc, 'fc'), (block.mlp.c_proj, 'proj')):
         linear(mod, [lp['mlp'][name]['kernel']], [lp['mlp'][name]['bias']] if 'bias' in lp['mlp'][name] else None)
@@ -176,8 +183,11 @@ def load_effjax_params(model: TorchGPT, params) -> None:
 
 def make_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
   """AdamW like effjax's: decay on Linear weights (effjax 'kernel' leaves) only; fused kernel where available."""
-  decay = [p for n, p in model.named_parameters() if n.endswith('.weight') and p.dim() == 2 and 'wte' not in n
-           and 'wpe' not in n]
+  decay = [
+    p
+    for n, p in model.named_parameters()
+    if n.endswith('.weight') and p.dim() == 2 and 'wte' not in n and 'wpe' not in n
+  ]
   ids = {id(p) for p in decay}
   rest = [p for p in model.parameters() if id(p) not in ids]
   groups = [{'params': decay, 'weight_decay': tc.weight_decay}, {'params': rest, 'weight_decay': 0.0}]
@@ -190,6 +200,7 @@ def make_optimizer(model: nn.Module, tc) -> torch.optim.Optimizer:
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 1.0):
   """One full training step (forward, loss, backward, clip, AdamW update); returns the loss tensor."""
+
   def step(inputs_BxT, targets_BxT):
     logits = model(inputs_BxT)
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BxT.reshape(-1))
@@ -199,6 +210,7 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_cli
       torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach()
+
   return step
 
 

@@ -6,6 +6,7 @@ load. A session makes its own empty directory (removed at exit), so no run reads
 limit turns on jax's file lock, so processes never read an entry another one is still writing. Tests that check
 the cache itself point the run at their own directory.
 """
+
 import atexit
 import os
 import shutil
@@ -16,8 +17,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the first process of the session (workers inherit it)
   _cache = tempfile.mkdtemp(prefix='effjax-tests-jax-cache-')
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')
+  os.environ.update(
+    JAX_COMPILATION_CACHE_DIR=_cache,
+    JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2',
+  )
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import pytest  # noqa: E402  pylint: disable=wrong-import-position
@@ -30,7 +34,8 @@ def corpus_dir(tmp_path_factory):
   """A small Python-like corpus written by the tests themselves (no download, no dependence on the stdlib)."""
   root = tmp_path_factory.mktemp('corpus')
   for i in range(24):
-    lines = [f'def function_{i}_{j}(x, y={j}):\n    """Return x plus {j}."""\n    return x + y * {i}\n\n'
-             for j in range(40)]
+    lines = [
+      f'def function_{i}_{j}(x, y={j}):\n    """Return x plus {j}."""\n    return x + y * {i}\n\n' for j in range(40)
+    ]
     (root / f'module_{i:02d}.py').write_text(''.join(lines), encoding='utf-8')
   return str(root)

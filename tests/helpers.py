@@ -1,4 +1,5 @@
 """Small shared pieces for the tests: tiny configs and running the CLI in a subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,15 @@ def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
   full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
   full_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-  return subprocess.run([sys.executable, '-m', 'effjax.main', *args], cwd=ROOT, env=full_env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'effjax.main', *args],
+    cwd=ROOT,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def one_device():

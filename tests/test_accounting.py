@@ -1,5 +1,6 @@
 """Accounting (seed 004): parameter counts of the seed's presets derived here from the architecture, emulated
 params, forward FLOPs with frozen MLPs and structured layers, and compute C = (6·N_trainable + 4·N_frozen)·B·S."""
+
 import jax
 import ml_collections
 import numpy as np
@@ -36,22 +37,26 @@ def lighton_counts(trainable_blocks, d, block, frozen_layers=0):
   embedding = V_BPE * d
   non_embedding = trainable_blocks * block(d) + 2 * d
   frozen = frozen_layers * 12 * d * d
-  return {'embedding_params': embedding, 'non_embedding_trainable_params': non_embedding,
-          'trainable_params': embedding + non_embedding, 'frozen_params': frozen,
-          'total_params': embedding + non_embedding + frozen}
+  return {
+    'embedding_params': embedding,
+    'non_embedding_trainable_params': non_embedding,
+    'trainable_params': embedding + non_embedding,
+    'frozen_params': frozen,
+    'total_params': embedding + non_embedding + frozen,
+  }
 
 
 SEED_PRESETS = {
-    # (config module, preset): (trainable blocks, d_model, block formula, frozen layers)
-    (gpt_config, 'xxsmall'): (3, 768, dense_block, 0),
-    (gpt_config, 'xsmall'): (6, 768, dense_block, 0),
-    (gpt_config, 'small'): (12, 768, dense_block, 0),
-    (gpt_config, 'medium'): (24, 1024, dense_block, 0),
-    (doped_config, 'xsmall'): (3, 768, dense_block, 2),
-    (doped_config, 'small'): (6, 768, dense_block, 5),
-    (doped_config, 'medium'): (12, 1024, dense_block, 11),
-    (fastfood_config, 'paper'): (12, 1024, fastfood_block, 0),
-    (blockdiag_config, 'paper'): (12, 1024, blockdiag_block, 0),
+  # (config module, preset): (trainable blocks, d_model, block formula, frozen layers)
+  (gpt_config, 'xxsmall'): (3, 768, dense_block, 0),
+  (gpt_config, 'xsmall'): (6, 768, dense_block, 0),
+  (gpt_config, 'small'): (12, 768, dense_block, 0),
+  (gpt_config, 'medium'): (24, 1024, dense_block, 0),
+  (doped_config, 'xsmall'): (3, 768, dense_block, 2),
+  (doped_config, 'small'): (6, 768, dense_block, 5),
+  (doped_config, 'medium'): (12, 1024, dense_block, 11),
+  (fastfood_config, 'paper'): (12, 1024, fastfood_block, 0),
+  (blockdiag_config, 'paper'): (12, 1024, blockdiag_block, 0),
 }
 
 
@@ -133,8 +138,7 @@ def test_structured_forward_flops_replace_only_the_mlp_matmuls(module, kind):
   opts = structured.kind_options(kind, m)  # blockdiag: num_blocks and where the block-Hadamard goes
   mlp = structured.dense_flops(kind, d, 4 * d, **opts) + structured.dense_flops(kind, 4 * d, d, **opts)
   assert 0 < mlp < 16 * d * d
-  assert (accounting.flops_per_token(m, s)
-          == accounting.flops_per_token(dense, s) - m.num_layers * (16 * d * d - mlp))
+  assert accounting.flops_per_token(m, s) == accounting.flops_per_token(dense, s) - m.num_layers * (16 * d * d - mlp)
 
 
 @pytest.mark.parametrize('module', [doped_config, fastfood_config, blockdiag_config])
@@ -166,6 +170,7 @@ def test_a_start_builds_and_eval_shapes_the_model_once():
   """Training setup, memory planning and the summary share one abstract model per distinct model config (a
   structured model's dense stand-in for emulated_params would be a second one; this one is dense already)."""
   from effjax import memory  # pylint: disable=import-outside-toplevel
+
   c = gpt_config.get_config('tiny')
   c.model.vocab_size = 50
   state_lib._abstract.cache_clear()  # pylint: disable=protected-access

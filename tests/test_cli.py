@@ -1,5 +1,6 @@
 """The command line as a new user meets it: configs by name from any directory, --list, --help, --mode=config,
 and a run directory that describes itself (sample/eval/export/summary with --workdir alone)."""
+
 import json
 import os
 import re
@@ -16,8 +17,15 @@ from tests.helpers import ROOT, one_device, tiny_config
 
 def effjax_cli(*args, cwd, timeout=300):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  return subprocess.run([sys.executable, '-m', 'effjax.main', *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'effjax.main', *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def test_every_documented_preset_is_the_set_get_config_accepts():
@@ -52,13 +60,16 @@ def test_list_help_and_config_by_name_from_another_directory(tmp_path):
   missing = effjax_cli('--config=configs/pgpt.py:tiny', '--mode=summary', cwd=tmp_path)
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines() == [
-      f"effjax: error: --config=configs/pgpt.py:tiny: there is no file 'configs/pgpt.py' (from {tmp_path}); "
-      'the built-in variant is --config=pgpt:tiny']
+    f"effjax: error: --config=configs/pgpt.py:tiny: there is no file 'configs/pgpt.py' (from {tmp_path}); "
+    'the built-in variant is --config=pgpt:tiny'
+  ]
 
   own = tmp_path / 'elsewhere' / 'mine.py'
   own.parent.mkdir()
-  own.write_text('from effjax.configs import base\n\n\ndef get_config(preset=""):\n  c = base.get_base()\n'
-                 '  c.model.num_layers = 3\n  return c\n')
+  own.write_text(
+    'from effjax.configs import base\n\n\ndef get_config(preset=""):\n  c = base.get_base()\n'
+    '  c.model.num_layers = 3\n  return c\n'
+  )
   shown = effjax_cli(f'--config={own}', '--mode=config', cwd=tmp_path)
   assert shown.returncode == 0, shown.stderr
   assert re.search(r'^model\.num_layers\s+3\s+default$', shown.stdout, re.M)
@@ -90,16 +101,18 @@ def test_run_directory_describes_itself(tmp_path, corpus_dir):
   """After training, a run's own config.json is its config (test_train.test_cli_modes_on_tiny runs eval, sample,
   export and summary that way); overrides apply on top, and one that changes the architecture is refused."""
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 4, 'checkpoint.every': 4}), workdir,
-                           devices=one_device(), progress=False)
+  train.train_and_evaluate(
+    tiny_config(corpus_dir, **{'train.steps': 4, 'checkpoint.every': 4}), workdir, devices=one_device(), progress=False
+  )
   shown = effjax_cli(f'--workdir={workdir}', '--mode=config', '--config.train.eval_batches=1', cwd=tmp_path)
   assert re.search(r'^train\.eval_batches\s+1\s+override$', shown.stdout, re.M), shown.stderr
   assert re.search(r'^train\.steps\s+4\s+workdir$', shown.stdout, re.M)
   conflict = effjax_cli(f'--workdir={workdir}', '--mode=sample', '--config.model.d_model=32', cwd=tmp_path)
   assert conflict.returncode == 2
   assert conflict.stderr.strip().splitlines() == [
-      f'effjax: error: model.d_model=32 (the run has 64) conflicts with the architecture of the run in {workdir}; '
-      'its checkpoints have that shape (leave the override out, or train a new run)']
+    f'effjax: error: model.d_model=32 (the run has 64) conflicts with the architecture of the run in {workdir}; '
+    'its checkpoints have that shape (leave the override out, or train a new run)'
+  ]
   nothing = effjax_cli(f'--workdir={tmp_path}/none', '--mode=eval', cwd=tmp_path)
   assert nothing.returncode == 2 and 'has no config.json' in nothing.stderr
 

@@ -1,6 +1,7 @@
 """lc-gpt and cc-gpt: the paper's parameter counts, widths, the causal convolution's window, kernel-1 conv == linear
 and width errors (causality, the KV and conv-state cache, resume and meshes, with kernel 3 too:
 tests/test_contract.py)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,9 @@ def init(m, seed=0, length=16):
   return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # configs and counts
+
 
 def test_presets_build_and_unknown_preset_is_an_error():
   for module, presets in ((lcgpt, ('', 'tiny', 'paper')), (ccgpt, ('', 'tiny', 'paper', 'k3'))):
@@ -74,6 +75,7 @@ def test_conv_kernel_scales_compressor_params_and_flops():
 # ---------------------------------------------------------------------------------------------------------
 # numerics
 
+
 def test_causal_conv_sees_exactly_the_last_k_positions():
   cfg = ml_collections.FrozenConfigDict(model_config('ccgpt'))
   conv = compressed.CausalConv1d(cfg, features=4, kernel=3)
@@ -95,14 +97,19 @@ def test_kernel1_conv_equals_linear_with_the_same_weights():
   close(build_model(cc).apply({'params': params}, tokens), lc_model.apply(variables, tokens))
 
 
-@pytest.mark.parametrize('overrides,pattern', [
-    ({'d_model': 12, 'num_heads': 3, 'num_layers': 6},
-     r'model.compress.compress_factor=2 does not divide the width 3 '),
+@pytest.mark.parametrize(
+  'overrides,pattern',
+  [
+    (
+      {'d_model': 12, 'num_heads': 3, 'num_layers': 6},
+      r'model.compress.compress_factor=2 does not divide the width 3 ',
+    ),
     ({'d_model': 48, 'num_heads': 8, 'num_layers': 6}, r'model.num_heads=8 does not divide the compressed width 12'),
     ({'compress': {'compress_factor': 1}}, r'model.compress.compress_factor=1 is invalid'),
     ({'compress': {'compress_every': 0}}, r'model.compress.compress_every=0 is invalid'),
     ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit lcgpt'),
-])
+  ],
+)
 def test_bad_widths_are_one_line_errors(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):
     build_model(model_config('lcgpt', **overrides))
@@ -111,4 +118,3 @@ def test_bad_widths_are_one_line_errors(overrides, pattern):
 def test_bad_conv_kernel_is_an_error():
   with pytest.raises(EffjaxError, match=r'model.compress.conv_kernel=0 is invalid'):
     build_model(model_config('ccgpt', compress=dict(conv_kernel=0)))
-

@@ -5,6 +5,7 @@ A run written by an effjax whose `model` namespace was flat (`model.num_branches
 config.json and its checkpoints' recorded architecture are migrated on read (checkpoint.migrate_model /
 migrate_architecture), so sample, eval, export and resume run on it unchanged.
 """
+
 from __future__ import annotations
 
 import glob
@@ -22,8 +23,11 @@ from tests.helpers import run_cli, train_losses, variant_config
 
 def old_layout(model: dict) -> dict:
   """A model config as effjax wrote it before the sections: every moved key flat again."""
-  flat = {old: model[new.split('.')[0]][new.split('.')[1]] for old, new in base.MOVED_MODEL_KEYS.items()
-          if new.split('.')[1] in (model.get(new.split('.')[0]) or {})}
+  flat = {
+    old: model[new.split('.')[0]][new.split('.')[1]]
+    for old, new in base.MOVED_MODEL_KEYS.items()
+    if new.split('.')[1] in (model.get(new.split('.')[0]) or {})
+  }
   out = {k: v for k, v in model.items() if k not in {new.split('.')[0] for new in base.MOVED_MODEL_KEYS.values()}}
   return {**out, **flat}
 
@@ -61,11 +65,13 @@ def test_family_keys_live_in_their_sections_and_take_overrides():
   assert m.dense.lowrank_rank == 8 and checkpoint.architecture(m)['dense.lowrank_rank'] == 8
   assert 'lowrank_rank' not in gpt.get_config('').model.dense
   assert 'dense.num_blocks' not in checkpoint.architecture(gpt.get_config('').model)  # plain dense layers
-  result = run_cli('--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=1',
-                   '--config.model.num_layers=4')
+  result = run_cli(
+    '--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=1', '--config.model.num_layers=4'
+  )
   assert result.returncode == 2 and 'model.pgpt.num_branches=1 is invalid' in result.stderr
-  result = run_cli('--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=4',
-                   '--config.model.num_layers=4')
+  result = run_cli(
+    '--config=pgpt:tiny', '--mode=config', '--config.model.pgpt.num_branches=4', '--config.model.num_layers=4'
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert any(line.split()[:3] == ['model.pgpt.num_branches', '4', 'override'] for line in result.stdout.splitlines())
 
@@ -81,18 +87,22 @@ def test_flat_model_keys_are_migrated_into_sections():
   model = checkpoint.migrate_model({'family': 'gpt', 'doping': 'TFTFT', 'frozen_mlp_ratio': 4, 'num_layers': 3})
   assert model == {'family': 'gpt', 'num_layers': 3, 'doping': {'pattern': 'TFTFT', 'frozen_mlp_ratio': 4}}
   assert checkpoint.migrate_model({'doping': {'pattern': 'TFT'}}) == {'doping': {'pattern': 'TFT'}}
-  model = checkpoint.migrate_model({'mlp_kind': 'blockdiag', 'num_blocks': 8, 'blockdiag_mix': 'expanding',
-                                    'lowrank_rank': 16})
-  assert model == {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 8, 'blockdiag_mix': 'expanding',
-                                                      'lowrank_rank': 16}}
+  model = checkpoint.migrate_model(
+    {'mlp_kind': 'blockdiag', 'num_blocks': 8, 'blockdiag_mix': 'expanding', 'lowrank_rank': 16}
+  )
+  assert model == {
+    'mlp_kind': 'blockdiag',
+    'dense': {'num_blocks': 8, 'blockdiag_mix': 'expanding', 'lowrank_rank': 16},
+  }
   # a key already in its section wins over a stray flat one
   assert checkpoint.migrate_model({'num_branches': 3, 'pgpt': {'num_branches': 4}})['pgpt'] == {'num_branches': 4}
   with pytest.raises(EffjaxError, match='both model.num_branches and a model.pgpt value that is no section'):
     checkpoint.migrate_model({'num_branches': 3, 'pgpt': 7})
-  assert checkpoint.migrate_architecture({'num_branches': 2, 'd_model': 64}) == {'pgpt.num_branches': 2,
-                                                                                   'd_model': 64}
-  assert checkpoint.migrate_architecture({'num_blocks': 4, 'lowrank_rank': 8}) == {'dense.num_blocks': 4,
-                                                                                     'dense.lowrank_rank': 8}
+  assert checkpoint.migrate_architecture({'num_branches': 2, 'd_model': 64}) == {'pgpt.num_branches': 2, 'd_model': 64}
+  assert checkpoint.migrate_architecture({'num_blocks': 4, 'lowrank_rank': 8}) == {
+    'dense.num_blocks': 4,
+    'dense.lowrank_rank': 8,
+  }
 
 
 def test_flat_checkpoint_architecture_is_still_checked():
@@ -107,8 +117,13 @@ def test_flat_checkpoint_architecture_is_still_checked():
 
 def test_flat_key_run_dir_samples_evaluates_exports_and_resumes(tmp_path, corpus_dir):
   run = str(tmp_path / 'run')
-  overrides = {'train.steps': 4, 'train.log_every': 1, 'checkpoint.every': 2, 'train.eval_every': 100,
-               'model.mlp_kind': 'blockdiag'}  # so the architecture records dense.num_blocks too
+  overrides = {
+    'train.steps': 4,
+    'train.log_every': 1,
+    'checkpoint.every': 2,
+    'train.eval_every': 100,
+    'model.mlp_kind': 'blockdiag',
+  }  # so the architecture records dense.num_blocks too
   train.train_and_evaluate(variant_config(pgpt, corpus_dir, **overrides, **{'train.stop_at': 2}), run)
   to_old_layout(run)
   saved = json.load(open(os.path.join(run, 'config.json'), encoding='utf-8'))['model']
@@ -141,6 +156,7 @@ def test_variant_files_import_only_base_and_presets():
   new variant touches only its own file (the shared recipes are effjax/configs/presets.py)."""
   import ast  # pylint: disable=import-outside-toplevel
   from effjax import config_lookup  # pylint: disable=import-outside-toplevel
+
   for name in config_lookup.variants():
     path = os.path.join(config_lookup.builtin_dir(), f'{name}.py')
     tree = ast.parse(open(path, encoding='utf-8').read())
@@ -158,10 +174,16 @@ def test_variant_files_import_only_base_and_presets():
 def test_tiny_presets_share_one_recipe():
   """Every variant's tiny is presets.tiny plus its own changes: 64 wide, ctx 32, 40 steps, checkpoint every 20."""
   from effjax import config_lookup  # pylint: disable=import-outside-toplevel
+
   for name in config_lookup.variants():
     c = config_lookup._builtin_module(name).get_config('tiny')  # pylint: disable=protected-access
     assert (c.model.d_model, c.model.max_len, c.data.seq_len, c.train.steps, c.checkpoint.every) == (
-        64, 32, 32, 40, 20), name
+      64,
+      32,
+      32,
+      40,
+      20,
+    ), name
 
 
 def test_model_config_is_checked_once_per_start(monkeypatch):
@@ -169,6 +191,7 @@ def test_model_config_is_checked_once_per_start(monkeypatch):
   from it afterwards, with the vocabulary filled in, are not checked again. A config it has not seen is."""
   from effjax import models  # pylint: disable=import-outside-toplevel
   from effjax.models import validate  # pylint: disable=import-outside-toplevel
+
   calls = []
   check = validate.check_model_config
   monkeypatch.setattr(validate, 'check_model_config', lambda *a, **k: calls.append(1) or check(*a, **k))
@@ -191,9 +214,12 @@ def test_flat_keys_a_config_file_still_sets_are_read_from_their_sections(tmp_pat
   """A config file written for the flat layout (model.num_blocks) runs: resolve moves the key into its section with
   a warning. A library caller building such a config directly gets one line naming where the key lives now."""
   from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+
   own = tmp_path / 'flat.py'
-  own.write_text('from effjax.configs import blockdiag\n\n\ndef get_config(preset=""):\n'
-                 '  c = blockdiag.get_config("tiny")\n  c.model.num_blocks = 8\n  return c\n')
+  own.write_text(
+    'from effjax.configs import blockdiag\n\n\ndef get_config(preset=""):\n'
+    '  c = blockdiag.get_config("tiny")\n  c.model.num_blocks = 8\n  return c\n'
+  )
   result = run_cli(f'--config={own}', '--mode=config')
   assert result.returncode == 0, result.stderr[-2000:]
   assert any(line.split()[:2] == ['model.dense.num_blocks', '8'] for line in result.stdout.splitlines())
@@ -201,6 +227,9 @@ def test_flat_keys_a_config_file_still_sets_are_read_from_their_sections(tmp_pat
   assert 'model.num_blocks has moved to model.dense.num_blocks' in result.stderr
   m = blockdiag.get_config('tiny').model
   m.update(vocab_size=11, num_blocks=8)
-  with pytest.raises(EffjaxError, match=r'^model\.num_blocks has moved to model\.dense\.num_blocks; set '
-                     r'model\.dense\.num_blocks instead$'):
+  with pytest.raises(
+    EffjaxError,
+    match=r'^model\.num_blocks has moved to model\.dense\.num_blocks; set '
+    r'model\.dense\.num_blocks instead$',
+  ):
     build_model(m)

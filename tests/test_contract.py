@@ -2,6 +2,7 @@
 causal, decodes with its KV cache exactly as a full forward pass, reports the parameters it creates, (where the
 export layouts map its stack) computes the same with its layers scanned or unrolled, resumes bit-identically and
 trains to the same losses on 1 device as on a data x fsdp x tensor mesh of 8."""
+
 import os
 
 import flax.linen as nn
@@ -21,10 +22,13 @@ VOCAB = 50
 # projected branch inputs (pre-LN) and its Python loop of branches, cc-gpt's kernel-3 convolution (pre- and
 # post-LN), grouped Efficio sharing with rotary positions and an untied head.
 CASES = [(name, {}) for name in config_lookup.variants()] + [
-    ('gpt', {'pos_emb': 'rotary'}), ('gpt', {'norm_position': 'post'}),
-    ('pgpt', {'pgpt.branch_input': 'project', 'norm_position': 'pre'}), ('pgpt', {'pgpt.branch_impl': 'loop'}),
-    ('ccgpt', {'compress.conv_kernel': 3}), ('ccgpt', {'compress.conv_kernel': 3, 'norm_position': 'pre'}),
-    ('efficio', {'share_layers': 'groups', 'num_groups': 2, 'pos_emb': 'rotary', 'tie_embeddings': False}),
+  ('gpt', {'pos_emb': 'rotary'}),
+  ('gpt', {'norm_position': 'post'}),
+  ('pgpt', {'pgpt.branch_input': 'project', 'norm_position': 'pre'}),
+  ('pgpt', {'pgpt.branch_impl': 'loop'}),
+  ('ccgpt', {'compress.conv_kernel': 3}),
+  ('ccgpt', {'compress.conv_kernel': 3, 'norm_position': 'pre'}),
+  ('efficio', {'share_layers': 'groups', 'num_groups': 2, 'pos_emb': 'rotary', 'tie_embeddings': False}),
 ]
 IDS = [name + ''.join(f'-{k.split(".")[-1]}={v}' for k, v in extra.items()) for name, extra in CASES]
 
@@ -72,7 +76,7 @@ def test_kv_cache_equals_full_recompute(name, extra):
 
   steps = []
   for i in range(seq_BxT.shape[1]):
-    cache, logits_BxV = step(cache, seq_BxT[:, i:i + 1])
+    cache, logits_BxV = step(cache, seq_BxT[:, i : i + 1])
     steps.append(logits_BxV)
   np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full_BxTxV), atol=2e-5, rtol=1e-4)
 

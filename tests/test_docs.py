@@ -12,6 +12,7 @@ Not run here, each for its stated reason (SKIPPED_PROGRAMS): `make` targets (mak
 is timed on its own), `pip install` (tests/test_wheel.py installs the built wheel), `tensorboard` (a server that
 runs until stopped) and the cloud CLIs (`gcloud`, `gsutil`, `sbatch`: they need an account and a cluster).
 """
+
 import os
 import re
 import shlex
@@ -72,13 +73,21 @@ def test_every_documented_command_runs(document, tmp_path):
   for language, body in found:
     if language in ('bash', 'sh', 'shell'):
       for command in filter(runnable, commands(body)):
-        result = subprocess.run(['bash', '-c', as_run(command)], cwd=tmp_path, env=_env(), capture_output=True,
-                                text=True, timeout=600, check=False)
+        result = subprocess.run(
+          ['bash', '-c', as_run(command)],
+          cwd=tmp_path,
+          env=_env(),
+          capture_output=True,
+          text=True,
+          timeout=600,
+          check=False,
+        )
         assert result.returncode == 0, f'{document}: {command}\n{result.stdout[-1500:]}\n{result.stderr[-3000:]}'
         ran += 1
     elif language == 'python':
-      result = subprocess.run([sys.executable, '-c', body], cwd=tmp_path, env=_env(), capture_output=True,
-                              text=True, timeout=600, check=False)
+      result = subprocess.run(
+        [sys.executable, '-c', body], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600, check=False
+      )
       assert result.returncode == 0, f'{document}: python block\n{body}\n{result.stderr[-3000:]}'
       ran += 1
   assert ran >= 3, f'{document}: only {ran} commands found'

@@ -1,6 +1,7 @@
 """Doped models (seed 004, §3): frozen random MLPs between trainable blocks — they never change, get no gradient
 and no optimizer state, are checkpointed and shard (causality, the KV cache, resume and meshes:
 tests/test_contract.py)."""
+
 import time
 
 import flax.linen as nn
@@ -49,13 +50,21 @@ def unstack_runs(collection):
   return {**collection, 'stack': {run: layers.unstack_layers(sub) for run, sub in collection['stack'].items()}}
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # the layout
 
-@pytest.mark.parametrize('doping,num_layers,expected', [
-    ('interleave', 3, (1, 1, 0)), ('interleave', 1, (0,)), ('TFTFT', 3, (1, 1, 0)), ('TFFTTFT', 4, (2, 0, 1, 0)),
-    ('TT', 2, (0, 0)), ('', 2, (0, 0))])
+
+@pytest.mark.parametrize(
+  'doping,num_layers,expected',
+  [
+    ('interleave', 3, (1, 1, 0)),
+    ('interleave', 1, (0,)),
+    ('TFTFT', 3, (1, 1, 0)),
+    ('TFFTTFT', 4, (2, 0, 1, 0)),
+    ('TT', 2, (0, 0)),
+    ('', 2, (0, 0)),
+  ],
+)
 def test_pattern_gives_frozen_mlps_after_each_trainable_block(doping, num_layers, expected):
   assert doped.parse_doping(doping, num_layers) == expected
 
@@ -71,17 +80,24 @@ def test_tiny_preset_is_tftft_and_presets_build():
     doped_config.get_config('nope')
 
 
-@pytest.mark.parametrize('overrides,pattern', [
-    ({'doping': {'pattern': 'FTT'}, 'num_layers': 2},
-     r"model.doping.pattern='FTT' is invalid: the first and last layers must be trainable"),
+@pytest.mark.parametrize(
+  'overrides,pattern',
+  [
+    (
+      {'doping': {'pattern': 'FTT'}, 'num_layers': 2},
+      r"model.doping.pattern='FTT' is invalid: the first and last layers must be trainable",
+    ),
     ({'doping': {'pattern': 'TTF'}, 'num_layers': 2}, r'first and last layers must be trainable'),
     ({'doping': {'pattern': 'TXT'}, 'num_layers': 2}, r"model.doping.pattern='TXT' is invalid: 'X' is not T or F"),
     ({'doping': {'pattern': 'tft'}, 'num_layers': 2}, r"'ft' is not T or F"),
-    ({'doping': {'pattern': 'TFTFT'}, 'num_layers': 5},
-     r"model.doping.pattern='TFTFT' has 3 trainable blocks \(T\) but model.num_layers=5; .* set it to 3"),
+    (
+      {'doping': {'pattern': 'TFTFT'}, 'num_layers': 5},
+      r"model.doping.pattern='TFTFT' has 3 trainable blocks \(T\) but model.num_layers=5; .* set it to 3",
+    ),
     ({'doping': {'frozen_mlp_ratio': 0}}, r'model.doping.frozen_mlp_ratio=0 is invalid; it must be a positive integer'),
     ({'share_layers': 'all'}, r"model.doping.pattern='interleave' needs model.share_layers='none'"),
-])
+  ],
+)
 def test_bad_doping_is_one_clear_error(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):
     build_model(model_config(**overrides))
@@ -110,8 +126,9 @@ def test_frozen_layers_add_only_frozen_params_with_logical_axes():
   assert abs(float(fc.std()) - layers.INIT_STD) < 2e-3
 
 
-@pytest.mark.parametrize('doping,num_layers,remat,norm_position', [
-    ('interleave', 3, 'none', 'pre'), ('TFFTTFT', 4, 'full', 'post')])
+@pytest.mark.parametrize(
+  'doping,num_layers,remat,norm_position', [('interleave', 3, 'none', 'pre'), ('TFFTTFT', 4, 'full', 'post')]
+)
 def test_scanned_equals_unscanned(doping, num_layers, remat, norm_position):
   m = model_config(doping=dict(pattern=doping), num_layers=num_layers, remat=remat, norm_position=norm_position)
   model, variables = init(m)
@@ -120,8 +137,9 @@ def test_scanned_equals_unscanned(doping, num_layers, remat, norm_position):
   converted = {k: unstack_runs(v) for k, v in variables.items()}
   expected = nn.unbox(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), tokens)))
   assert jax.tree.map(lambda x: x.shape, expected) == jax.tree.map(lambda x: x.shape, converted)
-  np.testing.assert_allclose(np.asarray(model.apply(variables, tokens)),
-                             np.asarray(unrolled.apply(converted, tokens)), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model.apply(variables, tokens)), np.asarray(unrolled.apply(converted, tokens)), atol=1e-5, rtol=1e-5
+  )
 
 
 def test_frozen_layers_are_used_and_get_no_gradient():
@@ -142,19 +160,20 @@ def test_frozen_layers_are_used_and_get_no_gradient():
 # ---------------------------------------------------------------------------------------------------------
 # training: frozen weights never change, have no optimizer state, shard, checkpoint and resume
 
+
 def test_train_steps_leave_frozen_bit_identical_and_optimizer_holds_only_trainable(corpus_dir):
   config = run_config(corpus_dir, **{'model.vocab_size': V, 'model.dropout': 0.1, 'mesh.fsdp': 2})
   setup = state_lib.make_setup(config)
   state = setup.init_fn(jax.random.key(config.seed))
   params0, frozen0 = jax.device_get(state.params), jax.device_get(state.extra['frozen'])
   # Adam keeps mu and nu for the trainable params and nothing else: 2 x the trainable bytes
-  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: hasattr(s, 'mu'))
-          if hasattr(s, 'mu')]
+  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: hasattr(s, 'mu')) if hasattr(s, 'mu')]
   assert len(adam) == 1
   assert jax.tree.structure(adam[0].mu) == jax.tree.structure(state.params)
   assert nbytes(adam[0].mu) + nbytes(adam[0].nu) == 2 * nbytes(state.params)
-  assert not any('frozen' in jax.tree_util.keystr(path)
-                 for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state))
+  assert not any(
+    'frozen' in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)
+  )
   step = train.make_train_step(setup, config)
   rng = np.random.default_rng(0)
   for _ in range(5):
@@ -162,8 +181,9 @@ def test_train_steps_leave_frozen_bit_identical_and_optimizer_holds_only_trainab
     batch = train._shard(setup, {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]})  # pylint: disable=protected-access
     state, _ = step(state, batch)
   assert int(state.step) == 5
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params0),
-                                                      jax.tree.leaves(jax.device_get(state.params))))
+  assert any(
+    not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params0), jax.tree.leaves(jax.device_get(state.params)))
+  )
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra['frozen']), frozen0)
 
 
@@ -171,8 +191,13 @@ def test_checkpoint_stores_the_frozen_weights_sharded_and_metrics_count_both_acc
   """On data=2 x fsdp=4 the frozen weights shard over fsdp, the checkpointed ones are those of a fresh init with
   the seed, and the metrics log cumulative compute under both accountings. (Resume and meshes:
   tests/test_contract.py.)"""
-  overrides = {'train.steps': 8, 'train.log_every': 1, 'checkpoint.every': 4, 'model.dropout': 0.1,
-               'train.eval_every': 100}
+  overrides = {
+    'train.steps': 8,
+    'train.log_every': 1,
+    'checkpoint.every': 4,
+    'model.dropout': 0.1,
+    'train.eval_every': 100,
+  }
   mesh = {'mesh.data': 2, 'mesh.fsdp': 4}
   train.train_and_evaluate(run_config(corpus_dir, **overrides, **mesh), str(tmp_path / 'straight'))
 
@@ -187,10 +212,13 @@ def test_checkpoint_stores_the_frozen_weights_sharded_and_metrics_count_both_acc
     ckpt.close()
   assert meta['step'] == 8
   fresh = setup.init_fn(jax.random.key(config.seed))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.extra['frozen']),
-               jax.device_get(fresh.extra['frozen']))
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)),
-                                                      jax.tree.leaves(jax.device_get(fresh.params))))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(restored.extra['frozen']), jax.device_get(fresh.extra['frozen'])
+  )
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(jax.device_get(fresh.params)))
+  )
 
   m, d, r = config.model, config.model.d_model, config.model.doping.frozen_mlp_ratio
   n_frozen = 2 * 2 * r * d * d
@@ -203,11 +231,13 @@ def test_checkpoint_stores_the_frozen_weights_sharded_and_metrics_count_both_acc
 
 def _tokenizer(workdir):
   from effjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+
   return tokenizers.load_tokenizer(str(workdir / 'data'))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the CLI
+
 
 def test_cli_summary_of_doped_medium_is_fast_and_reports_frozen(tmp_path):
   """Doped Medium: 12 trainable blocks of d=1024 and 11 frozen MLPs of hidden 6d, BPE 50262, rotary, tied."""

@@ -1,6 +1,7 @@
 """GPT-Efficio: cross-layer sharing (nn.scan with broadcast params; all layers or G groups) and factorized
 embeddings (V×E table, E×H projection, tied logits h·Pᵀ·Wᵀ), alone and with sharding and export (causality, the KV
 cache, resume and meshes: tests/test_contract.py)."""
+
 import os
 import time
 import types
@@ -43,9 +44,9 @@ def run_config(corpus, **overrides):
   return variant_config(efficio, corpus, **overrides)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # configs and accounting
+
 
 def test_presets_build_and_unknown_preset_is_an_error():
   for preset in ('', 'tiny', *efficio.ABLATIONS):
@@ -82,15 +83,13 @@ def test_shared_params_independent_of_depth_while_flops_grow_linearly():
   assert totals[2] == totals[4] == totals[8]
   per_layer = (flops[4] - flops[2]) // 2
   assert per_layer > 0 and flops[8] - flops[4] == 4 * per_layer and flops[2] - 2 * per_layer > 0
-  unshared = [accounting.param_counts(model_config(num_layers=d, share_layers='none'))['total_params']
-              for d in (2, 4)]
+  unshared = [accounting.param_counts(model_config(num_layers=d, share_layers='none'))['total_params'] for d in (2, 4)]
   assert unshared[1] - unshared[0] == 2 * (unshared[0] - totals[2])  # (L-1) extra blocks when unshared
   groups = accounting.param_counts(model_config(num_layers=8, share_layers='groups', num_groups=4))
   assert groups['total_params'] == unshared[1]  # G=4 unique blocks over 8 layers = 4 independent blocks
 
 
-@pytest.mark.parametrize('pos_emb,tie', [('learned', True), ('rotary', True), ('rotary', False),
-                                         ('learned', False)])
+@pytest.mark.parametrize('pos_emb,tie', [('learned', True), ('rotary', True), ('rotary', False), ('learned', False)])
 def test_factorized_embedding_params_exact(pos_emb, tie):
   """embedding params = V·E + E·H (+ max_len·H for a learned position table, + H·V for an untied head)."""
   m = model_config(pos_emb=pos_emb, tie_embeddings=tie, embed_dim=16)
@@ -100,14 +99,13 @@ def test_factorized_embedding_params_exact(pos_emb, tie):
   dense = accounting.param_counts(variant(m, embed_dim=0))
   assert dense['embedding_params'] == V * h + n_pos * h + (0 if tie else h * V)
   assert dense['non_embedding_trainable_params'] == counts['non_embedding_trainable_params']
-  s = accounting.summarize(ml_collections.ConfigDict({**efficio.get_config('tiny').to_dict(),
-                                                      'model': m.to_dict()}))
-  assert (s['embed_table_params'], s['embed_projection_params'], s['pos_embedding_params']) == (V * e, e * h,
-                                                                                                 n_pos * h)
+  s = accounting.summarize(ml_collections.ConfigDict({**efficio.get_config('tiny').to_dict(), 'model': m.to_dict()}))
+  assert (s['embed_table_params'], s['embed_projection_params'], s['pos_embedding_params']) == (V * e, e * h, n_pos * h)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # numerics of the shared stack
+
 
 def test_shared_stack_equals_one_block_applied_l_times_by_hand():
   cfg = ml_collections.FrozenConfigDict(model_config())
@@ -141,7 +139,7 @@ def test_shared_grads_are_sum_over_applications(share):
   model, variables = init(m)
   ref_model, ref_params, repeats = _replicated_reference(m, variables['params'])
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, V)
-  loss = lambda mod: (lambda p: jnp.mean(mod.apply({'params': p}, tokens) ** 2))
+  loss = lambda mod: lambda p: jnp.mean(mod.apply({'params': p}, tokens) ** 2)
   close(model.apply(variables, tokens), ref_model.apply({'params': ref_params}, tokens))
   g_shared = jax.grad(loss(model))(variables['params'])
   g_ref = jax.grad(loss(ref_model))(ref_params)
@@ -150,19 +148,23 @@ def test_shared_grads_are_sum_over_applications(share):
     expected = jax.tree.map(lambda *gs: sum(gs), *per_layer)
     got = g_shared['stack']['shared']
   else:
-    expected = jax.tree.map(lambda *gs: jnp.stack([sum(gs[g * repeats:(g + 1) * repeats])
-                                                   for g in range(m.num_groups)]), *per_layer)
+    expected = jax.tree.map(
+      lambda *gs: jnp.stack([sum(gs[g * repeats : (g + 1) * repeats]) for g in range(m.num_groups)]), *per_layer
+    )
     got = g_shared['stack']['groups']['shared']
   jax.tree.map(lambda a, b: close(a, b, atol=1e-6), got, expected)
   jax.tree.map(lambda a, b: close(a, b, atol=1e-6), g_shared['embed'], g_ref['embed'])
   # and each application contributes: the sum is not just the last layer's gradient
   last = g_ref['stack'][f'layer_{m.num_layers - 1}']['mlp']['fc']['kernel']
-  assert float(jnp.abs(last - (got['mlp']['fc']['kernel'] if share == 'all'
-                               else got['mlp']['fc']['kernel'][-1])).max()) > 1e-7
+  assert (
+    float(jnp.abs(last - (got['mlp']['fc']['kernel'] if share == 'all' else got['mlp']['fc']['kernel'][-1])).max())
+    > 1e-7
+  )
 
 
-@pytest.mark.parametrize('share,groups,remat', [('none', 1, 'none'), ('all', 1, 'none'), ('groups', 2, 'none'),
-                                                ('groups', 2, 'full')])
+@pytest.mark.parametrize(
+  'share,groups,remat', [('none', 1, 'none'), ('all', 1, 'none'), ('groups', 2, 'none'), ('groups', 2, 'full')]
+)
 def test_scanned_equals_unscanned(share, groups, remat):
   m = model_config(num_layers=4, share_layers=share, num_groups=groups, remat=remat)
   model, variables = init(m)
@@ -183,8 +185,9 @@ def test_groups_apply_each_block_l_over_g_consecutive_times():
   ref_model, ref_params, _ = _replicated_reference(m, variables['params'])
   tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, V)
   close(model.apply(variables, tokens), ref_model.apply({'params': ref_params}, tokens))
-  swapped = dict(ref_params, stack={f'layer_{i}': ref_params['stack'][f'layer_{j}']
-                                    for i, j in enumerate((0, 2, 1, 3))})
+  swapped = dict(
+    ref_params, stack={f'layer_{i}': ref_params['stack'][f'layer_{j}'] for i, j in enumerate((0, 2, 1, 3))}
+  )
   assert float(jnp.abs(model.apply(variables, tokens) - ref_model.apply({'params': swapped}, tokens)).max()) > 1e-4
 
 
@@ -196,8 +199,15 @@ def test_groups_and_factorization_shard_on_8_devices_and_export(tmp_path, corpus
   """The grouped stack and the factorized tables shard on data x fsdp x tensor; the trained run exports and the
   export gives the run's logits. (Resume and 1 device == 8 devices: tests/test_contract.py.)"""
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
-  overrides = {'train.steps': 4, 'train.log_every': 1, 'checkpoint.every': 4, 'model.share_layers': 'groups',
-               'model.num_groups': 2, 'model.embed_dim': 16, 'model.dropout': 0.1}
+  overrides = {
+    'train.steps': 4,
+    'train.log_every': 1,
+    'checkpoint.every': 4,
+    'model.share_layers': 'groups',
+    'model.num_groups': 2,
+    'model.embed_dim': 16,
+    'model.dropout': 0.1,
+  }
   setup = state_lib.make_setup(run_config(corpus_dir, **overrides, **mesh, **{'model.vocab_size': 64}))
   shardings = setup.state_shardings.params
   sharded = lambda spec: any(axis is not None for axis in spec)
@@ -208,29 +218,35 @@ def test_groups_and_factorization_shard_on_8_devices_and_export(tmp_path, corpus
   train.train_and_evaluate(run_config(corpus_dir, **overrides, **mesh), str(tmp_path / 'straight'))
   # export -> load_export -> the same logits and a cached sample
   config = run_config(corpus_dir, **overrides, **mesh)
-  flags = types.SimpleNamespace(workdir=str(tmp_path / 'straight'), export_dir=str(tmp_path / 'export'),
-                                export_dtype='float32')
+  flags = types.SimpleNamespace(
+    workdir=str(tmp_path / 'straight'), export_dir=str(tmp_path / 'export'), export_dtype='float32'
+  )
   modes.run_export(config, flags)
   model, variables, exported = checkpoint.load_export(str(tmp_path / 'export'))
   assert exported.model.share_layers == 'groups' and exported.model.embed_dim == 16
   setup, state, _, tokenizer, _ = modes.restore_trained(config, str(tmp_path / 'straight'))
   tokens = jnp.asarray([tokenizer.encode('def f(x):')], jnp.int32)
   close(model.apply(variables, tokens), setup.model.apply(jax.device_get(state.variables()), tokens))
-  text = sample.sample_text(model, variables, tokenizer, 'def ', max_new_tokens=8, temperature=0.0, top_k=0,
-                            top_p=1.0, seed=0)
+  text = sample.sample_text(
+    model, variables, tokenizer, 'def ', max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=0
+  )
   assert len(text) == 1 and len(text[0]) > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
 # bad input
 
-@pytest.mark.parametrize('overrides,pattern', [
+
+@pytest.mark.parametrize(
+  'overrides,pattern',
+  [
     ({'share_layers': 'groups', 'num_groups': 3}, r'model.num_groups=3 does not divide model.num_layers=4'),
     ({'share_layers': 'groups', 'num_groups': 0}, r'model.num_groups=0 is invalid'),
     ({'embed_dim': 65}, r'model.embed_dim=65 is invalid; use 0 \(no factorization\) or 1..d_model=64'),
     ({'embed_dim': -4}, r'model.embed_dim=-4 is invalid'),
     ({'share_layers': 'some'}, r"model.share_layers='some' is invalid; valid values: none, all, groups"),
-])
+  ],
+)
 def test_bad_sharing_and_factorization_settings(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):
     build_model(model_config(**overrides))
@@ -238,18 +254,24 @@ def test_bad_sharing_and_factorization_settings(overrides, pattern):
 
 def test_cli_refuses_checkpoint_with_other_sharing_mode_and_changes_nothing(tmp_path, corpus_dir):
   workdir = tmp_path / 'run'
-  common = ['--config=configs/efficio.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}',
-            '--config.train.steps=4', '--config.checkpoint.every=2', '--progress=false']
+  common = [
+    '--config=configs/efficio.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.corpus={corpus_dir}',
+    '--config.train.steps=4',
+    '--config.checkpoint.every=2',
+    '--progress=false',
+  ]
   result = run_cli(*common)
   assert result.returncode == 0, result.stderr[-2000:]
-  before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*') if p.is_file()
-            and p.name != '.lock'}
+  before = {
+    p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*') if p.is_file() and p.name != '.lock'
+  }
   result = run_cli(*common, '--config.model.share_layers=none')
   assert result.returncode == 2
   lines = [line for line in result.stderr.splitlines() if line.startswith('effjax: error:')]
   assert len(lines) == 1 and "share_layers: checkpoint 'all' vs config 'none'" in lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
-  after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*') if p.is_file()
-           and p.name != '.lock'}
+  after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*') if p.is_file() and p.name != '.lock'}
   assert after == before
   assert os.path.exists(workdir / 'checkpoints' / '4')

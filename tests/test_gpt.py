@@ -1,5 +1,6 @@
 """The baseline GPT: shapes, learning, sampling filters, bf16 and the sliding window (causality, the KV cache, scan ==
 unrolled, resume and meshes: tests/test_contract.py)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ def test_tiny_model_overfits_one_batch():
     def loss_fn(p):
       logits = model.apply({'params': p}, tokens[:, :-1])
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
     loss, g = jax.value_and_grad(loss_fn)(params)
     updates, state = opt.update(g, state, params)
     return optax.apply_updates(params, updates), state, loss

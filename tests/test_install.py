@@ -4,6 +4,7 @@ One real `pip install --dry-run` of `.[cuda,tpu,gcs]` (pip's resolver, the regis
 download of the big wheels themselves): the CUDA plugin and PJRT at exactly our jax version, libtpu, and the gs://
 clients. If one of them could not be resolved pip exits non-zero and the test fails with pip's own message.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -24,9 +25,25 @@ def _version(report: dict, name: str) -> str:
 
 def test_cuda_tpu_and_gcs_extras_resolve_at_our_jax_version(tmp_path):
   report_path = tmp_path / 'report.json'
-  result = subprocess.run([sys.executable, '-m', 'pip', 'install', '--dry-run', '--quiet', '--no-build-isolation',
-                           '--report', str(report_path), '.[cuda,tpu,gcs]'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'install',
+      '--dry-run',
+      '--quiet',
+      '--no-build-isolation',
+      '--report',
+      str(report_path),
+      '.[cuda,tpu,gcs]',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(report_path.read_text())
   jax_version = _version(report, 'jax')

@@ -3,6 +3,7 @@
 The GPT-2 models are built here with random weights (no download); biases and LayerNorm parameters are
 perturbed too, so every tensor of the mapping matters.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,16 @@ VOCAB, CTX, WIDTH, LAYERS, HEADS = 300, 32, 32, 2, 4
 
 def _bpe_tokenizer_json(vocab_size: int) -> str:
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                special_tokens=['<|endoftext|>'], show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    special_tokens=['<|endoftext|>'],
+    show_progress=False,
+  )
   tok.train_from_iterator(['def add(x, y):\n    return x + y\n'] * 20, trainer=trainer)
   return tok.to_str()
 
@@ -51,8 +57,9 @@ def _tokens(seed=0) -> np.ndarray:
 def hf_model(tmp_path_factory):
   """A random GPT-2 saved as config.json + model.safetensors + tokenizer.json."""
   torch.manual_seed(0)
-  config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=CTX, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
-                                   bos_token_id=0, eos_token_id=0)
+  config = transformers.GPT2Config(
+    vocab_size=VOCAB, n_positions=CTX, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, bos_token_id=0, eos_token_id=0
+  )
   model = transformers.GPT2LMHeadModel(config).eval()
   with torch.no_grad():
     for p in model.parameters():
@@ -94,8 +101,9 @@ def test_import_pytorch_model_bin(hf_model, tmp_path):
 def test_imported_model_samples_through_the_cli(hf_model, tmp_path):
   _, hf_dir = hf_model
   hf_gpt2.import_hf(str(hf_dir), str(tmp_path / 'export'))
-  code, out, err = cli(f'--from_export={tmp_path}/export', '--mode=sample', '--prompt=def add',
-                       '--max_new_tokens=5', '--temperature=0')
+  code, out, err = cli(
+    f'--from_export={tmp_path}/export', '--mode=sample', '--prompt=def add', '--max_new_tokens=5', '--temperature=0'
+  )
   assert code == 0, err
   assert out.startswith('def add')
 
@@ -103,9 +111,9 @@ def test_imported_model_samples_through_the_cli(hf_model, tmp_path):
 def _effjax_export(tmp_path, **model_overrides):
   """A randomly initialised effjax GPT (learned positions, GELU, tied head) exported with a BPE tokenizer."""
   from effjax.configs import gpt  # pylint: disable=import-outside-toplevel
+
   config = gpt.get_config('tiny')
-  config.model.update(vocab_size=VOCAB, max_len=CTX, d_model=WIDTH, num_heads=HEADS, num_layers=4,
-                      **model_overrides)
+  config.model.update(vocab_size=VOCAB, max_len=CTX, d_model=WIDTH, num_heads=HEADS, num_layers=4, **model_overrides)
   config.data.tokenizer = 'bpe'
   model = build_model(config.model)
   variables = nn.unbox({k: v for k, v in model.init(jax.random.key(3), _tokens()).items() if k != 'cache'})
@@ -114,21 +122,32 @@ def _effjax_export(tmp_path, **model_overrides):
   keys = jax.random.split(jax.random.key(4), len(leaves))
   variables = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   (tmp_path / 'tokenizer.json').write_text(_bpe_tokenizer_json(VOCAB))
-  checkpoint.export(str(tmp_path / 'export'), variables, config, str(tmp_path / 'tokenizer.json'),
-                    {'step': 0, 'tokens_seen': 0}, 'float32')
+  checkpoint.export(
+    str(tmp_path / 'export'),
+    variables,
+    config,
+    str(tmp_path / 'tokenizer.json'),
+    {'step': 0, 'tokens_seen': 0},
+    'float32',
+  )
   return model, variables
 
 
-@pytest.mark.parametrize('overrides', [
+@pytest.mark.parametrize(
+  'overrides',
+  [
     {},
     {'scan_layers': False},
-    {'share_layers': 'all', 'embed_dim': 16},        # GPT-Efficio: written with the block repeated, table W·P
+    {'share_layers': 'all', 'embed_dim': 16},  # GPT-Efficio: written with the block repeated, table W·P
     {'share_layers': 'groups', 'num_groups': 2},
-], ids=['plain', 'unscanned', 'shared_factorized', 'groups'])
+  ],
+  ids=['plain', 'unscanned', 'shared_factorized', 'groups'],
+)
 def test_export_to_hf_logits_match(tmp_path, overrides, capsys):
   model, variables = _effjax_export(tmp_path, **overrides)
-  assert hf_gpt2.main([f'--from_export={tmp_path}/export', f'--hf_dir={tmp_path}/hf', '--to_hf']) == 0, \
-      capsys.readouterr().err
+  assert hf_gpt2.main([f'--from_export={tmp_path}/export', f'--hf_dir={tmp_path}/hf', '--to_hf']) == 0, (
+    capsys.readouterr().err
+  )
   assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors', 'tokenizer.json']
   hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).eval()
   tokens = _tokens(2)
@@ -162,12 +181,12 @@ def test_refusals_are_one_line_and_write_nothing(hf_model, tmp_path, capsys):
   (tmp_path / 'taken').mkdir()
   (tmp_path / 'taken' / 'keep.txt').write_text('mine')
   cases = [
-      ([f'--hf_dir={hf_dir}', f'--export_dir={tmp_path}/taken'], 'already exists and is not empty'),
-      ([f'--hf_dir={tmp_path}/none', f'--export_dir={tmp_path}/e1'], 'is not a directory'),
-      ([f'--hf_dir={tmp_path}/taken', f'--export_dir={tmp_path}/e2'], 'no config.json'),
-      ([f'--hf_dir={hf_dir}'], 'needs --export_dir'),
-      ([f'--from_export={tmp_path}/none', f'--hf_dir={tmp_path}/h1', '--to_hf'], 'does not exist'),
-      ([f'--hf_dir={hf_dir}', '--to_hf'], '--to_hf needs --from_export'),
+    ([f'--hf_dir={hf_dir}', f'--export_dir={tmp_path}/taken'], 'already exists and is not empty'),
+    ([f'--hf_dir={tmp_path}/none', f'--export_dir={tmp_path}/e1'], 'is not a directory'),
+    ([f'--hf_dir={tmp_path}/taken', f'--export_dir={tmp_path}/e2'], 'no config.json'),
+    ([f'--hf_dir={hf_dir}'], 'needs --export_dir'),
+    ([f'--from_export={tmp_path}/none', f'--hf_dir={tmp_path}/h1', '--to_hf'], 'does not exist'),
+    ([f'--hf_dir={hf_dir}', '--to_hf'], '--to_hf needs --from_export'),
   ]
   weights_missing = tmp_path / 'noweights'
   weights_missing.mkdir()
@@ -175,8 +194,9 @@ def test_refusals_are_one_line_and_write_nothing(hf_model, tmp_path, capsys):
   cases.append(([f'--hf_dir={weights_missing}', f'--export_dir={tmp_path}/e3'], 'no model.safetensors'))
   relu = tmp_path / 'relu'
   relu.mkdir()
-  (relu / 'config.json').write_text(json.dumps({**json.loads((hf_dir / 'config.json').read_text()),
-                                                'activation_function': 'relu'}))
+  (relu / 'config.json').write_text(
+    json.dumps({**json.loads((hf_dir / 'config.json').read_text()), 'activation_function': 'relu'})
+  )
   cases.append(([f'--hf_dir={relu}', f'--export_dir={tmp_path}/e4'], "activation_function='relu'"))
   for args, pattern in cases:
     capsys.readouterr()

@@ -1,5 +1,6 @@
 """Claims about the low-rank dense kind (effjax/models/lowrank.py): W = U·V exactly, its counts, its init scale,
 and a lowrank:tiny run that learns."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,8 @@ def test_tiny_summary_params_and_flops_are_exact():
   d, f, r, v, t = 64, 256, 8, 50, 32
   attn = 4 * (r * (d + d) + d)
   mlp = r * (d + f) + f + r * (f + d) + d
-  block = attn + mlp + 2 * 2 * d                    # + ln1, ln2 (scale and bias)
-  total = 2 * block + v * d + t * d + 2 * d           # + token table, position table, final norm
+  block = attn + mlp + 2 * 2 * d  # + ln1, ln2 (scale and bias)
+  total = 2 * block + v * d + t * d + 2 * d  # + token table, position table, final norm
   summary = accounting.summarize(config)
   assert summary['total_params'] == summary['trainable_params'] == total == 25_472
   block_flops = 4 * 2 * r * (d + d) + 4 * t * d + 2 * 2 * r * (d + f)

@@ -1,5 +1,6 @@
 """What a run logs: plain lines without a terminal, a bar whose loss is the train loss on one, timings that
 leave out compilation, evaluation and checkpoints, MFU, and one row per (step, split) after a resume."""
+
 import fcntl
 import json
 import os
@@ -17,8 +18,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from effjax import metrics, train
 from tests.helpers import one_device, run_cli, tiny_config
 
-LINE = re.compile(r'^step (\d+)/40  train loss \d+\.\d{4}  lr \d\.\d\de-\d\d  [\d.]+ ms/step  [\d,]+ tok/s  '
-                  r'MFU \d+\.\d%  ETA \d+:\d\d:\d\d$')
+LINE = re.compile(
+  r'^step (\d+)/40  train loss \d+\.\d{4}  lr \d\.\d\de-\d\d  [\d.]+ ms/step  [\d,]+ tok/s  '
+  r'MFU \d+\.\d%  ETA \d+:\d\d:\d\d$'
+)
 
 
 def test_plain_lines_without_a_terminal(tmp_path, corpus_dir):
@@ -77,9 +80,17 @@ def test_step_clock_leaves_out_what_is_not_a_step():
 
 
 def test_peak_table_knows_the_accelerators():
-  kinds = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
-           'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12,
-           'NVIDIA H200': 989e12}
+  kinds = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5': 459e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H200': 989e12,
+  }
   assert {k: metrics.peak_of_kind(k) for k in kinds} == kinds
   assert metrics.peak_of_kind('Some Future Chip') is None
   assert 1e9 < metrics.peak_flops(one_device()) < 1e14  # measured on this CPU
@@ -89,8 +100,9 @@ def test_resume_from_an_older_checkpoint_keeps_one_row_per_step(tmp_path, corpus
   """A run killed after logging steps past its last checkpoint: the resumed run's rows replace those rows, for
   metrics.jsonl and for TensorBoard's reader."""
   workdir = tmp_path / 'run'
-  config = tiny_config(corpus_dir, **{'train.steps': 12, 'train.log_every': 3, 'train.eval_every': 6,
-                                      'checkpoint.every': 6})
+  config = tiny_config(
+    corpus_dir, **{'train.steps': 12, 'train.log_every': 3, 'train.eval_every': 6, 'checkpoint.every': 6}
+  )
   train.train_and_evaluate(config, str(workdir), devices=one_device(), progress=False)
   shutil.rmtree(workdir / 'checkpoints' / '12')  # as if killed before the step-12 checkpoint was written
   train.train_and_evaluate(config, str(workdir), devices=one_device(), progress=False)
@@ -108,8 +120,16 @@ def test_wandb_offline_run_gets_the_same_rows(tmp_path, corpus_dir, monkeypatch)
   monkeypatch.setenv('WANDB_MODE', 'offline')
   monkeypatch.setenv('WANDB_SILENT', 'true')
   workdir = tmp_path / 'run'
-  config = tiny_config(corpus_dir, **{'train.steps': 4, 'train.log_every': 2, 'train.eval_every': 4,
-                                      'checkpoint.every': 4, 'train.wandb_project': 'effjax-test'})
+  config = tiny_config(
+    corpus_dir,
+    **{
+      'train.steps': 4,
+      'train.log_every': 2,
+      'train.eval_every': 4,
+      'checkpoint.every': 4,
+      'train.wandb_project': 'effjax-test',
+    },
+  )
   train.train_and_evaluate(config, str(workdir), devices=one_device(), progress=False)
   (run_dir,) = (workdir / 'wandb').glob('offline-run-*')
   assert run_dir.name.endswith((workdir / 'wandb_run_id').read_text()) and wandb.__version__

@@ -7,6 +7,7 @@ flags; data preparation by process 0 behind a barrier; grain's per-process slice
 Orbax saving and restoring a state sharded across processes (and the per-process data-iterator state); metrics
 written by process 0 only.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,26 @@ from launch.local import kill_all, start_local, wait_all  # noqa: E402  pylint: 
 
 STEPS, EVERY = 24, 4
 # steps+1 with stop_at: the run ends (checkpointed) at STEPS without the final evaluation, one compile less.
-OVERRIDES = {'train.steps': STEPS + 1, 'train.stop_at': STEPS, 'train.log_every': 1, 'train.eval_every': 1000,
-             'checkpoint.every': EVERY, 'checkpoint.keep': 10, 'mesh.data': 2, 'mesh.fsdp': 4}
+OVERRIDES = {
+  'train.steps': STEPS + 1,
+  'train.stop_at': STEPS,
+  'train.log_every': 1,
+  'train.eval_every': 1000,
+  'checkpoint.every': EVERY,
+  'checkpoint.keep': 10,
+  'mesh.data': 2,
+  'mesh.fsdp': 4,
+}
 
 
 def cli_args(workdir, corpus) -> list[str]:
-  return ['--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus}',
-          '--progress=false', *(f'--config.{k}={v}' for k, v in OVERRIDES.items())]
+  return [
+    '--config=configs/gpt.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.corpus={corpus}',
+    '--progress=false',
+    *(f'--config.{k}={v}' for k, v in OVERRIDES.items()),
+  ]
 
 
 def metric_lines(workdir) -> list[dict]:
@@ -57,8 +71,11 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
   workdir = str(tmp_path / 'mp')
   args = cli_args(workdir, corpus_dir)
   # The resumed run compiles the same programs as the killed one: a persistent compilation cache skips that.
-  env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  env = {
+    'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+    'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+  }
 
   # 1. Start 2 processes; SIGKILL both mid-run, once a checkpoint is final and training has gone past it.
   procs = start_local(args, num_processes=2, devices_per_process=4, env=env, cwd=ROOT, sink=None)
@@ -66,8 +83,11 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
       done = finished_checkpoints(workdir)
-      if done and os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and \
-          max(m['step'] for m in metric_lines(workdir) or [{'step': 0}]) > done[0]:
+      if (
+        done
+        and os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+        and max(m['step'] for m in metric_lines(workdir) or [{'step': 0}]) > done[0]
+      ):
         break
       time.sleep(0.02)
     running = [p.poll() is None for p in procs]
@@ -87,8 +107,9 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
   print(f'resumed run: {time.monotonic() - started:.1f} s')
   output = '\n'.join(p.output[-3000:] for p in procs)
   assert codes == [0, 0], output
-  resumed_from = [int(line.split('start at step ')[1].split()[0]) for line in procs[0].lines
-                  if 'start at step ' in line]
+  resumed_from = [
+    int(line.split('start at step ')[1].split()[0]) for line in procs[0].lines if 'start at step ' in line
+  ]
   assert resumed_from and resumed_from[0] in saved and resumed_from[0] > 0, output
 
   # 3. One process driving all 8 devices, uninterrupted.
@@ -100,8 +121,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, corpus_dir
   lines = metric_lines(workdir)
   got = {m['step']: m['loss'] for m in lines}  # the resumed run's value wins for re-run steps
   assert sorted(got) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [want[s] for s in range(1, STEPS + 1)],
-                             atol=1e-5)
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [want[s] for s in range(1, STEPS + 1)], atol=1e-5)
   # Only process 0 logs: before the resume point every step was written exactly once.
   counts = {s: sum(m['step'] == s for m in lines) for s in range(1, resumed_from[0] + 1)}
   assert set(counts.values()) == {1}, counts
@@ -113,14 +133,25 @@ def test_two_processes_on_a_shared_prepared_dataset_read_it_and_match_one_proces
   """data.dataset=DIR (made once by `python -m effjax.data.prepare`): both processes only read it (nothing is
   tokenized, no workdir gets a data/ cache) and give the losses of one process reading the same directory."""
   import subprocess  # pylint: disable=import-outside-toplevel
+
   shared = str(tmp_path / 'shared_ds')
-  subprocess.run([sys.executable, '-m', 'effjax.data.prepare', f'--corpus={corpus_dir}', f'--out={shared}',
-                  '--tokenizer=char'], cwd=ROOT, check=True, capture_output=True, timeout=300)
+  subprocess.run(
+    [sys.executable, '-m', 'effjax.data.prepare', f'--corpus={corpus_dir}', f'--out={shared}', '--tokenizer=char'],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   steps = 6
   over = {**OVERRIDES, 'train.steps': steps + 1, 'train.stop_at': steps, 'checkpoint.every': steps}
   workdir = str(tmp_path / 'mp')
-  args = ['--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.dataset={shared}',
-          '--progress=false', *(f'--config.{k}={v}' for k, v in over.items())]
+  args = [
+    '--config=configs/gpt.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.dataset={shared}',
+    '--progress=false',
+    *(f'--config.{k}={v}' for k, v in over.items()),
+  ]
   before = {n: os.path.getmtime(os.path.join(shared, n)) for n in os.listdir(shared)}
   procs = start_local(args, num_processes=2, devices_per_process=4, cwd=ROOT, sink=None)
   codes = wait_all(procs, timeout=300)

@@ -1,5 +1,6 @@
 """p-gpt: the paper's parameter counts, causality, selective inference (any branch subset, renormalised weights),
 vmap == loop, KV cache with subsets, a checkpoint evaluated with any subset and the CLI."""
+
 import json
 import os
 
@@ -46,9 +47,9 @@ def run_config(corpus, **overrides):
   return variant_config(pgpt, corpus, **overrides)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # configs and the paper's counts
+
 
 def test_presets_build_and_unknown_preset_is_an_error():
   for preset in ('', 'tiny', 'project', 'paper', 'paper_1', 'published', 'published_1'):
@@ -118,6 +119,7 @@ def test_project_form_counts():
 # ---------------------------------------------------------------------------------------------------------
 # numerics
 
+
 def _branch_alone(m, params, i, tokens):
   """Branch i by hand: embedding (its channel slice, or P_i·x), its LayerStack, ln_f and the head."""
   cfg = ml_collections.FrozenConfigDict(m)
@@ -127,12 +129,13 @@ def _branch_alone(m, params, i, tokens):
   x = layers.Embedder(cfg, width).apply({'params': params['embed']}, tokens, positions)
   branch = jax.tree.map(lambda a: a[i], params['branches'])
   if cfg.pgpt.branch_input == 'split':
-    x = x[..., i * d:(i + 1) * d]
+    x = x[..., i * d : (i + 1) * d]
   else:
     x = nn.Dense(d).apply({'params': branch['proj']}, x)
   depth = cfg.num_layers // cfg.pgpt.num_branches
-  stack = layers.LayerStack(layers.Block, dict(cfg=cfg, d_model=d, num_heads=cfg.num_heads, num_layers=depth),
-                            num_layers=depth)
+  stack = layers.LayerStack(
+    layers.Block, dict(cfg=cfg, d_model=d, num_heads=cfg.num_heads, num_layers=depth), num_layers=depth
+  )
   y = stack.apply({'params': branch['stack']}, x, positions)
   if cfg.final_norm:
     y = layers.make_norm(cfg, 'ln_f').apply({'params': params['ln_f']}, y)
@@ -201,19 +204,28 @@ def test_kv_cache_with_branch_subsets(form, active):
   assert {x.shape[0] for x in jax.tree.leaves(cache['branches'])} == {k}  # only the running branches' cache
 
 
-@pytest.mark.parametrize('overrides,pattern', [
+@pytest.mark.parametrize(
+  'overrides,pattern',
+  [
     ({'pgpt': {'num_branches': 1}}, r'model.pgpt.num_branches=1 is invalid'),
     ({'pgpt': {'num_branches': 2}}, r'model.pgpt.num_branches=2 does not divide model.num_layers=3'),
-    ({'pgpt': {'active_branches': (3,)}},
-     r'model.pgpt.active_branches=\(3,\) is invalid; give distinct branch indices in 0..2'),
+    (
+      {'pgpt': {'active_branches': (3,)}},
+      r'model.pgpt.active_branches=\(3,\) is invalid; give distinct branch indices in 0..2',
+    ),
     ({'pgpt': {'active_branches': (1, 1)}}, r'model.pgpt.active_branches=\(1, 1\) is invalid'),
     ({'tie_embeddings': True}, r'model.tie_embeddings=True does not fit branch_input=split'),
-    ({'pgpt': {'branch_input': 'concat'}},
-     r"model.pgpt.branch_input='concat' is invalid; valid values: split, project"),
+    (
+      {'pgpt': {'branch_input': 'concat'}},
+      r"model.pgpt.branch_input='concat' is invalid; valid values: split, project",
+    ),
     ({'pgpt': {'branch_mix': 'sum'}}, r"model.pgpt.branch_mix='sum' is invalid; valid values: softmax, scalar"),
-    ({'pgpt': {'branch_mix': 'scalar'}},
-     r"model.pgpt.branch_mix='scalar' mixes two branches \(w, 1 - w\); model.pgpt.num_branches=3"),
-])
+    (
+      {'pgpt': {'branch_mix': 'scalar'}},
+      r"model.pgpt.branch_mix='scalar' mixes two branches \(w, 1 - w\); model.pgpt.num_branches=3",
+    ),
+  ],
+)
 def test_bad_settings_are_one_line_errors(overrides, pattern):
   with pytest.raises(EffjaxError, match=pattern):
     build_model(model_config(**overrides))
@@ -222,12 +234,17 @@ def test_bad_settings_are_one_line_errors(overrides, pattern):
 # ---------------------------------------------------------------------------------------------------------
 # the training loop
 
+
 def test_a_checkpoint_evaluates_with_any_branch_subset(tmp_path, corpus_dir):
   """active_branches is a runtime key: a checkpoint trained with every branch restores with any subset, and each
   subset gives its own loss. (Resume and meshes: tests/test_contract.py.)"""
   overrides = {'train.steps': 4, 'checkpoint.every': 4}
-  train.train_and_evaluate(run_config(corpus_dir, **overrides, **{'mesh.data': 1}), str(tmp_path / 'straight'),
-                           devices=one_device(), progress=False)
+  train.train_and_evaluate(
+    run_config(corpus_dir, **overrides, **{'mesh.data': 1}),
+    str(tmp_path / 'straight'),
+    devices=one_device(),
+    progress=False,
+  )
   config = run_config(corpus_dir, **overrides, **{'model.pgpt.active_branches': (1,)})
   _, state, config, _, _ = modes.restore_trained(config, str(tmp_path / 'straight'))
   bundle, _ = train.load_data(config, str(tmp_path / 'straight'))
@@ -247,7 +264,13 @@ def test_cli_train_then_sample_one_branch(tmp_path, corpus_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
   assert summary['family'] == 'pgpt' and summary['active_params'] == summary['total_params']
-  result = run_cli(*common, '--mode=sample', "--config.model.pgpt.active_branches=(1,)", '--prompt=def ',
-                   '--max_new_tokens=12', '--temperature=0')
+  result = run_cli(
+    *common,
+    '--mode=sample',
+    '--config.model.pgpt.active_branches=(1,)',
+    '--prompt=def ',
+    '--max_new_tokens=12',
+    '--temperature=0',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith('def ')

@@ -1,6 +1,7 @@
 """experiments/REPORT.md against experiments/results/: every table number is in a results file, the tables are what
 `python -m experiments.report` regenerates from those files, and the verdict rule does what the report says.
 No training: reads JSON and markdown only."""
+
 import json
 import math
 import os
@@ -58,13 +59,16 @@ def test_every_block_in_the_report_is_generated():
   assert set(names) == set(report.BLOCKS), set(names) ^ set(report.BLOCKS)
 
 
-@pytest.mark.parametrize('delta, half, seeds, expected', [
-    (0.003, 0.004, 3, report.CONSISTENT),      # [-0.1 %, 0.7 %] inside (-inf, 1 %]
-    (0.030, 0.010, 3, report.CONTRADICTED),    # [2 %, 4 %] above the band
-    (0.008, 0.004, 3, report.NOT_RESOLVED),    # [0.4 %, 1.2 %] straddles the edge
-    (0.003, 0.001, 2, report.NOT_RESOLVED),    # too few seeds, however tight
-    (0.003, None, 5, report.NOT_RESOLVED),     # no interval
-])
+@pytest.mark.parametrize(
+  'delta, half, seeds, expected',
+  [
+    (0.003, 0.004, 3, report.CONSISTENT),  # [-0.1 %, 0.7 %] inside (-inf, 1 %]
+    (0.030, 0.010, 3, report.CONTRADICTED),  # [2 %, 4 %] above the band
+    (0.008, 0.004, 3, report.NOT_RESOLVED),  # [0.4 %, 1.2 %] straddles the edge
+    (0.003, 0.001, 2, report.NOT_RESOLVED),  # too few seeds, however tight
+    (0.003, None, 5, report.NOT_RESOLVED),  # no interval
+  ],
+)
 def test_verdict_rule(delta, half, seeds, expected):
   assert report.verdict(delta, half, (-math.inf, 0.01), seeds) == expected
 
@@ -78,10 +82,17 @@ def test_paired_interval_is_two_standard_errors():
 
 def test_prune_control_summary_is_mean_and_std_over_seeds():
   from experiments import prune_control  # pylint: disable=import-outside-toplevel
-  seeds = [dict(seed=s, num_layers=8, train_steps=600, budget_steps=750,
-                rows=[dict(k=0, loss_before=4.5, loss_after=4.40), dict(k=2, loss_before=4.7, loss_after=a,
-                                                                        shallow_loss=b)])
-           for s, a, b in ((0, 4.444, 4.48844), (1, 4.422, 4.46622), (2, 4.4308, 4.4308))]
+
+  seeds = [
+    dict(
+      seed=s,
+      num_layers=8,
+      train_steps=600,
+      budget_steps=750,
+      rows=[dict(k=0, loss_before=4.5, loss_after=4.40), dict(k=2, loss_before=4.7, loss_after=a, shallow_loss=b)],
+    )
+    for s, a, b in ((0, 4.444, 4.48844), (1, 4.422, 4.46622), (2, 4.4308, 4.4308))
+  ]
   (row,) = prune_control.summarize(seeds)
   assert row['k'] == 2 and row['layers_kept'] == 6
   assert row['pruned_vs_unpruned']['values'] == pytest.approx([0.01, 0.005, 0.007])
@@ -93,13 +104,24 @@ def test_prune_control_summary_is_mean_and_std_over_seeds():
 
 def test_prune_control_combines_per_seed_runs(tmp_path):
   from experiments import prune_control  # pylint: disable=import-outside-toplevel
+
   paths = []
   for seed, after in ((1, 4.422), (0, 4.444)):
-    s = dict(seed=seed, num_layers=8, train_steps=600, budget_steps=750,
-             rows=[dict(k=0, loss_before=4.5, loss_after=4.4), dict(k=2, loss_before=4.7, loss_after=after,
-                                                                    shallow_loss=4.5)])
-    part = dict(seeds=[s], finetune_steps=150, finetune_lr=5e-4, summary=prune_control.summarize([s]),
-                command=f'python -m experiments.prune_control --seeds {seed}', meta=f'seed {seed}.')
+    s = dict(
+      seed=seed,
+      num_layers=8,
+      train_steps=600,
+      budget_steps=750,
+      rows=[dict(k=0, loss_before=4.5, loss_after=4.4), dict(k=2, loss_before=4.7, loss_after=after, shallow_loss=4.5)],
+    )
+    part = dict(
+      seeds=[s],
+      finetune_steps=150,
+      finetune_lr=5e-4,
+      summary=prune_control.summarize([s]),
+      command=f'python -m experiments.prune_control --seeds {seed}',
+      meta=f'seed {seed}.',
+    )
     paths.append(str(tmp_path / f'part{seed}.json'))
     with open(paths[-1], 'w', encoding='utf-8') as f:
       json.dump(part, f)

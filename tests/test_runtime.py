@@ -1,4 +1,5 @@
 """The settings the CLI makes for itself: transparent huge pages for glibc's malloc (effjax/runtime.py)."""
+
 import os
 import subprocess
 import sys
@@ -13,8 +14,8 @@ def test_hugepage_environment_rules():
   assert runtime.hugepage_environment({}, 'always') == {'GLIBC_TUNABLES': runtime.HUGETLB}
   kept = runtime.hugepage_environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2', 'X': '1'}, 'madvise')
   assert kept == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:' + runtime.HUGETLB, 'X': '1'}
-  assert runtime.hugepage_environment({}, 'never') is None       # the kernel offers none
-  assert runtime.hugepage_environment({}, None) is None          # no THP setting at all
+  assert runtime.hugepage_environment({}, 'never') is None  # the kernel offers none
+  assert runtime.hugepage_environment({}, None) is None  # no THP setting at all
   assert runtime.hugepage_environment({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'madvise') is None  # user's own
   assert runtime.hugepage_environment({runtime.NO_REEXEC: '1'}, 'madvise') is None
 
@@ -26,10 +27,13 @@ def test_transparent_hugepages_reads_the_kernel_setting(tmp_path):
 
 
 def _child(env):
-  code = ('import os; from effjax import runtime; runtime.reexec_with_hugepages(); '
-          'print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))')
-  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
-                       check=True).stdout.split()
+  code = (
+    'import os; from effjax import runtime; runtime.reexec_with_hugepages(); '
+    'print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""))'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+  ).stdout.split()
   return out[1] if len(out) > 1 else ''
 
 

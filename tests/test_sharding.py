@@ -6,6 +6,7 @@ Each family case is (config file, preset, overrides). The same tiny run on (data
 checkpoint really is sharded: named params and their Adam moments have the expected specs and per-device shard
 shapes, and a device holds about 1/fsdp of the parameter bytes.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,27 +30,29 @@ from tests.helpers import ROOT, run_cli
 # (split and project inputs); lc-gpt / cc-gpt (widths shrink with depth); doping (frozen MLPs in the 'frozen'
 # collection). Techniques compose, so the training runs (3 compiles each: the slow part) pair some of them.
 RUN_CASES = [
-    ('gpt', 'tiny', {}),
-    ('efficio', 'tiny', {}),
-    ('efficio', 'tiny', {'model.share_layers': 'groups', 'model.num_groups': 2, 'model.mlp_kind': 'fastfood'}),
-    ('doped', 'tiny', {'model.mlp_kind': 'blockdiag'}),
-    ('pgpt', 'tiny', {}),
-    ('lcgpt', 'tiny', {}),
-    ('ccgpt', 'tiny', {'model.compress.conv_kernel': 3}),
+  ('gpt', 'tiny', {}),
+  ('efficio', 'tiny', {}),
+  ('efficio', 'tiny', {'model.share_layers': 'groups', 'model.num_groups': 2, 'model.mlp_kind': 'fastfood'}),
+  ('doped', 'tiny', {'model.mlp_kind': 'blockdiag'}),
+  ('pgpt', 'tiny', {}),
+  ('lcgpt', 'tiny', {}),
+  ('ccgpt', 'tiny', {'model.compress.conv_kernel': 3}),
 ]
 CASES = RUN_CASES + [
-    ('fastfood', 'tiny', {}),
-    ('blockdiag', 'tiny', {}),
-    ('pgpt', 'tiny', {'model.pgpt.branch_input': 'project'}),
-    ('pgpt', 'tiny', {'model.pgpt.branch_impl': 'loop'}),
-    ('doped', 'tiny', {'model.scan_layers': False}),
-    ('gpt', 'tiny', {'model.scan_layers': False}),
+  ('fastfood', 'tiny', {}),
+  ('blockdiag', 'tiny', {}),
+  ('pgpt', 'tiny', {'model.pgpt.branch_input': 'project'}),
+  ('pgpt', 'tiny', {'model.pgpt.branch_impl': 'loop'}),
+  ('doped', 'tiny', {'model.scan_layers': False}),
+  ('gpt', 'tiny', {'model.scan_layers': False}),
 ]
 
 
 def case_id(case) -> str:
   variant, preset, overrides = case
   return f'{variant}:{preset}' + ''.join(f',{k.split(".")[-1]}={v}' for k, v in overrides.items())
+
+
 MESHES = {'fsdp4': (2, 4, 1), 'tp2': (2, 2, 2)}
 VOCAB = 48  # fixed for abstract-only tests (no corpus needed); divisible by 8, so vocab dims shard too
 
@@ -86,8 +89,10 @@ def losses(workdir) -> list[float]:
 
 
 def leaves_with_paths(tree) -> dict[str, jax.Array]:
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def expected_spec(shape, names, mesh_sizes) -> P:
@@ -103,16 +108,19 @@ def expected_spec(shape, names, mesh_sizes) -> P:
 
 # Named params every family has (trailing path -> logical names of the trailing dims).
 NAMED = {
-    'attn/query/kernel': ('embed', 'heads'),
-    'attn/out/kernel': ('heads', 'embed'),
-    'mlp/fc/kernel': ('embed', 'mlp'),      # dense and block-diagonal MLPs (not FastFood: diagonals only)
-    'mlp/proj/kernel': ('mlp', 'embed'),
+  'attn/query/kernel': ('embed', 'heads'),
+  'attn/out/kernel': ('heads', 'embed'),
+  'mlp/fc/kernel': ('embed', 'mlp'),  # dense and block-diagonal MLPs (not FastFood: diagonals only)
+  'mlp/proj/kernel': ('mlp', 'embed'),
 }
 
 
 def adam_moments(opt_state):
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-           if isinstance(s, optax.ScaleByAdamState)]
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    if isinstance(s, optax.ScaleByAdamState)
+  ]
   assert len(found) == 1
   return found[0].mu, found[0].nu
 
@@ -169,6 +177,7 @@ def test_family_sharded_runs_agree_and_shard(tmp_path, corpus_dir, variant, pres
 
 def checkpoint_tokenizer(workdir):
   from effjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+
   return tokenizers.load_tokenizer(str(workdir / 'data'))
 
 
@@ -201,8 +210,9 @@ def test_every_param_has_logical_axis_names(variant, preset, overrides):
   assert not bad_rank, f'logical names do not match the rank: {bad_rank}'
   assert not unknown, f'logical names with no rule in configs/base.py: {unknown}'
   # and the partition specs flax derives from them are per-dimension
-  for spec, value in zip(jax.tree.leaves(specs['params'], is_leaf=lambda x: isinstance(x, P)),
-                         jax.tree.leaves(nn.unbox(boxed['params']))):
+  for spec, value in zip(
+    jax.tree.leaves(specs['params'], is_leaf=lambda x: isinstance(x, P)), jax.tree.leaves(nn.unbox(boxed['params']))
+  ):
     assert len(spec) == value.ndim
   if 'frozen' in boxed:
     assert jax.tree.leaves(boxed['frozen']), 'doping must put its frozen weights in the frozen collection'
@@ -216,10 +226,12 @@ def test_rule_sets_layouts():
   for name, rules in base.RULE_SETS.items():
     c.mesh.rules = rules
     setup = state_lib.make_setup(c)
-    specs = leaves_with_paths(jax.tree.map(lambda s: s.spec, setup.state_shardings.params,
-                                           is_leaf=lambda x: hasattr(x, 'spec')))
-    used = [{a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
-            for spec in specs.values()]
+    specs = leaves_with_paths(
+      jax.tree.map(lambda s: s.spec, setup.state_shardings.params, is_leaf=lambda x: hasattr(x, 'spec'))
+    )
+    used = [
+      {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)} for spec in specs.values()
+    ]
     if name == 'dp':
       assert all(not u for u in used)
       assert setup.batch_sharding.spec == P(('data', 'fsdp', 'tensor'), None)
@@ -240,6 +252,7 @@ def test_fit_drops_axes_that_do_not_divide():
 
 
 # ------------------------------------------------------------------------------------------------- memory
+
 
 def plan_for(mesh, remat='none', devices=None, **model):
   c = load_config('gpt', 'tiny', {'model.remat': remat, **{f'model.{k}': v for k, v in model.items()}})
@@ -273,8 +286,10 @@ def test_memory_plan_matches_real_shards():
 
 
 def sharding_bytes(abstract, mesh) -> int:
-  return sum(math.prod(sharding.shard_shape(x.shape, x.sharding.spec, mesh)) * x.dtype.itemsize
-             for x in jax.tree.leaves(abstract))
+  return sum(
+    math.prod(sharding.shard_shape(x.shape, x.sharding.spec, mesh)) * x.dtype.itemsize
+    for x in jax.tree.leaves(abstract)
+  )
 
 
 def test_memory_remat_lowers_activation_bytes():
@@ -296,8 +311,9 @@ def test_memory_accelerators():
 
 def test_memory_mode_cli_medium_on_v4_8():
   """`--mode=memory` answers 'does Medium fit on a v4-8?' without any TPU (and without data)."""
-  result = run_cli('--mode=memory', '--config=configs/gpt.py:medium', '--accelerator=v4-8',
-                   '--config.model.remat=full', timeout=120)
+  result = run_cli(
+    '--mode=memory', '--config=configs/gpt.py:medium', '--accelerator=v4-8', '--config.model.remat=full', timeout=120
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
   assert 'per-device memory on 4 device(s) (v4-8), mesh data=4 x fsdp=1 x tensor=1' in out
@@ -307,6 +323,7 @@ def test_memory_mode_cli_medium_on_v4_8():
 
 
 # ------------------------------------------------------------------------------------------------- GPU guard
+
 
 def test_cudnn_attention_refused_clearly_on_cpu():
   c = load_config('gpt', 'tiny', {'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'})

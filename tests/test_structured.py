@@ -1,4 +1,5 @@
 """Claims about effjax.models.structured: exact transforms, explicit matrices, param counts, init scale."""
+
 import functools
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ def _init(module, d_in, seed=0, batch=(3,)):
   return nn.unbox(jax.jit(module.init)(jax.random.key(seed), x)), x  # one compile beats eager samplers
 
 
-SIZES = [2 ** k for k in range(14)]
+SIZES = [2**k for k in range(14)]
 
 
 @functools.lru_cache
@@ -78,14 +79,15 @@ def test_fastfood_equals_its_dense_matrix(d_in, d_out):
   variables['params']['bias'] = _randn(5, d_out)
   # One compiled apply on [I; 0; x] (what dense_matrix does) gives W and the layer's output on x.
   y = jax.jit(layer.apply)(variables, jnp.concatenate([jnp.eye(d_in), jnp.zeros((d_in, d_in)), x]))
-  w = y[:d_in] - y[d_in:2 * d_in]
-  np.testing.assert_allclose(y[2 * d_in:], x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
+  w = y[:d_in] - y[d_in : 2 * d_in]
+  np.testing.assert_allclose(y[2 * d_in :], x @ w + variables['params']['bias'], rtol=1e-4, atol=1e-4)
 
   p, perm = variables['params'], np.asarray(variables['constants']['perm'])
   k, n = perm.shape
   h = _hadamard(n)
-  blocks = [np.diag(p['b'][i]) @ h @ np.eye(n)[:, perm[i]] @ np.diag(p['g'][i]) @ h @ np.diag(p['s'][i])
-            for i in range(k)]
+  blocks = [
+    np.diag(p['b'][i]) @ h @ np.eye(n)[:, perm[i]] @ np.diag(p['g'][i]) @ h @ np.diag(p['s'][i]) for i in range(k)
+  ]
   formula = np.concatenate(blocks, axis=1)[:d_in, :d_out] / np.sqrt(n * d_in)
   np.testing.assert_allclose(w, formula, rtol=1e-4, atol=1e-4)
 
@@ -183,20 +185,25 @@ def test_blockdiag_kind_is_block_diag_then_hadamard_and_counts_match():
   want = scipy.linalg.block_diag(*kernel) @ np.kron(scipy.linalg.hadamard(4), np.eye(8)) / 2
   np.testing.assert_allclose(st.dense_matrix(layer, variables, 16), want, rtol=1e-5, atol=1e-5)
   assert _n_params(variables) == st.dense_params('blockdiag', 16, 32)
-  np.testing.assert_allclose(jax.jit(layer.apply)(variables, x), x @ want + variables['params']['bias'],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(layer.apply)(variables, x), x @ want + variables['params']['bias'], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_make_dense_rejects_unknown_kind():
-  for fn in (lambda: st.make_dense('bogus'), lambda: st.dense_params('bogus', 4, 4),
-             lambda: st.dense_flops('bogus', 4, 4)):
+  for fn in (
+    lambda: st.make_dense('bogus'),
+    lambda: st.dense_params('bogus', 4, 4),
+    lambda: st.dense_flops('bogus', 4, 4),
+  ):
     with pytest.raises(ValueError, match="'bogus'.*dense, fastfood, blockdiag"):
       fn()
 
 
 def test_make_dense_dense_kind_annotates_axes_and_counts_match():
-  layer = st.make_dense('dense')(features=8, use_bias=True, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                 kernel_axes=('embed', 'heads'), name='q')
+  layer = st.make_dense('dense')(
+    features=8, use_bias=True, dtype=jnp.bfloat16, param_dtype=jnp.float32, kernel_axes=('embed', 'heads'), name='q'
+  )
   x = jnp.ones((2, 4))
   boxed = layer.init(jax.random.key(0), x)
   specs = nn.get_partition_spec(boxed)['params']
@@ -247,6 +254,7 @@ def test_block_diagonal_mlp_mixing(mix):
   import ml_collections  # pylint: disable=import-outside-toplevel
   from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
+
   m = gpt_config.get_config('tiny').model
   m.update(d_model=16, mlp_ratio=4, mlp_kind='blockdiag', dropout=0.0)
   m.dense.update(num_blocks=4, blockdiag_mix=mix)
@@ -269,14 +277,18 @@ def test_blockdiag_presets_and_bad_mix():
   from effjax.configs import blockdiag  # pylint: disable=import-outside-toplevel
   from effjax.errors import EffjaxError  # pylint: disable=import-outside-toplevel
   from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+
   assert blockdiag.get_config('paper').model.dense.blockdiag_mix == 'expanding'
   assert blockdiag.get_config('figure5').model.dense.blockdiag_mix == 'expanding'
   assert blockdiag.get_config('').model.dense.blockdiag_mix == 'each'
   m = blockdiag.get_config('tiny').model
   m.vocab_size = 11
   m.dense.blockdiag_mix = 'twice'
-  with pytest.raises(EffjaxError, match=r"^model\.dense\.blockdiag_mix='twice' is invalid; valid values: each, "
-                     r'expanding'):
+  with pytest.raises(
+    EffjaxError,
+    match=r"^model\.dense\.blockdiag_mix='twice' is invalid; valid values: each, "
+    r'expanding',
+  ):
     build_model(m)
 
 
@@ -286,13 +298,19 @@ def test_weight_decay_applies_to_the_matrices_each_kind_declares():
   from effjax import optim  # pylint: disable=import-outside-toplevel
   from effjax.configs import gpt as gpt_config  # pylint: disable=import-outside-toplevel
   from effjax.models import build_model  # pylint: disable=import-outside-toplevel
+
   m = gpt_config.get_config('tiny').model
   m.update(vocab_size=11, mlp_kind='fastfood', attn_kind='blockdiag', tie_embeddings=False)
   model = build_model(m)
   params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']
   mask = optim.decay_mask(params)
   decayed = {'/'.join(k.key for k in path) for path, v in jax.tree_util.tree_leaves_with_path(mask) if v}
-  assert decayed == {'stack/layers/attn/query/kernel', 'stack/layers/attn/key/kernel',
-                     'stack/layers/attn/value/kernel', 'stack/layers/attn/out/kernel', 'head/head/kernel'}
+  assert decayed == {
+    'stack/layers/attn/query/kernel',
+    'stack/layers/attn/key/kernel',
+    'stack/layers/attn/value/kernel',
+    'stack/layers/attn/out/kernel',
+    'head/head/kernel',
+  }
   with_embeddings = optim.decay_mask(params, decay_embeddings=True)
   assert with_embeddings['embed']['embedding'] and not with_embeddings['stack']['layers']['mlp']['fc']['g']

@@ -1,5 +1,6 @@
 """The training loop: checkpoint compatibility, the files a run writes, divergence and the CLI modes (exact resume and
 1 device == 8 devices: tests/test_contract.py, for every family)."""
+
 import json
 import os
 
@@ -16,8 +17,9 @@ def test_a_checkpoint_resumes_after_a_new_model_key_is_added(tmp_path, corpus_di
   to the config after a checkpoint was written (here: in this test) does not make that checkpoint foreign."""
   workdir = str(tmp_path / 'run')
   overrides = {'train.steps': 8, 'train.log_every': 1, 'checkpoint.every': 4}
-  train.train_and_evaluate(tiny_config(corpus_dir, **overrides, **{'train.stop_at': 4}), workdir,
-                           devices=one_device(), progress=False)
+  train.train_and_evaluate(
+    tiny_config(corpus_dir, **overrides, **{'train.stop_at': 4}), workdir, devices=one_device(), progress=False
+  )
   newer = tiny_config(corpus_dir, **overrides)
   newer.model.added_after_the_checkpoint = 3
   assert 'added_after_the_checkpoint' not in checkpoint.architecture(newer.model)
@@ -29,8 +31,9 @@ def test_a_checkpoint_resumes_after_a_new_model_key_is_added(tmp_path, corpus_di
 
 def test_run_writes_documented_files(tmp_path, corpus_dir):
   workdir = tmp_path / 'run'
-  result = train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 10, 'train.eval_every': 5,
-                                                               'train.log_every': 5}), str(workdir))
+  result = train.train_and_evaluate(
+    tiny_config(corpus_dir, **{'train.steps': 10, 'train.eval_every': 5, 'train.log_every': 5}), str(workdir)
+  )
   assert {'loss', 'ppl', 'bpb'} <= set(result)
   for name in ('config.json', 'metrics.jsonl', 'summary.json', 'tb', 'checkpoints', 'data/tokenizer.json'):
     assert (workdir / name).exists(), name
@@ -49,15 +52,23 @@ def test_run_writes_documented_files(tmp_path, corpus_dir):
 
 
 def test_loss_decreases_on_corpus(tmp_path, corpus_dir):
-  train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 40, 'train.log_every': 10}),
-                           str(tmp_path / 'run'))
+  train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 40, 'train.log_every': 10}), str(tmp_path / 'run'))
   losses = train_losses(tmp_path / 'run')
   assert losses[40] < losses[10] - 0.5, losses
 
 
 def test_nan_loss_stops_with_step(tmp_path, corpus_dir):
-  cfg = tiny_config(corpus_dir, **{'train.steps': 20, 'train.lr': 1e6, 'train.grad_clip': 0.0,
-                                   'train.warmup_steps': 0, 'train.log_every': 1, 'checkpoint.every': 1})
+  cfg = tiny_config(
+    corpus_dir,
+    **{
+      'train.steps': 20,
+      'train.lr': 1e6,
+      'train.grad_clip': 0.0,
+      'train.warmup_steps': 0,
+      'train.log_every': 1,
+      'checkpoint.every': 1,
+    },
+  )
   with pytest.raises(EffjaxError, match=r'loss became (nan|inf) at step \d+'):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
 
@@ -66,8 +77,14 @@ def test_cli_modes_on_tiny(tmp_path, corpus_dir):
   """train (with a CLI override), then summary, eval, sample and export of that run with --workdir alone (its own
   config.json), each through the real entry point."""
   workdir = str(tmp_path / 'run')
-  result = run_cli('--config=configs/gpt.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}',
-                   '--config.train.steps=12', '--config.model.num_layers=3', '--progress=false')
+  result = run_cli(
+    '--config=configs/gpt.py:tiny',
+    f'--workdir={workdir}',
+    f'--config.data.corpus={corpus_dir}',
+    '--config.train.steps=12',
+    '--config.model.num_layers=3',
+    '--progress=false',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   config = json.load(open(os.path.join(workdir, 'config.json')))
   assert config['train']['steps'] == 12 and config['model']['num_layers'] == 3
@@ -87,8 +104,9 @@ def test_cli_modes_on_tiny(tmp_path, corpus_dir):
   export_dir = str(tmp_path / 'export')
   result = run_cli(*common, '--mode=export', f'--export_dir={export_dir}')
   assert result.returncode == 0, result.stderr[-2000:]
-  result = run_cli(f'--from_export={export_dir}', '--mode=sample', '--prompt=def ', '--max_new_tokens=20',
-                   '--temperature=0')
+  result = run_cli(
+    f'--from_export={export_dir}', '--mode=sample', '--prompt=def ', '--max_new_tokens=20', '--temperature=0'
+  )
   assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -97,6 +115,7 @@ def test_eval_sample_and_export_restore_the_params_only(tmp_path, corpus_dir):
   params equal those of a full train-state restore."""
   import jax  # pylint: disable=import-outside-toplevel
   from effjax import modes, state as state_lib  # pylint: disable=import-outside-toplevel
+
   workdir = str(tmp_path / 'run')
   config = tiny_config(corpus_dir, **{'train.steps': 4, 'checkpoint.every': 4})
   train.train_and_evaluate(config, workdir, devices=one_device(), progress=False)

@@ -5,6 +5,7 @@ The fresh venv gets effjax only from the wheel. Its third-party dependencies (ja
 venv's site-packages, named in a .pth file: a path listed there is put on sys.path but is not a site directory,
 so the test venv's editable effjax hook is never run; the test checks `effjax.__file__` to be sure.
 """
+
 import json
 import os
 import shutil
@@ -35,20 +36,40 @@ def _wheel(tmp_path) -> str:
   shutil.copytree(os.path.join(ROOT, 'effjax'), src / 'effjax', ignore=shutil.ignore_patterns('__pycache__'))
   for name in ('pyproject.toml', 'README.md'):
     shutil.copy(os.path.join(ROOT, name), src / name)
-  _run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path / 'dist'),
-        str(src)], cwd=tmp_path)
+  _run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'wheel',
+      '--no-deps',
+      '--no-build-isolation',
+      '-q',
+      '-w',
+      str(tmp_path / 'dist'),
+      str(src),
+    ],
+    cwd=tmp_path,
+  )
   (wheel,) = (tmp_path / 'dist').iterdir()
   return str(wheel)
 
 
 def _tiny_gpt2(hf_dir) -> None:
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(['def add(x, y):\n    return x + y\n'] * 20, trainer=trainers.BpeTrainer(
-      vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=['<|endoftext|>'],
-      show_progress=False))
+  tok.train_from_iterator(
+    ['def add(x, y):\n    return x + y\n'] * 20,
+    trainer=trainers.BpeTrainer(
+      vocab_size=300,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=['<|endoftext|>'],
+      show_progress=False,
+    ),
+  )
   torch.manual_seed(0)
   config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=4)
   transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir, safe_serialization=True)
@@ -60,13 +81,18 @@ def test_installed_wheel_works_from_any_directory(tmp_path, corpus_dir):
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
   python = str(venv / 'bin' / 'python')
-  new_site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-                            capture_output=True, text=True, check=True).stdout.strip()
+  new_site = subprocess.run(
+    [python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   deps = [p for p in {sysconfig.get_paths()['purelib'], *site.getsitepackages()} if os.path.isdir(p)]
   with open(os.path.join(new_site, '_effjax_test_dependencies.pth'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(deps) + '\n')
-  _run([sys.executable, '-m', 'pip', '--python', python, 'install', '-q', '--no-deps', '--no-index', wheel],
-       cwd=tmp_path)
+  _run(
+    [sys.executable, '-m', 'pip', '--python', python, 'install', '-q', '--no-deps', '--no-index', wheel], cwd=tmp_path
+  )
 
   away = tmp_path / 'elsewhere'
   away.mkdir()
@@ -74,8 +100,18 @@ def test_installed_wheel_works_from_any_directory(tmp_path, corpus_dir):
   assert where.strip().startswith(new_site), where
 
   effjax = str(venv / 'bin' / 'effjax')
-  _run([effjax, '--config=gpt:tiny', '--workdir=run', f'--config.data.corpus={corpus_dir}',
-        '--config.train.steps=4', '--config.train.log_every=2', '--config.checkpoint.every=4'], cwd=away)
+  _run(
+    [
+      effjax,
+      '--config=gpt:tiny',
+      '--workdir=run',
+      f'--config.data.corpus={corpus_dir}',
+      '--config.train.steps=4',
+      '--config.train.log_every=2',
+      '--config.checkpoint.every=4',
+    ],
+    cwd=away,
+  )
   assert json.loads((away / 'run' / 'config.json').read_text())['train']['steps'] == 4
   sample = _run([effjax, '--workdir=run', '--mode=sample', '--prompt=def ', '--max_new_tokens=8'], cwd=away)
   assert sample.stdout.startswith('def ')
@@ -83,9 +119,16 @@ def test_installed_wheel_works_from_any_directory(tmp_path, corpus_dir):
 
   _tiny_gpt2(away / 'gpt2')
   _run([python, '-m', 'effjax.convert.hf_gpt2', '--hf_dir=gpt2', '--export_dir=gpt2_export'], cwd=away)
-  loaded = _run([python, '-c', 'import effjax, jax.numpy as jnp\n'
-                 'for e in ("export", "gpt2_export"):\n'
-                 '  model, variables, config = effjax.load_export(e)\n'
-                 '  print(e, model.apply(variables, jnp.zeros((1, 4), jnp.int32)).shape)'], cwd=away)
+  loaded = _run(
+    [
+      python,
+      '-c',
+      'import effjax, jax.numpy as jnp\n'
+      'for e in ("export", "gpt2_export"):\n'
+      '  model, variables, config = effjax.load_export(e)\n'
+      '  print(e, model.apply(variables, jnp.zeros((1, 4), jnp.int32)).shape)',
+    ],
+    cwd=away,
+  )
   lines = loaded.stdout.splitlines()
   assert lines[0].startswith('export (1, 4, ') and lines[1] == 'gpt2_export (1, 4, 300)'

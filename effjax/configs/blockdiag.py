@@ -16,6 +16,7 @@ Presets:
              d 1024, 16 heads, 4 blocks, on the `lighton` recipe of configs/presets.py (rotary, ctx 1024, BPE
              50262, batch 80, peak lr 5e-4).
 """
+
 from effjax.configs import base, presets
 
 KIND = 'blockdiag'

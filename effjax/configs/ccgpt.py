@@ -9,6 +9,7 @@ Presets:
              21.54 MB) — a kernel-1 Conv1d(d, d/2) has exactly the weights and bias of Linear(d, d/2), so the
              count equals lc-gpt's (the paper lists both at 5.65 M / 21.54 MB).
 """
+
 from effjax.configs import presets
 
 

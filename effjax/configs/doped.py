@@ -13,13 +13,14 @@ Presets:
              parameters equal those of the LightOn baselines xxsmall / xsmall (gpt.py) for XSmall / Small.
   paper      = medium.
 """
+
 from effjax.configs import base, presets
 
 # doped preset: (the lighton baseline whose width/heads/lr it takes, trainable blocks)
 DOPED_SIZES = {
-    'xsmall': ('xxsmall', 3),
-    'small': ('xsmall', 6),
-    'medium': ('medium', 12),
+  'xsmall': ('xxsmall', 3),
+  'small': ('xsmall', 6),
+  'medium': ('medium', 12),
 }
 
 

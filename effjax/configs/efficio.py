@@ -18,22 +18,33 @@ Presets:
   baseline   neither: a plain GPT of the same shape.
   groups2 / groups4  G=2 / 4 distinct blocks, each applied L/G consecutive times, factorized embedding.
 """
+
 from effjax.configs import base, presets
 
 ABLATIONS = {
-    # preset: (share_layers, num_groups, factorized)
-    'nosharing': ('none', 1, True),
-    'nofactor': ('all', 1, False),
-    'baseline': ('none', 1, False),
-    'groups2': ('groups', 2, True),
-    'groups4': ('groups', 4, True),
+  # preset: (share_layers, num_groups, factorized)
+  'nosharing': ('none', 1, True),
+  'nofactor': ('all', 1, False),
+  'baseline': ('none', 1, False),
+  'groups2': ('groups', 2, True),
+  'groups4': ('groups', 4, True),
 }
 DEFAULT_EMBED_DIM = 64
 
 
 def paper(c):
-  c.model.update(num_layers=24, d_model=8832, num_heads=69, max_len=2048, vocab_size=50257, embed_dim=128,
-                 pos_emb='rotary', share_layers='all', tie_embeddings=True, dtype='bfloat16')
+  c.model.update(
+    num_layers=24,
+    d_model=8832,
+    num_heads=69,
+    max_len=2048,
+    vocab_size=50257,
+    embed_dim=128,
+    pos_emb='rotary',
+    share_layers='all',
+    tie_embeddings=True,
+    dtype='bfloat16',
+  )
   c.data.update(tokenizer='bpe', bpe_vocab_size=50257, seq_len=2048)
   c.train.update(batch_size=512, lr=3e-4, warmup_steps=2000, steps=300_000)
   return c
@@ -42,8 +53,17 @@ def paper(c):
 def get_config(preset: str = ''):
   c = base.get_base()
   c.model.family = 'gpt'
-  c.model.update(num_layers=8, d_model=192, num_heads=6, max_len=128, share_layers='all', num_groups=1,
-                 embed_dim=DEFAULT_EMBED_DIM, tie_embeddings=True, pos_emb='learned')
+  c.model.update(
+    num_layers=8,
+    d_model=192,
+    num_heads=6,
+    max_len=128,
+    share_layers='all',
+    num_groups=1,
+    embed_dim=DEFAULT_EMBED_DIM,
+    tie_embeddings=True,
+    pos_emb='learned',
+  )
   c.data.update(tokenizer='bpe', bpe_vocab_size=4096, seq_len=128, max_bytes=3_000_000)
   c.train.update(steps=600, batch_size=16, lr=2e-3, warmup_steps=60, log_every=50, eval_every=200)
   c.checkpoint.every = 200

@@ -10,6 +10,7 @@ Presets:
              recipe of configs/presets.py (rotary, ctx 1024, BPE 50262, batch 80, peak lr 5e-4, no weight decay,
              clip 1).
 """
+
 from effjax.configs import presets
 
 KIND = 'fastfood'

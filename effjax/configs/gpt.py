@@ -8,6 +8,7 @@ Presets:
   xxsmall/xsmall/small/medium  baselines of "Is the number of trainable parameters all that matters?"
                        (rotary positions, ctx 1024, BPE vocab 50262; presets.lighton).
 """
+
 from effjax.configs import base, presets
 
 

@@ -15,6 +15,7 @@ How the paper's count is reached (same baseline as configs/gpt.py:paper_pgpt_bas
 So the compression follows the LAST segment too (⌊L/n⌋ = 2 compressions, the head reads d_0/4 = 96, as in the
 study's code and its d_m = d_0/2^m with m = ⌊N/n⌋), heads stay 6 at every width, and there is no final norm.
 """
+
 from effjax.configs import presets
 
 FAMILY = 'lcgpt'

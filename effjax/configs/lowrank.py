@@ -8,6 +8,7 @@ Presets:
              steps: a few CPU minutes.
   mlp        the default with dense attention: only the MLPs (2/3 of a block's weights) are low-rank.
 """
+
 from effjax.configs import base, presets
 
 

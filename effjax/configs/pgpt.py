@@ -37,6 +37,7 @@ How the paper's numbers pin the architecture down (the baseline GPT, configs/gpt
   * p-gpt-1 here renormalises the mixing weights over the active branch (weight 1); the study's code scaled
     the surviving branch by its trained weight (~0.5), which is part of why its p-gpt-1 loss was so high.
 """
+
 from effjax.configs import base, presets
 
 

@@ -10,14 +10,15 @@ variant builds on another. A recipe changes a config in place and returns it.
   structured_config(...)  a structured-MLP variant (fastfood, blockdiag): its default, tiny and paper presets
   compressed_config(...)  a compressed GPT variant (lcgpt, ccgpt): its default, tiny and paper presets
 """
+
 from effjax.configs import base
 
 # (layers, d_model, heads, peak lr) of the LightOn seed's baselines.
 LIGHTON_SIZES = {
-    'xxsmall': (3, 768, 12, 5e-4),
-    'xsmall': (6, 768, 12, 5e-4),
-    'small': (12, 768, 12, 5e-4),
-    'medium': (24, 1024, 16, 3e-4),
+  'xxsmall': (3, 768, 12, 5e-4),
+  'xsmall': (6, 768, 12, 5e-4),
+  'small': (12, 768, 12, 5e-4),
+  'medium': (24, 1024, 16, 3e-4),
 }
 
 
@@ -45,8 +46,16 @@ def tiny(c, model: dict | None = None, data: dict | None = None, train: dict | N
 def lighton(c, size: str):
   """The seed's recipe: rotary GPT, ctx 1024, batch 80, Adam, cosine, no weight decay, clip 1, dropout 0.1."""
   layers, width, heads, lr = LIGHTON_SIZES[size]
-  c.model.update(num_layers=layers, d_model=width, num_heads=heads, pos_emb='rotary', max_len=1024,
-                 vocab_size=50262, dropout=0.1, attn_dropout=0.1)
+  c.model.update(
+    num_layers=layers,
+    d_model=width,
+    num_heads=heads,
+    pos_emb='rotary',
+    max_len=1024,
+    vocab_size=50262,
+    dropout=0.1,
+    attn_dropout=0.1,
+  )
   c.data.update(tokenizer='bpe', bpe_vocab_size=50262, seq_len=1024)
   c.train.update(batch_size=80, lr=lr, weight_decay=0.0, grad_clip=1.0, warmup_steps=5000, steps=100_000)
   return c
@@ -54,12 +63,31 @@ def lighton(c, size: str):
 
 def pgpt_baseline(c):
   """The 4-block post-LN GPT that the p-gpt / lc-gpt / cc-gpt study compares against (its public code)."""
-  c.model.update(num_layers=4, d_model=384, num_heads=6, max_len=256, vocab_size=2116, dropout=0.1,
-                 norm_position='post', final_norm=False, use_bias=True, tie_embeddings=False, head_bias=True,
-                 pos_emb='learned', scan_layers=True)
+  c.model.update(
+    num_layers=4,
+    d_model=384,
+    num_heads=6,
+    max_len=256,
+    vocab_size=2116,
+    dropout=0.1,
+    norm_position='post',
+    final_norm=False,
+    use_bias=True,
+    tie_embeddings=False,
+    head_bias=True,
+    pos_emb='learned',
+    scan_layers=True,
+  )
   c.data.update(tokenizer='char', seq_len=256)
-  c.train.update(batch_size=64, lr=3e-4, lr_schedule='constant', warmup_steps=0, weight_decay=1e-3,
-                 steps=10_000, decay_embeddings=True)
+  c.train.update(
+    batch_size=64,
+    lr=3e-4,
+    lr_schedule='constant',
+    warmup_steps=0,
+    weight_decay=1e-3,
+    steps=10_000,
+    decay_embeddings=True,
+  )
   return c
 
 
@@ -68,8 +96,16 @@ def study_cpu_scale(c):
   1200 steps of the CPU recipe."""
   c.model.update(vocab_size=0, d_model=192, num_heads=6, max_len=128, dropout=0.0)
   c.data.update(corpus='embedded', tokenizer='char', seq_len=128, max_bytes=4_000_000)
-  c.train.update(steps=1200, batch_size=16, lr=2e-3, lr_schedule='cosine', warmup_steps=100, weight_decay=0.1,
-                 log_every=50, eval_every=300)
+  c.train.update(
+    steps=1200,
+    batch_size=16,
+    lr=2e-3,
+    lr_schedule='cosine',
+    warmup_steps=100,
+    weight_decay=0.1,
+    log_every=50,
+    eval_every=300,
+  )
   c.checkpoint.every = 300
   return c
 

@@ -20,6 +20,7 @@ in every layer, and a factorized embedding (model.embed_dim) as the product tabl
 Architectures GPT-2 cannot express (rotary positions, RMSNorm, post-LN, no biases, structured or doped layers,
 other families) are refused with one line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,6 +89,7 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
   try:
     if os.path.exists(single) or os.path.exists(index):
       from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
       if os.path.exists(single):
         files = [single]
       else:
@@ -97,6 +99,7 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
         tensors.update(load_file(path))
     elif os.path.exists(binary):
       import torch  # pylint: disable=import-outside-toplevel
+
       state = torch.load(binary, map_location='cpu', weights_only=True)
       tensors = {k: v.detach().to(torch.float32).numpy() for k, v in state.items() if hasattr(v, 'numpy')}
     else:
@@ -106,13 +109,15 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise EffjaxError(f'reading {hf_dir!r} needs {e.name} (pip install {e.name})') from None
   except Exception as e:  # pylint: disable=broad-except
-    raise EffjaxError(f'the weights in {hf_dir!r} are unreadable ({type(e).__name__}: '
-                      f'{str(e).strip().splitlines()[0] if str(e).strip() else ""})') from None
+    raise EffjaxError(
+      f'the weights in {hf_dir!r} are unreadable ({type(e).__name__}: '
+      f'{str(e).strip().splitlines()[0] if str(e).strip() else ""})'
+    ) from None
   out = {}
   for name, value in tensors.items():
     for prefix in ('transformer.', 'model.'):
       if name.startswith(prefix):
-        name = name[len(prefix):]
+        name = name[len(prefix) :]
     out[name] = np.asarray(value, np.float32)
   return out
 
@@ -120,18 +125,36 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
 def effjax_config(hf_cfg: dict, scan_layers: bool = True):
   """configs/base.py get_base() with the model fields of the GPT-2 config."""
   from effjax.configs import base  # pylint: disable=import-outside-toplevel
+
   n_embd = int(hf_cfg.get('n_embd', 768))
   n_inner = hf_cfg.get('n_inner') or 4 * n_embd
   vocab = int(hf_cfg.get('vocab_size', 50257))
   n_positions = int(hf_cfg.get('n_positions', hf_cfg.get('n_ctx', 1024)))
   c = base.get_base()
-  c.model.update(family='gpt', num_layers=int(hf_cfg.get('n_layer', 12)), d_model=n_embd,
-                 num_heads=int(hf_cfg.get('n_head', 12)), vocab_size=vocab, max_len=n_positions,
-                 mlp_ratio=int(n_inner) // n_embd, pos_emb='learned', use_bias=True, norm='layernorm',
-                 norm_position='pre', final_norm=True, tie_embeddings=bool(hf_cfg.get('tie_word_embeddings', True)),
-                 head_bias=False, dropout=float(hf_cfg.get('resid_pdrop', 0.0)),
-                 attn_dropout=float(hf_cfg.get('attn_pdrop', 0.0)), scan_layers=bool(scan_layers),
-                 share_layers='none', embed_dim=0, mlp_kind='dense', attn_kind='dense', doping=dict(pattern=''))
+  c.model.update(
+    family='gpt',
+    num_layers=int(hf_cfg.get('n_layer', 12)),
+    d_model=n_embd,
+    num_heads=int(hf_cfg.get('n_head', 12)),
+    vocab_size=vocab,
+    max_len=n_positions,
+    mlp_ratio=int(n_inner) // n_embd,
+    pos_emb='learned',
+    use_bias=True,
+    norm='layernorm',
+    norm_position='pre',
+    final_norm=True,
+    tie_embeddings=bool(hf_cfg.get('tie_word_embeddings', True)),
+    head_bias=False,
+    dropout=float(hf_cfg.get('resid_pdrop', 0.0)),
+    attn_dropout=float(hf_cfg.get('attn_pdrop', 0.0)),
+    scan_layers=bool(scan_layers),
+    share_layers='none',
+    embed_dim=0,
+    mlp_kind='dense',
+    attn_kind='dense',
+    doping=dict(pattern=''),
+  )
   c.data.update(tokenizer='bpe', bpe_vocab_size=vocab, seq_len=min(n_positions, 1024))
   return c
 
@@ -141,8 +164,9 @@ def _take(weights: dict, name: str, shape: tuple, where: str) -> np.ndarray:
     raise EffjaxError(f'{where} has no weight {name!r}; it is not a complete GPT-2 checkpoint')
   value = weights[name]
   if tuple(value.shape) != tuple(shape):
-    raise EffjaxError(f'{where}: weight {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)} from '
-                      'config.json')
+    raise EffjaxError(
+      f'{where}: weight {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)} from config.json'
+    )
   return value
 
 
@@ -150,24 +174,31 @@ def hf_to_variables(weights: dict, config, where: str) -> dict:
   """GPT-2 weights -> effjax variables ({'params': ...}) in the layout of config.model.scan_layers."""
   from effjax import state  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
+
   m = config.model
   d, f, v, p = m.d_model, m.mlp_ratio * m.d_model, m.vocab_size, m.max_len
   take = lambda name, shape: _take(weights, name, shape, where)
-  params = {'embed': {'embedding': take('wte.weight', (v, d)), 'pos_embedding': take('wpe.weight', (p, d))},
-            'ln_f': {'scale': take('ln_f.weight', (d,)), 'bias': take('ln_f.bias', (d,))}}
+  params = {
+    'embed': {'embedding': take('wte.weight', (v, d)), 'pos_embedding': take('wpe.weight', (p, d))},
+    'ln_f': {'scale': take('ln_f.weight', (d,)), 'bias': take('ln_f.bias', (d,))},
+  }
   stack = {}
   for i in range(m.num_layers):
     h = f'h.{i}.'
     qkv_w, qkv_b = take(h + 'attn.c_attn.weight', (d, 3 * d)), take(h + 'attn.c_attn.bias', (3 * d,))
-    attn = {name: {'kernel': qkv_w[:, j * d:(j + 1) * d], 'bias': qkv_b[j * d:(j + 1) * d]}
-            for j, name in enumerate(('query', 'key', 'value'))}
+    attn = {
+      name: {'kernel': qkv_w[:, j * d : (j + 1) * d], 'bias': qkv_b[j * d : (j + 1) * d]}
+      for j, name in enumerate(('query', 'key', 'value'))
+    }
     attn['out'] = {'kernel': take(h + 'attn.c_proj.weight', (d, d)), 'bias': take(h + 'attn.c_proj.bias', (d,))}
     stack[f'layer_{i}'] = {
-        'attn': attn,
-        'mlp': {'fc': {'kernel': take(h + 'mlp.c_fc.weight', (d, f)), 'bias': take(h + 'mlp.c_fc.bias', (f,))},
-                'proj': {'kernel': take(h + 'mlp.c_proj.weight', (f, d)), 'bias': take(h + 'mlp.c_proj.bias', (d,))}},
-        'ln1': {'scale': take(h + 'ln_1.weight', (d,)), 'bias': take(h + 'ln_1.bias', (d,))},
-        'ln2': {'scale': take(h + 'ln_2.weight', (d,)), 'bias': take(h + 'ln_2.bias', (d,))},
+      'attn': attn,
+      'mlp': {
+        'fc': {'kernel': take(h + 'mlp.c_fc.weight', (d, f)), 'bias': take(h + 'mlp.c_fc.bias', (f,))},
+        'proj': {'kernel': take(h + 'mlp.c_proj.weight', (f, d)), 'bias': take(h + 'mlp.c_proj.bias', (d,))},
+      },
+      'ln1': {'scale': take(h + 'ln_1.weight', (d,)), 'bias': take(h + 'ln_1.bias', (d,))},
+      'ln2': {'scale': take(h + 'ln_2.weight', (d,)), 'bias': take(h + 'ln_2.bias', (d,))},
     }
   params['stack'] = layers.stack_layers(stack) if m.scan_layers else stack
   if not m.tie_embeddings:
@@ -175,11 +206,13 @@ def hf_to_variables(weights: dict, config, where: str) -> dict:
   params = {'params': params}
   want = state.abstract_variables(m)
   import jax  # pylint: disable=import-outside-toplevel
+
   got_shapes = jax.tree.map(lambda x: tuple(x.shape), params)
   want_shapes = jax.tree.map(lambda x: tuple(x.shape), want)
   if got_shapes != want_shapes:
-    raise EffjaxError(f'{where}: the converted weights do not match the effjax GPT built from its config (an '
-                      'unexpected GPT-2 variant)')
+    raise EffjaxError(
+      f'{where}: the converted weights do not match the effjax GPT built from its config (an unexpected GPT-2 variant)'
+    )
   return jax.tree.map(lambda x: np.ascontiguousarray(x, np.float32), params)
 
 
@@ -195,6 +228,7 @@ def _tokenizer_file(hf_dir: str, tokenizer: str | None, tmp: str) -> str:
   vocab, merges = os.path.join(hf_dir, 'vocab.json'), os.path.join(hf_dir, 'merges.txt')
   if os.path.isfile(vocab) and os.path.isfile(merges):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+
     try:
       tok = Tokenizer(models.BPE.from_file(vocab, merges))
     except Exception as e:  # pylint: disable=broad-except
@@ -205,16 +239,19 @@ def _tokenizer_file(hf_dir: str, tokenizer: str | None, tmp: str) -> str:
     with open(out, 'w', encoding='utf-8') as f:
       f.write(tok.to_str())
     return out
-  raise EffjaxError(f'{hf_dir!r} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); pass '
-                    '--tokenizer=PATH/tokenizer.json')
+  raise EffjaxError(
+    f'{hf_dir!r} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer=PATH/tokenizer.json'
+  )
 
 
-def import_hf(hf_dir: str, export_dir: str, *, scan_layers: bool = True, dtype: str = 'float32',
-              tokenizer: str | None = None) -> str:
+def import_hf(
+  hf_dir: str, export_dir: str, *, scan_layers: bool = True, dtype: str = 'float32', tokenizer: str | None = None
+) -> str:
   """A local GPT-2 directory -> an effjax export (returns its path). Nothing is written if anything fails."""
   import effjax  # pylint: disable=import-outside-toplevel
   from effjax import accounting, checkpoint  # pylint: disable=import-outside-toplevel
   from effjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+
   checkpoint.check_new_dir(export_dir, 'export_dir')
   hf_cfg = read_hf_config(hf_dir)
   _check_hf_config(hf_cfg, os.path.join(hf_dir, 'config.json'))
@@ -228,8 +265,14 @@ def import_hf(hf_dir: str, export_dir: str, *, scan_layers: bool = True, dtype: 
     if tok.vocab_size > config.model.vocab_size:
       raise EffjaxError(f'the tokenizer has {tok.vocab_size} tokens but the model only {config.model.vocab_size}')
     config.data.tokenizer = tok.kind
-    metadata = {'effjax_version': effjax.__version__, 'step': None, 'tokens_seen': None, 'tokenizer': tok.kind,
-                'source': f'hf_gpt2:{os.path.abspath(hf_dir)}', **accounting.param_counts(config.model)}
+    metadata = {
+      'effjax_version': effjax.__version__,
+      'step': None,
+      'tokens_seen': None,
+      'tokenizer': tok.kind,
+      'source': f'hf_gpt2:{os.path.abspath(hf_dir)}',
+      **accounting.param_counts(config.model),
+    }
     return checkpoint.export(export_dir, variables, config, os.path.join(tmp, 'tokenizer.json'), metadata, dtype)
 
 
@@ -239,8 +282,16 @@ def import_hf(hf_dir: str, export_dir: str, *, scan_layers: bool = True, dtype: 
 
 def _check_exportable(m) -> None:
   problems = []
-  wants = {'family': 'gpt', 'pos_emb': 'learned', 'norm': 'layernorm', 'norm_position': 'pre', 'final_norm': True,
-           'use_bias': True, 'mlp_kind': 'dense', 'attn_kind': 'dense'}
+  wants = {
+    'family': 'gpt',
+    'pos_emb': 'learned',
+    'norm': 'layernorm',
+    'norm_position': 'pre',
+    'final_norm': True,
+    'use_bias': True,
+    'mlp_kind': 'dense',
+    'attn_kind': 'dense',
+  }
   for key, value in wants.items():
     if m.get(key, value) != value:
       problems.append(f'model.{key}={m.get(key)!r} (GPT-2 needs {value!r})')
@@ -248,7 +299,7 @@ def _check_exportable(m) -> None:
   if doping:
     problems.append(f'model.doping.pattern={doping!r} (GPT-2 has no frozen MLP layers)')
   if not m.tie_embeddings and m.get('head_bias', False):
-    problems.append('model.head_bias=True (GPT-2\'s lm_head has no bias)')
+    problems.append("model.head_bias=True (GPT-2's lm_head has no bias)")
   if problems:
     raise EffjaxError(f'this export cannot be written as GPT-2: {"; ".join(problems)}')
 
@@ -265,13 +316,18 @@ def _layer_params(stack: dict, m, i: int) -> dict:
 def variables_to_hf(variables: dict, m) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=import-outside-toplevel
   from effjax.models import layers  # pylint: disable=import-outside-toplevel
+
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(variables['params']))
   stack = layers.unstack_layers(params['stack']) if m.scan_layers else params['stack']
   table = params['embed']['embedding']
   if m.embed_dim:
     table = table @ params['embed']['projection']  # the tied head h·Pᵀ·Wᵀ = h·(W·P)ᵀ
-  out = {'wte.weight': table, 'wpe.weight': params['embed']['pos_embedding'],
-         'ln_f.weight': params['ln_f']['scale'], 'ln_f.bias': params['ln_f']['bias']}
+  out = {
+    'wte.weight': table,
+    'wpe.weight': params['embed']['pos_embedding'],
+    'ln_f.weight': params['ln_f']['scale'],
+    'ln_f.bias': params['ln_f']['bias'],
+  }
   for i in range(m.num_layers):
     blk, h = _layer_params(stack, m, i), f'h.{i}.'
     a = blk['attn']
@@ -291,14 +347,29 @@ def variables_to_hf(variables: dict, m) -> dict[str, np.ndarray]:
 
 def hf_config_dict(m, eos_id: int | None) -> dict:
   return {
-      'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'activation_function': 'gelu_new',
-      'n_embd': m.d_model, 'n_layer': m.num_layers, 'n_head': m.num_heads, 'n_positions': m.max_len,
-      'n_ctx': m.max_len, 'n_inner': m.mlp_ratio * m.d_model, 'vocab_size': m.vocab_size,
-      'layer_norm_epsilon': LN_EPS, 'resid_pdrop': float(m.dropout), 'embd_pdrop': float(m.dropout),
-      'attn_pdrop': float(m.attn_dropout), 'initializer_range': 0.02, 'scale_attn_weights': True,
-      'scale_attn_by_inverse_layer_idx': False, 'reorder_and_upcast_attn': False, 'use_cache': True,
-      'tie_word_embeddings': bool(m.tie_embeddings), 'bos_token_id': eos_id, 'eos_token_id': eos_id,
-      'torch_dtype': 'float32',
+    'architectures': ['GPT2LMHeadModel'],
+    'model_type': 'gpt2',
+    'activation_function': 'gelu_new',
+    'n_embd': m.d_model,
+    'n_layer': m.num_layers,
+    'n_head': m.num_heads,
+    'n_positions': m.max_len,
+    'n_ctx': m.max_len,
+    'n_inner': m.mlp_ratio * m.d_model,
+    'vocab_size': m.vocab_size,
+    'layer_norm_epsilon': LN_EPS,
+    'resid_pdrop': float(m.dropout),
+    'embd_pdrop': float(m.dropout),
+    'attn_pdrop': float(m.attn_dropout),
+    'initializer_range': 0.02,
+    'scale_attn_weights': True,
+    'scale_attn_by_inverse_layer_idx': False,
+    'reorder_and_upcast_attn': False,
+    'use_cache': True,
+    'tie_word_embeddings': bool(m.tie_embeddings),
+    'bos_token_id': eos_id,
+    'eos_token_id': eos_id,
+    'torch_dtype': 'float32',
   }
 
 
@@ -306,6 +377,7 @@ def export_to_hf(export_dir: str, hf_dir: str) -> tuple[str, bool]:
   """An effjax export -> a GPT-2 directory. Returns (path, whether a tokenizer.json was written)."""
   from effjax import checkpoint  # pylint: disable=import-outside-toplevel
   from effjax.data import tokenizers  # pylint: disable=import-outside-toplevel
+
   hf_dir = checkpoint.check_new_dir(hf_dir, '--hf_dir')
   _, variables, config = checkpoint.load_export(export_dir)
   m = config.model
@@ -353,8 +425,12 @@ def parse_args(argv):
   p.add_argument('--export_dir', help='import: the effjax export to write')
   p.add_argument('--from_export', help='--to_hf: the effjax export to convert')
   p.add_argument('--to_hf', action='store_true', help='write --from_export as a GPT-2 directory at --hf_dir')
-  p.add_argument('--scan_layers', action=argparse.BooleanOptionalAction, default=True,
-                 help='import: stack layers on a leading axis (default) or keep them as layer_i')
+  p.add_argument(
+    '--scan_layers',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='import: stack layers on a leading axis (default) or keep them as layer_i',
+  )
   p.add_argument('--dtype', choices=['float32', 'bfloat16'], default='float32', help='import: parameter dtype')
   p.add_argument('--tokenizer', help='import: a tokenizer.json to use instead of the one in --hf_dir')
   args = p.parse_args(argv)
@@ -373,11 +449,12 @@ def main(argv=None) -> int:
   try:
     if args.to_hf:
       path, wrote_tokenizer = export_to_hf(args.from_export, args.hf_dir)
-      note = '' if wrote_tokenizer else ' (no tokenizer.json: the export\'s char/byte tokenizer has no GPT-2 form)'
+      note = '' if wrote_tokenizer else " (no tokenizer.json: the export's char/byte tokenizer has no GPT-2 form)"
       print(f'wrote GPT-2 directory {path}{note}')
     else:
-      path = import_hf(args.hf_dir, args.export_dir, scan_layers=args.scan_layers, dtype=args.dtype,
-                       tokenizer=args.tokenizer)
+      path = import_hf(
+        args.hf_dir, args.export_dir, scan_layers=args.scan_layers, dtype=args.dtype, tokenizer=args.tokenizer
+      )
       print(f'wrote effjax export {path}')
   except EffjaxError as e:
     print(f'effjax: error: {e}', file=sys.stderr)

@@ -63,7 +63,7 @@ def fingerprint(settings: dict, tokenizer_sha: str, shards: dict) -> str:
   h.update(tokenizer_sha.encode('ascii'))
   for split in SPLITS:
     for s in shards[split]:
-      h.update(f"{split}\0{s['name']}\0{s['tokens']}\0{s['sha256']}\0".encode('utf-8'))
+      h.update(f'{split}\0{s["name"]}\0{s["tokens"]}\0{s["sha256"]}\0'.encode('utf-8'))
   return h.hexdigest()
 
 
@@ -75,8 +75,10 @@ def read_manifest(directory) -> dict | None:
   try:
     manifest = json.loads(path.read_text())
   except (OSError, ValueError) as e:
-    raise EffjaxError(f'dataset manifest {str(path)!r} is unreadable or corrupt ({e}); prepare the dataset '
-                      f'again into an empty directory') from None
+    raise EffjaxError(
+      f'dataset manifest {str(path)!r} is unreadable or corrupt ({e}); prepare the dataset '
+      f'again into an empty directory'
+    ) from None
   if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
     raise EffjaxError(f'{str(path)!r} is not an effjax dataset manifest (format {FORMAT!r})')
   return manifest
@@ -92,9 +94,13 @@ def identity(directory) -> dict:
 
 
 def manifest_identity(manifest: dict) -> dict:
-  return {'fingerprint': manifest['fingerprint'], 'tokenizer_sha256': manifest['tokenizer_sha256'],
-          'vocab_size': manifest['vocab_size'], 'train_tokens': manifest['splits']['train']['tokens'],
-          'val_tokens': manifest['splits']['val']['tokens']}
+  return {
+    'fingerprint': manifest['fingerprint'],
+    'tokenizer_sha256': manifest['tokenizer_sha256'],
+    'vocab_size': manifest['vocab_size'],
+    'train_tokens': manifest['splits']['train']['tokens'],
+    'val_tokens': manifest['splits']['val']['tokens'],
+  }
 
 
 class ShardWriter:
@@ -128,7 +134,7 @@ class ShardWriter:
       if self._file is None:
         self._open()
       take = min(len(tokens) - pos, self.shard_tokens - self._count)
-      data = tokens[pos:pos + take].tobytes()
+      data = tokens[pos : pos + take].tobytes()
       self._file.write(data)
       self._hash.update(data)
       self._count += take
@@ -167,8 +173,7 @@ class Tokens:
     if k not in self._maps:
       path = self.directory / self.names[k]
       n = int(self.offsets[k + 1] - self.offsets[k])
-      self._maps[k] = (np.memmap(os.fspath(path), dtype=self.dtype, mode='r', shape=(n,)) if is_local(path)
-                       else path)
+      self._maps[k] = np.memmap(os.fspath(path), dtype=self.dtype, mode='r', shape=(n,)) if is_local(path) else path
     return self._maps[k]
 
   def _read(self, k: int, start: int, stop: int) -> np.ndarray:
@@ -182,7 +187,7 @@ class Tokens:
   def __getitem__(self, index):
     if isinstance(index, (int, np.integer)):
       i = int(index) + (len(self) if index < 0 else 0)
-      return self[i:i + 1][0]
+      return self[i : i + 1][0]
     if not isinstance(index, slice) or index.step not in (None, 1):
       raise TypeError('Tokens supports integers and contiguous slices')
     start, stop, _ = index.indices(len(self))
@@ -212,12 +217,16 @@ def check_shards(directory, manifest: dict) -> None:
     for s in manifest['splits'][split]['shards']:
       path = directory / s['name']
       if not path.exists():
-        raise EffjaxError(f'dataset {str(directory)!r} is missing shard {s["name"]!r} (the manifest lists '
-                          f'{len(manifest["splits"][split]["shards"])} {split} shards); prepare it again')
+        raise EffjaxError(
+          f'dataset {str(directory)!r} is missing shard {s["name"]!r} (the manifest lists '
+          f'{len(manifest["splits"][split]["shards"])} {split} shards); prepare it again'
+        )
       size, want = path.stat().length, s['tokens'] * itemsize
       if size != want:
-        raise EffjaxError(f'dataset shard {str(path)!r} has {size} bytes but the manifest says {want} '
-                          f'({s["tokens"]} tokens): it is truncated or was overwritten; prepare the dataset again')
+        raise EffjaxError(
+          f'dataset shard {str(path)!r} has {size} bytes but the manifest says {want} '
+          f'({s["tokens"]} tokens): it is truncated or was overwritten; prepare the dataset again'
+        )
 
 
 def open_split(directory, manifest: dict, split: str) -> Tokens:

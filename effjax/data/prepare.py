@@ -45,14 +45,15 @@ LOCK = '.prepare.lock'
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Everything that decides a dataset's tokens; stored in its manifest and compared on reuse."""
+
   corpus: str
   tokenizer: str = 'char'
-  bpe_vocab_size: int | None = None   # None unless tokenizer == 'bpe'
-  max_bytes: int = 0                  # 0: the whole corpus; else about this many bytes of text, split by val_fraction
+  bpe_vocab_size: int | None = None  # None unless tokenizer == 'bpe'
+  max_bytes: int = 0  # 0: the whole corpus; else about this many bytes of text, split by val_fraction
   val_fraction: float = 0.05
-  text_field: str = 'text'            # JSONL field / Parquet column
+  text_field: str = 'text'  # JSONL field / Parquet column
   tokenizer_sample_bytes: int = 64 << 20  # training text the char/BPE vocabulary is learned from
-  tokenizer_file: str = ''            # use this tokenizer.json instead of learning one (required for nanoGPT .bin)
+  tokenizer_file: str = ''  # use this tokenizer.json instead of learning one (required for nanoGPT .bin)
 
   def check(self) -> None:
     if self.tokenizer not in tokenizers.KINDS:
@@ -62,20 +63,22 @@ class Settings:
     if self.max_bytes < 0:
       raise EffjaxError(f'data.max_bytes={self.max_bytes} must be >= 0 (0 means no cap)')
     if self.tokenizer == 'bpe' and (self.bpe_vocab_size or 0) < 257:
-      raise EffjaxError(f'data.bpe_vocab_size={self.bpe_vocab_size} must be at least 257 (256 byte symbols + '
-                        f'merges)')
+      raise EffjaxError(f'data.bpe_vocab_size={self.bpe_vocab_size} must be at least 257 (256 byte symbols + merges)')
     if self.tokenizer_sample_bytes < 1:
       raise EffjaxError(f'tokenizer_sample_bytes={self.tokenizer_sample_bytes} must be positive')
 
 
 def settings_from_config(data_config) -> Settings:
   kind = data_config.tokenizer
-  return Settings(corpus=str(data_config.corpus).strip(), tokenizer=kind,
-                  bpe_vocab_size=int(data_config.bpe_vocab_size) if kind == 'bpe' else None,
-                  max_bytes=int(data_config.max_bytes), val_fraction=float(data_config.val_fraction),
-                  text_field=data_config.get('text_field', 'text'),
-                  tokenizer_sample_bytes=int(data_config.get('tokenizer_sample_bytes',
-                                                             Settings.tokenizer_sample_bytes)))
+  return Settings(
+    corpus=str(data_config.corpus).strip(),
+    tokenizer=kind,
+    bpe_vocab_size=int(data_config.bpe_vocab_size) if kind == 'bpe' else None,
+    max_bytes=int(data_config.max_bytes),
+    val_fraction=float(data_config.val_fraction),
+    text_field=data_config.get('text_field', 'text'),
+    tokenizer_sample_bytes=int(data_config.get('tokenizer_sample_bytes', Settings.tokenizer_sample_bytes)),
+  )
 
 
 def is_val(key: str, val_fraction: float) -> bool:
@@ -87,7 +90,7 @@ def is_val(key: str, val_fraction: float) -> bool:
 
 
 def _truncate(text: str, max_len_bytes: int) -> str:
-  return text.encode('utf-8')[:max(0, int(max_len_bytes))].decode('utf-8', errors='ignore')
+  return text.encode('utf-8')[: max(0, int(max_len_bytes))].decode('utf-8', errors='ignore')
 
 
 def assign_splits(docs, settings: Settings):
@@ -190,8 +193,9 @@ def encoded(tok: tokenizers.Tokenizer, batches, dtype, workers: int):
   try:
     for batch in batches:
       if pool is None and workers > 1 and seen >= IN_PROCESS_BYTES:
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
-                                                      initializer=_init_worker, initargs=(tok.to_json(),))
+        pool = concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker, initargs=(tok.to_json(),)
+        )
       seen += sum(len(t) for _, t in batch)
       if pool is None:
         yield encode_batch(tok, batch, dtype)
@@ -216,8 +220,12 @@ def _lock(out: epath.Path):
   over. On gs:// the lock is the same object, created only if absent (effjax/locks.py states its rules)."""
   if not dataset.is_local(out):
     from effjax import locks  # pylint: disable=import-outside-toplevel
-    return locks.ObjectLock(f'{os.fspath(out).rstrip("/")}/{LOCK}', f'the dataset {os.fspath(out)!r}',
-                            'wait for that prepare or use another directory').acquire()
+
+    return locks.ObjectLock(
+      f'{os.fspath(out).rstrip("/")}/{LOCK}',
+      f'the dataset {os.fspath(out)!r}',
+      'wait for that prepare or use another directory',
+    ).acquire()
   path = os.path.join(os.fspath(out), LOCK)
   for _ in range(2):
     try:
@@ -235,8 +243,9 @@ def _lock(out: epath.Path):
         continue
       except PermissionError:
         pass
-      raise EffjaxError(f'another prepare (pid {pid}) is writing the dataset {os.fspath(out)!r}; wait for it or '
-                        f'use another directory') from None
+      raise EffjaxError(
+        f'another prepare (pid {pid}) is writing the dataset {os.fspath(out)!r}; wait for it or use another directory'
+      ) from None
   raise EffjaxError(f'cannot take the prepare lock {path!r}')
 
 
@@ -246,8 +255,11 @@ def _clear_leftovers(out: epath.Path) -> None:
     return
   for p in out.iterdir():
     name = p.name
-    if name == dataset.TOKENIZER or (name.endswith('.bin') and name.split('-')[0] in dataset.SPLITS) \
-        or name.startswith(f'.{dataset.MANIFEST}.tmp'):
+    if (
+      name == dataset.TOKENIZER
+      or (name.endswith('.bin') and name.split('-')[0] in dataset.SPLITS)
+      or name.startswith(f'.{dataset.MANIFEST}.tmp')
+    ):
       p.unlink()
 
 
@@ -255,16 +267,20 @@ def check_reuse(manifest: dict, settings: Settings, where: str) -> None:
   built = manifest['settings']
   for k, want in dataclasses.asdict(settings).items():
     if built.get(k) != want:
-      raise EffjaxError(f'the dataset in {where!r} was prepared with data.{k}={built.get(k)!r} but this asks for '
-                        f'data.{k}={want!r}; use another directory or the original setting')
+      raise EffjaxError(
+        f'the dataset in {where!r} was prepared with data.{k}={built.get(k)!r} but this asks for '
+        f'data.{k}={want!r}; use another directory or the original setting'
+      )
 
 
-def prepare(settings: Settings, out_dir, *, workers: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            log=logging.info) -> dict:
+def prepare(
+  settings: Settings, out_dir, *, workers: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS, log=logging.info
+) -> dict:
   """Prepare `settings.corpus` into `out_dir` (local or gs://) and return its manifest; an existing complete
   dataset with the same settings is reused as it is. workers=0: one per CPU core."""
   settings.check()
   from effjax import paths  # pylint: disable=import-outside-toplevel
+
   paths.check(out_dir, 'dataset directory')  # gs:// without the [gcs] extra: one line, not a traceback
   out = epath.Path(out_dir)
   existing = dataset.read_manifest(out)
@@ -285,15 +301,23 @@ def prepare(settings: Settings, out_dir, *, workers: int = 0, shard_tokens: int 
     _clear_leftovers(out)
     start = time.time()
     try:
-      manifest = (_import_nanogpt(settings, nano, out, shard_tokens) if nano is not None
-                  else _prepare_text(settings, files, out, workers, shard_tokens))
+      manifest = (
+        _import_nanogpt(settings, nano, out, shard_tokens)
+        if nano is not None
+        else _prepare_text(settings, files, out, workers, shard_tokens)
+      )
     except EffjaxError:  # bad data found midway: no half-written shards are left behind
       _clear_leftovers(out)
       raise
     manifest['seconds'] = round(time.time() - start, 3)
     dataset.write_text_atomic(out / dataset.MANIFEST, json.dumps(manifest, indent=1))
-    log('prepared %s: %d train / %d val tokens in %.1f s', out, manifest['splits']['train']['tokens'],
-        manifest['splits']['val']['tokens'], manifest['seconds'])
+    log(
+      'prepared %s: %d train / %d val tokens in %.1f s',
+      out,
+      manifest['splits']['train']['tokens'],
+      manifest['splits']['val']['tokens'],
+      manifest['seconds'],
+    )
     return manifest
   finally:
     if lock is not None and not isinstance(lock, str):
@@ -329,11 +353,13 @@ def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shar
   (out / dataset.TOKENIZER).write_text(tok_content)
   writers = {s: dataset.ShardWriter(out, s, dtype, shard_tokens) for s in dataset.SPLITS}
   stats = {s: {'bytes': 0, 'docs': 0} for s in dataset.SPLITS}
+
   def drained():  # the sample's documents, released as they are encoded
     queue = collections.deque(buffered)
     buffered.clear()
     while queue:
       yield queue.popleft()
+
   counts = np.zeros(tok.vocab_size, np.int64)  # how often each id occurs in the training split
   for result in encoded(tok, _batches(itertools.chain(drained(), assigned)), dtype, workers):
     for split, (ids, nbytes, ndocs) in result.items():
@@ -341,7 +367,7 @@ def _prepare_text(settings: Settings, files, out: epath.Path, workers: int, shar
       stats[split]['bytes'] += nbytes
       stats[split]['docs'] += ndocs
       if split == 'train' and len(ids):
-        counts += np.bincount(ids, minlength=tok.vocab_size)[:tok.vocab_size]
+        counts += np.bincount(ids, minlength=tok.vocab_size)[: tok.vocab_size]
   check_has_text(settings, tok, counts)
   splits = {s: dict(shards=writers[s].finish(), tokens=writers[s].total, **stats[s]) for s in dataset.SPLITS}
   return _manifest(settings, tok, tok_content, dtype, splits, source_files=len(files))
@@ -356,17 +382,21 @@ def check_has_text(settings: Settings, tok: tokenizers.Tokenizer, counts: np.nda
     filler.add(0)  # "unknown"
   content = [i for i in np.flatnonzero(counts).tolist() if i not in filler]
   if len(content) < 2:
-    raise EffjaxError(f'data.corpus={settings.corpus!r} holds no text to learn from: its {int(counts.sum())} '
-                      f'training tokens use {len(content)} distinct {tok.kind} token(s) besides NUL bytes and the '
-                      f'document separator (binary files or all NUL bytes?); give a text corpus')
+    raise EffjaxError(
+      f'data.corpus={settings.corpus!r} holds no text to learn from: its {int(counts.sum())} '
+      f'training tokens use {len(content)} distinct {tok.kind} token(s) besides NUL bytes and the '
+      f'document separator (binary files or all NUL bytes?); give a text corpus'
+    )
 
 
 def _import_nanogpt(settings: Settings, src: epath.Path, out: epath.Path, shard_tokens: int) -> dict:
   """nanoGPT's train.bin / val.bin (uint16 ids, already tokenized) become the shards as they are; the tokenizer
   that made them must be given (tokenizer_file), since the .bin files do not say."""
   if not settings.tokenizer_file:
-    raise EffjaxError(f'{str(src)!r} holds nanoGPT train.bin/val.bin (already tokenized); give the tokenizer.json '
-                      f'that made them (--tokenizer_file=PATH)')
+    raise EffjaxError(
+      f'{str(src)!r} holds nanoGPT train.bin/val.bin (already tokenized); give the tokenizer.json '
+      f'that made them (--tokenizer_file=PATH)'
+    )
   tok = tokenizers.load_tokenizer_file(settings.tokenizer_file)
   tok_content = tok.to_json()
   (out / dataset.TOKENIZER).write_text(tok_content)
@@ -382,9 +412,11 @@ def _import_nanogpt(settings: Settings, src: epath.Path, out: epath.Path, shard_
       while chunk := f.read(NANOGPT_CHUNK * 2):
         ids = np.frombuffer(chunk, dtype='<u2')
         if len(ids) and int(ids.max()) >= tok.vocab_size:
-          raise EffjaxError(f'nanoGPT file {str(path)!r} holds token id {int(ids.max())} but the tokenizer '
-                            f'{settings.tokenizer_file!r} has only {tok.vocab_size} ids; give the tokenizer '
-                            f'that made it')
+          raise EffjaxError(
+            f'nanoGPT file {str(path)!r} holds token id {int(ids.max())} but the tokenizer '
+            f'{settings.tokenizer_file!r} has only {tok.vocab_size} ids; give the tokenizer '
+            f'that made it'
+          )
         writer.write(ids)
     splits[split] = dict(shards=writer.finish(), tokens=writer.total, bytes=None, docs=None)
   return _manifest(settings, tok, tok_content, dtype, splits, source_files=2)
@@ -398,10 +430,19 @@ def _manifest(settings, tok, tok_content, dtype, splits, source_files) -> dict:
     if not splits[s]['tokens']:
       raise EffjaxError(f'data.corpus={settings.corpus!r} gave no {s} tokens')
   val = splits['val']
-  return dict(format=dataset.FORMAT, fingerprint=dataset.fingerprint(settings_dict, tok_sha, shards),
-              settings=settings_dict, tokenizer_kind=tok.kind, vocab_size=tok.vocab_size,
-              tokenizer_sha256=tok_sha, dtype=np.dtype(dtype).name, separator=SEPARATOR, source_files=source_files,
-              val_bytes_per_token=(val['bytes'] / val['tokens']) if val['bytes'] else None, splits=splits)
+  return dict(
+    format=dataset.FORMAT,
+    fingerprint=dataset.fingerprint(settings_dict, tok_sha, shards),
+    settings=settings_dict,
+    tokenizer_kind=tok.kind,
+    vocab_size=tok.vocab_size,
+    tokenizer_sha256=tok_sha,
+    dtype=np.dtype(dtype).name,
+    separator=SEPARATOR,
+    source_files=source_files,
+    val_bytes_per_token=(val['bytes'] / val['tokens']) if val['bytes'] else None,
+    splits=splits,
+  )
 
 
 # ---------------------------------------------------------------- command line
@@ -409,9 +450,14 @@ def _manifest(settings, tok, tok_content, dtype, splits, source_files) -> dict:
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=import-outside-toplevel
+
   p = argparse.ArgumentParser(prog='python -m effjax.data.prepare', description=__doc__.split('\n\n')[0])
-  p.add_argument('--corpus', required=True, help="'embedded', 'shakespeare', files / dirs / globs (comma-"
-                 'separated; .txt/.py/..., .jsonl[.gz|.zst], .parquet), or a nanoGPT dir with train.bin/val.bin')
+  p.add_argument(
+    '--corpus',
+    required=True,
+    help="'embedded', 'shakespeare', files / dirs / globs (comma-"
+    'separated; .txt/.py/..., .jsonl[.gz|.zst], .parquet), or a nanoGPT dir with train.bin/val.bin',
+  )
   p.add_argument('--out', required=True, help='dataset directory to write (local or gs://)')
   p.add_argument('--tokenizer', default='bpe', choices=tokenizers.KINDS)
   p.add_argument('--bpe_vocab_size', type=int, default=4096)
@@ -424,18 +470,32 @@ def main(argv=None) -> int:
   p.add_argument('--shard_tokens', type=int, default=DEFAULT_SHARD_TOKENS)
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
-  settings = Settings(corpus=a.corpus, tokenizer=a.tokenizer,
-                      bpe_vocab_size=a.bpe_vocab_size if a.tokenizer == 'bpe' else None, max_bytes=a.max_bytes,
-                      val_fraction=a.val_fraction, text_field=a.text_field,
-                      tokenizer_sample_bytes=a.tokenizer_sample_bytes, tokenizer_file=a.tokenizer_file)
+  settings = Settings(
+    corpus=a.corpus,
+    tokenizer=a.tokenizer,
+    bpe_vocab_size=a.bpe_vocab_size if a.tokenizer == 'bpe' else None,
+    max_bytes=a.max_bytes,
+    val_fraction=a.val_fraction,
+    text_field=a.text_field,
+    tokenizer_sample_bytes=a.tokenizer_sample_bytes,
+    tokenizer_file=a.tokenizer_file,
+  )
   try:
     m = prepare(settings, a.out, workers=a.workers, shard_tokens=a.shard_tokens)
   except EffjaxError as e:
     print(f'effjax: error: {e}', file=sys.stderr)
     return 2
-  print(json.dumps({'dataset': a.out, 'fingerprint': m['fingerprint'],
-                    'train_tokens': m['splits']['train']['tokens'], 'val_tokens': m['splits']['val']['tokens'],
-                    'seconds': m['seconds']}))
+  print(
+    json.dumps(
+      {
+        'dataset': a.out,
+        'fingerprint': m['fingerprint'],
+        'train_tokens': m['splits']['train']['tokens'],
+        'val_tokens': m['splits']['val']['tokens'],
+        'seconds': m['seconds'],
+      }
+    )
+  )
   return 0
 
 

@@ -32,13 +32,13 @@ NANOGPT_FILES = ('train.bin', 'val.bin')
 
 @dataclasses.dataclass(frozen=True)
 class Doc:
-  key: str   # stable name (relative path, path:line, path#block): the split hash and the fingerprint use it
+  key: str  # stable name (relative path, path:line, path#block): the split hash and the fingerprint use it
   text: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
-  key: str          # relative name
+  key: str  # relative name
   path: epath.Path
   lenient: bool = False  # named corpora skip undecodable files silently; user files are an error
 
@@ -72,8 +72,11 @@ def _embedded_files() -> list[SourceFile]:
   """Stdlib then scientific-package Python files, in a fixed order."""
   roots = [('stdlib', epath.Path(sysconfig.get_paths()['stdlib']))]
   roots += [(n, r) for n in EMBEDDED_PACKAGES if (r := _package_root(n)) is not None]
-  return [SourceFile(f'{prefix}/{rel}', root / rel, lenient=True)
-          for prefix, root in roots for rel in _walk(root, '.py', _SKIP_DIRS)]
+  return [
+    SourceFile(f'{prefix}/{rel}', root / rel, lenient=True)
+    for prefix, root in roots
+    for rel in _walk(root, '.py', _SKIP_DIRS)
+  ]
 
 
 def _shakespeare_files() -> list[SourceFile]:
@@ -105,8 +108,10 @@ def _user_files(spec: str) -> list[SourceFile]:
     elif path.is_file():
       files.append(SourceFile(part, path))
     else:
-      raise EffjaxError(f'data.corpus {part!r} is not a file, directory or matching glob; valid: '
-                        f"{', '.join(map(repr, NAMED_CORPORA))}, or paths/dirs/globs (comma-separated)")
+      raise EffjaxError(
+        f'data.corpus {part!r} is not a file, directory or matching glob; valid: '
+        f'{", ".join(map(repr, NAMED_CORPORA))}, or paths/dirs/globs (comma-separated)'
+      )
   if not files:
     raise EffjaxError(f'data.corpus {spec!r} names no files')
   return files
@@ -114,6 +119,7 @@ def _user_files(spec: str) -> list[SourceFile]:
 
 def _remote_glob(pattern: str) -> list[str]:
   import fsspec  # pylint: disable=import-outside-toplevel  # comes with gcsfs, which epath uses for gs://
+
   fs, _, _ = fsspec.get_fs_token_paths(pattern)
   proto = pattern.split('://', 1)[0]
   return [f'{proto}://{p}' for p in fs.glob(pattern.split('://', 1)[1]) if fs.isfile(p)]
@@ -153,6 +159,7 @@ def _open_binary(f: SourceFile):
     return gzip.GzipFile(fileobj=raw, mode='rb')
   if name.endswith('.zst'):
     import zstandard  # pylint: disable=import-outside-toplevel
+
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
   return raw
 
@@ -168,8 +175,9 @@ def _jsonl_docs(f: SourceFile, text_field: str) -> Iterator[Doc]:
         raise EffjaxError(f'corpus file {str(f.path)!r} line {lineno} is not valid JSON ({e})') from None
       if not isinstance(obj, dict) or text_field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise EffjaxError(f'corpus file {str(f.path)!r} line {lineno} has no field data.text_field={text_field!r} '
-                          f'(found: {keys})')
+        raise EffjaxError(
+          f'corpus file {str(f.path)!r} line {lineno} has no field data.text_field={text_field!r} (found: {keys})'
+        )
       if not isinstance(obj[text_field], str):
         raise EffjaxError(f'corpus file {str(f.path)!r} line {lineno}: field {text_field!r} is not a string')
       yield Doc(f'{f.key}:{lineno}', obj[text_field])
@@ -177,6 +185,7 @@ def _jsonl_docs(f: SourceFile, text_field: str) -> Iterator[Doc]:
 
 def _parquet_docs(f: SourceFile, text_field: str) -> Iterator[Doc]:
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
   with f.path.open('rb') as raw:
     try:
       pf = pq.ParquetFile(raw)
@@ -184,8 +193,7 @@ def _parquet_docs(f: SourceFile, text_field: str) -> Iterator[Doc]:
       raise EffjaxError(f'corpus file {str(f.path)!r} is not a readable Parquet file ({e})') from None
     names = pf.schema_arrow.names
     if text_field not in names:
-      raise EffjaxError(f'Parquet file {str(f.path)!r} has no column data.text_field={text_field!r} '
-                        f'(columns: {names})')
+      raise EffjaxError(f'Parquet file {str(f.path)!r} has no column data.text_field={text_field!r} (columns: {names})')
     row = 0
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=[text_field]):
       for text in batch.column(0).to_pylist():
@@ -234,8 +242,9 @@ def _decode_or_none(raw: bytes, f: SourceFile, offset: int):
   except UnicodeDecodeError as e:
     if f.lenient:
       return None  # the named corpora skip undecodable files
-    raise EffjaxError(f'corpus file {str(f.path)!r} is not UTF-8 text ({e.reason} at byte {offset + e.start})'
-                      ) from None
+    raise EffjaxError(
+      f'corpus file {str(f.path)!r} is not UTF-8 text ({e.reason} at byte {offset + e.start})'
+    ) from None
 
 
 def read_docs(f: SourceFile, text_field: str) -> Iterator[Doc]:

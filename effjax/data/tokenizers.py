@@ -15,19 +15,20 @@ from etils import epath
 
 from effjax.errors import EffjaxError
 
-KINDS = ("char", "byte", "bpe")
-FILENAME = "tokenizer.json"
+KINDS = ('char', 'byte', 'bpe')
+FILENAME = 'tokenizer.json'
 _CHUNK = 1 << 20  # characters per BPE encode chunk
-_BOUNDARY = re.compile(r"\n(?=\S)")  # always a byte-level pre-token boundary
+_BOUNDARY = re.compile(r'\n(?=\S)')  # always a byte-level pre-token boundary
 
 
 def count_bytes(text: str) -> int:
   """UTF-8 length: the denominator of bits-per-byte."""
-  return len(text.encode("utf-8"))
+  return len(text.encode('utf-8'))
 
 
 def _atomic_write(path: str, content: str) -> None:
   from effjax import paths  # pylint: disable=import-outside-toplevel  (local or gs://)
+
   paths.write_text_atomic(path, content)
 
 
@@ -39,7 +40,7 @@ def _chunks(text: str) -> list[str]:
     m = _BOUNDARY.search(text, start + _CHUNK)
     if m is None:
       break
-    out.append(text[start:m.end()])
+    out.append(text[start : m.end()])
     start = m.end()
   out.append(text[start:])
   return out
@@ -47,6 +48,7 @@ def _chunks(text: str) -> list[str]:
 
 class Tokenizer:
   """Common interface: kind, vocab_size, encode, decode, save."""
+
   kind: str
 
   @property
@@ -72,23 +74,24 @@ class Tokenizer:
 
 class CharTokenizer(Tokenizer):
   """One id per character seen in training; id 0 is "unknown" (decodes to U+FFFD)."""
-  kind = "char"
+
+  kind = 'char'
 
   def __init__(self, chars: str):
-    self.chars = "".join(sorted(set(chars) - {"\x00"}))
+    self.chars = ''.join(sorted(set(chars) - {'\x00'}))
     self._codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
-    self._table = np.array(["\ufffd"] + list(self.chars), dtype=object)
+    self._table = np.array(['\ufffd'] + list(self.chars), dtype=object)
 
   @classmethod
-  def from_text(cls, text: str) -> "CharTokenizer":
-    return cls("".join(set(text)))
+  def from_text(cls, text: str) -> 'CharTokenizer':
+    return cls(''.join(set(text)))
 
   @property
   def vocab_size(self) -> int:
     return len(self.chars) + 1
 
   def encode(self, text: str) -> np.ndarray:
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    cps = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
     if not len(self._codes):
       return np.zeros(len(cps), np.int32)
     idx = np.minimum(np.searchsorted(self._codes, cps), len(self._codes) - 1)
@@ -97,47 +100,54 @@ class CharTokenizer(Tokenizer):
   def decode(self, ids) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     ids = np.where((ids >= 0) & (ids < self.vocab_size), ids, 0)
-    return "".join(self._table[ids])
+    return ''.join(self._table[ids])
 
   def to_json(self) -> str:
-    return json.dumps({"effjax_kind": "char", "chars": self.chars})
+    return json.dumps({'effjax_kind': 'char', 'chars': self.chars})
 
 
 class ByteTokenizer(Tokenizer):
   """The 256 UTF-8 byte values; invalid sequences decode to U+FFFD."""
-  kind = "byte"
+
+  kind = 'byte'
 
   @property
   def vocab_size(self) -> int:
     return 256
 
   def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
 
   def decode(self, ids) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return bytes(np.clip(ids, 0, 255).astype(np.uint8)).decode("utf-8", errors="replace")
+    return bytes(np.clip(ids, 0, 255).astype(np.uint8)).decode('utf-8', errors='replace')
 
   def to_json(self) -> str:
-    return json.dumps({"effjax_kind": "byte"})
+    return json.dumps({'effjax_kind': 'byte'})
 
 
 class BpeTokenizer(Tokenizer):
   """Byte-level BPE from the `tokenizers` package; round-trips any text exactly."""
-  kind = "bpe"
+
+  kind = 'bpe'
 
   def __init__(self, tok):
     self.tok = tok
 
   @classmethod
-  def train(cls, texts, vocab_size: int) -> "BpeTokenizer":
+  def train(cls, texts, vocab_size: int) -> 'BpeTokenizer':
     """Learn the merges from `texts` (a string or a list of strings)."""
     from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = HfTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
+    trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      special_tokens=[],
+      show_progress=False,
+    )
     texts = [texts] if isinstance(texts, str) else texts
     tok.train_from_iterator((c for t in texts for c in _chunks(t)), trainer=trainer)
     return cls(tok)
@@ -156,7 +166,7 @@ class BpeTokenizer(Tokenizer):
   @property
   def _encode_batch(self):
     # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads.
-    return getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+    return getattr(self.tok, 'encode_batch_fast', self.tok.encode_batch)
 
   def decode(self, ids) -> str:
     return self.tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
@@ -167,21 +177,21 @@ class BpeTokenizer(Tokenizer):
 
 def learn(kind: str, texts: list[str], bpe_vocab_size: int | None = None) -> Tokenizer:
   """Make a tokenizer of `kind`; char and bpe learn their vocabulary from `texts` (training text only)."""
-  if kind == "char":
-    return CharTokenizer("".join(set().union(*map(set, texts))))
-  if kind == "byte":
+  if kind == 'char':
+    return CharTokenizer(''.join(set().union(*map(set, texts))))
+  if kind == 'byte':
     return ByteTokenizer()
-  if kind == "bpe":
+  if kind == 'bpe':
     size = int(bpe_vocab_size or 0)
     if size < 257:
-      raise EffjaxError(f"data.bpe_vocab_size={size} must be at least 257 (256 byte symbols + merges)")
+      raise EffjaxError(f'data.bpe_vocab_size={size} must be at least 257 (256 byte symbols + merges)')
     return BpeTokenizer.train(texts, size)
-  raise EffjaxError(f"unknown data.tokenizer={kind!r}; valid: {', '.join(map(repr, KINDS))}")
+  raise EffjaxError(f'unknown data.tokenizer={kind!r}; valid: {", ".join(map(repr, KINDS))}')
 
 
 def build_tokenizer(data_config, train_text: str) -> Tokenizer:
   """The configured tokenizer, learned from `train_text`."""
-  return learn(data_config.tokenizer, [train_text], data_config.get("bpe_vocab_size"))
+  return learn(data_config.tokenizer, [train_text], data_config.get('bpe_vocab_size'))
 
 
 def load_tokenizer(directory) -> Tokenizer:
@@ -195,25 +205,26 @@ def load_tokenizer_file(path) -> Tokenizer:
   try:
     content = path.read_text()
   except FileNotFoundError:
-    raise EffjaxError(f"tokenizer file {str(path)!r} does not exist") from None
+    raise EffjaxError(f'tokenizer file {str(path)!r} does not exist') from None
   except (OSError, ValueError) as e:
-    raise EffjaxError(f"tokenizer file {str(path)!r} is unreadable or corrupt ({e})") from None
-  return from_json(content, where=f"tokenizer file {str(path)!r}")
+    raise EffjaxError(f'tokenizer file {str(path)!r} is unreadable or corrupt ({e})') from None
+  return from_json(content, where=f'tokenizer file {str(path)!r}')
 
 
-def from_json(content: str, where: str = "the tokenizer") -> Tokenizer:
+def from_json(content: str, where: str = 'the tokenizer') -> Tokenizer:
   """The tokenizer whose `to_json()` is `content`."""
   try:
     obj = json.loads(content)
   except ValueError as e:
-    raise EffjaxError(f"{where} is unreadable or corrupt ({e})") from None
-  kind = obj.get("effjax_kind") if isinstance(obj, dict) else None
-  if kind == "char" and isinstance(obj.get("chars"), str):
-    return CharTokenizer(obj["chars"])
-  if kind == "byte":
+    raise EffjaxError(f'{where} is unreadable or corrupt ({e})') from None
+  kind = obj.get('effjax_kind') if isinstance(obj, dict) else None
+  if kind == 'char' and isinstance(obj.get('chars'), str):
+    return CharTokenizer(obj['chars'])
+  if kind == 'byte':
     return ByteTokenizer()
   try:
     from tokenizers import Tokenizer as HfTokenizer
+
     return BpeTokenizer(HfTokenizer.from_str(content))
   except Exception as e:  # tokenizers raises a plain Exception on bad JSON
-    raise EffjaxError(f"{where} is not a char/byte/bpe tokenizer ({e})") from None
+    raise EffjaxError(f'{where} is not a char/byte/bpe tokenizer ({e})') from None

@@ -7,6 +7,7 @@ planner needs and whether it takes doping. Every module of this package is impor
 it can register its families and dense kinds; a family defined elsewhere (a test, a user's file) registers the
 same way. The shared modules (checkpoint, memory, accounting, optim) ask this registry and name no family.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,10 +29,11 @@ def plain_memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
 @dataclasses.dataclass(frozen=True)
 class Family:
   """Everything the stack knows about one model family."""
+
   name: str
-  module: Callable[[Any], Any]                   # FrozenConfigDict -> the flax Module
-  forward_flops: Callable[[Any, int], int]       # (cfg, seq_len) -> forward FLOPs per token of the net as built
-  check: Callable[[Any], None] | None = None     # family-specific config checks (one EffjaxError line each)
+  module: Callable[[Any], Any]  # FrozenConfigDict -> the flax Module
+  forward_flops: Callable[[Any, int], int]  # (cfg, seq_len) -> forward FLOPs per token of the net as built
+  check: Callable[[Any], None] | None = None  # family-specific config checks (one EffjaxError line each)
   param_keys: Callable[[Any], tuple[str, ...]] = layers.param_keys  # config keys that shape its parameters
   summary_extras: Callable[[Any, dict], dict] | None = None  # (cfg, abstract variables) -> extra summary keys
   # memory planner: ('block' | 'frozen', width, heads, applications) of every layer the forward runs, the bytes
@@ -39,7 +41,7 @@ class Family:
   memory_blocks: Callable[[Any], list[tuple[str, int, int, int]]] = plain_memory_blocks
   memory_extra_bytes: Callable[[Any, int], float] | None = None
   outside_params: tuple[str, ...] = ('embed', 'head', 'ln_f')
-  doping: bool = False                           # whether its stack honours model.doping (effjax/models/doped.py)
+  doping: bool = False  # whether its stack honours model.doping (effjax/models/doped.py)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -94,8 +96,11 @@ def _check_key(frozen: ml_collections.FrozenConfigDict) -> frozenset:
 
 
 def _check(model_config, vocab_known: bool = True) -> ml_collections.FrozenConfigDict:
-  frozen = (model_config if isinstance(model_config, ml_collections.FrozenConfigDict)
-            else ml_collections.FrozenConfigDict(model_config))
+  frozen = (
+    model_config
+    if isinstance(model_config, ml_collections.FrozenConfigDict)
+    else ml_collections.FrozenConfigDict(model_config)
+  )
   key = _check_key(frozen)
   if key not in _CHECKED:
     validate.check_model_config(frozen, families(), vocab_known=False)
@@ -121,19 +126,22 @@ def migrate_flat_keys(model_config) -> None:
   A live config has every section already, so the flat value, which its file set, wins over the section's."""
   from absl import logging  # pylint: disable=import-outside-toplevel
   from effjax.configs import base  # pylint: disable=import-outside-toplevel
+
   for old, new in base.MOVED_MODEL_KEYS.items():
     if old not in model_config or isinstance(model_config[old], ml_collections.ConfigDict):
       continue
     section, key = new.split('.')
     if not isinstance(model_config.get(section), ml_collections.ConfigDict):
-      raise EffjaxError(f'model.{old} has moved to model.{new}, and model.{section} is no section; set '
-                        f'model.{new} instead')
+      raise EffjaxError(
+        f'model.{old} has moved to model.{new}, and model.{section} is no section; set model.{new} instead'
+      )
     with model_config.unlocked():
       value = model_config[old]
       del model_config[old]
       model_config[section][key] = value
-    logging.warning('model.%s has moved to model.%s: read as model.%s=%r (set that key in the config)', old, new,
-                    new, value)
+    logging.warning(
+      'model.%s has moved to model.%s: read as model.%s=%r (set that key in the config)', old, new, new, value
+    )
 
 
 def build_model(model_config: ml_collections.ConfigDict):

@@ -11,6 +11,7 @@ reads d_0 / f^⌊L/n⌋ (the paper: 384 → 192 → 96 with L=4, n=2, f=2).
 Each constant-width segment is one `layers.LayerStack` (params/stack_{m}/...), compressors are
 params/compress_{m}/..., so scanning, sharing and remat work per segment as in every other family.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ def final_width(cfg) -> int:
 class CausalConv1d(nn.Module):
   """Conv1d over time (channels last) that never sees the future: kernel-1 zeros on the left of the sequence,
   or, when decoding, the kernel-1 previous inputs kept in the cache."""
+
   cfg: layers.Config
   features: int
   kernel: int
@@ -63,16 +65,22 @@ class CausalConv1d(nn.Module):
         state = self.variable('cache', 'conv_state', jnp.zeros, (b, k - 1, d), x_BxTxD.dtype)
         x_BxSxD = jnp.concatenate([state.value, x_BxTxD], axis=1)
         if not self.is_initializing():
-          state.value = x_BxSxD[:, -(k - 1):]
+          state.value = x_BxSxD[:, -(k - 1) :]
       else:
         x_BxSxD = jnp.pad(x_BxTxD, ((0, 0), (k - 1, 0), (0, 0)))
     else:
       x_BxSxD = x_BxTxD
-    return nn.Conv(self.features, kernel_size=(k,), padding='VALID', use_bias=cfg.use_bias,
-                   dtype=layers.dtype_of(cfg.dtype), param_dtype=layers.dtype_of(cfg.param_dtype),
-                   kernel_init=layers.normal_init(layers.INIT_STD, (None, 'embed', None)),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-                   name='conv')(x_BxSxD)
+    return nn.Conv(
+      self.features,
+      kernel_size=(k,),
+      padding='VALID',
+      use_bias=cfg.use_bias,
+      dtype=layers.dtype_of(cfg.dtype),
+      param_dtype=layers.dtype_of(cfg.param_dtype),
+      kernel_init=layers.normal_init(layers.INIT_STD, (None, 'embed', None)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+      name='conv',
+    )(x_BxSxD)
 
 
 class CompressedGPT(layers.LanguageModel):
@@ -90,11 +98,17 @@ class CompressedGPT(layers.LanguageModel):
     m = 0
     for i, (width, blocks) in enumerate(segments(cfg)):
       x_BxTxD = layers.LayerStack(
-          block_cls=layers.Block,
-          block_kwargs=dict(cfg=cfg, d_model=width, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                            train=train, decode=decode),
-          num_layers=blocks, scan=cfg.scan_layers, share=cfg.share_layers, num_groups=cfg.num_groups,
-          remat=cfg.remat, name=f'stack_{i}')(x_BxTxD, positions_T)
+        block_cls=layers.Block,
+        block_kwargs=dict(
+          cfg=cfg, d_model=width, num_heads=cfg.num_heads, num_layers=cfg.num_layers, train=train, decode=decode
+        ),
+        num_layers=blocks,
+        scan=cfg.scan_layers,
+        share=cfg.share_layers,
+        num_groups=cfg.num_groups,
+        remat=cfg.remat,
+        name=f'stack_{i}',
+      )(x_BxTxD, positions_T)
       if blocks == cfg.compress.compress_every:  # d_{m+1} = d_m / f
         x_BxTxD = self.compressor(width // cfg.compress.compress_factor, decode, f'compress_{m}')(x_BxTxD)
         m += 1
@@ -121,21 +135,26 @@ class CompressedGPT(layers.LanguageModel):
     count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
     segs = segments(cfg)
     return {
-        'widths': [w for w, _ in segs] + ([final_width(cfg)] if final_width(cfg) != segs[-1][0] else []),
-        'blocks_per_width': [n for _, n in segs],
-        'segment_params': [count(params.get(f'stack_{i}', {})) for i in range(len(segs))],
-        'compressor_params': [count(params.get(f'compress_{m}', {})) for m in range(len(compressions(cfg)))],
-        'head_width': final_width(cfg),
+      'widths': [w for w, _ in segs] + ([final_width(cfg)] if final_width(cfg) != segs[-1][0] else []),
+      'blocks_per_width': [n for _, n in segs],
+      'segment_params': [count(params.get(f'stack_{i}', {})) for i in range(len(segs))],
+      'compressor_params': [count(params.get(f'compress_{m}', {})) for m in range(len(compressions(cfg)))],
+      'head_width': final_width(cfg),
     }
 
 
 class LinearlyCompressedGPT(CompressedGPT):
   def compressor(self, out_width, decode, name):
     cfg = self.cfg
-    return nn.Dense(out_width, use_bias=cfg.use_bias, dtype=layers.dtype_of(cfg.dtype),
-                    param_dtype=layers.dtype_of(cfg.param_dtype),
-                    kernel_init=layers.normal_init(layers.INIT_STD, ('embed', None)),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=name)
+    return nn.Dense(
+      out_width,
+      use_bias=cfg.use_bias,
+      dtype=layers.dtype_of(cfg.dtype),
+      param_dtype=layers.dtype_of(cfg.param_dtype),
+      kernel_init=layers.normal_init(layers.INIT_STD, ('embed', None)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+      name=name,
+    )
 
   @classmethod
   def forward_flops_per_token(cls, cfg, seq_len: int) -> int:
@@ -166,15 +185,18 @@ def check(m) -> None:
   own = m.compress
   f = own.compress_factor
   if f < 2:
-    raise EffjaxError(f'model.compress.compress_factor={f} is invalid; it must be >= 2 (each compression '
-                      'divides the width by it)')
+    raise EffjaxError(
+      f'model.compress.compress_factor={f} is invalid; it must be >= 2 (each compression divides the width by it)'
+    )
   width, left, n = m.d_model, m.num_layers, own.compress_every
   while left > 0:
     blocks = min(n, left)
     if width % m.num_heads:
-      raise EffjaxError(f'model.num_heads={m.num_heads} does not divide the compressed width {width} '
-                        f'(d_model={m.d_model} / compress_factor={f} per {n} blocks); choose '
-                        'heads, d_model or compress_factor so every width is a multiple of the heads')
+      raise EffjaxError(
+        f'model.num_heads={m.num_heads} does not divide the compressed width {width} '
+        f'(d_model={m.d_model} / compress_factor={f} per {n} blocks); choose '
+        'heads, d_model or compress_factor so every width is a multiple of the heads'
+      )
     if m.pos_emb == 'rotary' and (width // m.num_heads) % 2:
       raise EffjaxError(f'rotary positions need an even head dim at every width, got {width}/{m.num_heads}')
     if m.share_layers == 'groups' and blocks % m.num_groups:
@@ -182,13 +204,17 @@ def check(m) -> None:
     left -= blocks
     if blocks == n:
       if width % f:
-        raise EffjaxError(f'model.compress.compress_factor={f} does not divide the width {width} reached '
-                          f'after {m.num_layers - left} blocks (d_model={m.d_model}); use a d_model divisible by '
-                          f'compress_factor^{m.num_layers // n}')
+        raise EffjaxError(
+          f'model.compress.compress_factor={f} does not divide the width {width} reached '
+          f'after {m.num_layers - left} blocks (d_model={m.d_model}); use a d_model divisible by '
+          f'compress_factor^{m.num_layers // n}'
+        )
       width //= f
   if m.tie_embeddings and width != m.d_model:
-    raise EffjaxError(f'model.tie_embeddings=True does not fit {m.family}: the head reads width {width}, the '
-                      f'embedding is d_model={m.d_model} wide; use tie_embeddings=False')
+    raise EffjaxError(
+      f'model.tie_embeddings=True does not fit {m.family}: the head reads width {width}, the '
+      f'embedding is d_model={m.d_model} wide; use tie_embeddings=False'
+    )
 
 
 def memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
@@ -197,6 +223,14 @@ def memory_blocks(cfg) -> list[tuple[str, int, int, int]]:
 
 
 for _name, _cls in (('lcgpt', LinearlyCompressedGPT), ('ccgpt', ConvCompressedGPT)):
-  models.register_family(models.Family(
-      _name, _cls, forward_flops=_cls.forward_flops_per_token, check=check, param_keys=_cls.param_keys,
-      summary_extras=_cls.summary_extras, memory_blocks=memory_blocks))
+  models.register_family(
+    models.Family(
+      _name,
+      _cls,
+      forward_flops=_cls.forward_flops_per_token,
+      check=check,
+      param_keys=_cls.param_keys,
+      summary_extras=_cls.summary_extras,
+      memory_blocks=memory_blocks,
+    )
+  )

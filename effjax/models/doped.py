@@ -28,6 +28,7 @@ block followed by the frozen MLPs up to the next block, and each run of consecut
 LayerStack (`stack/run_{i}/layers/{block,frozen_0,...}`). 'interleave' gives two runs: L-1 units (block + frozen
 MLP) and the last block alone.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,29 +41,36 @@ import jax.numpy as jnp
 from effjax.errors import EffjaxError
 from effjax.models import layers
 
+
 def parse_doping(doping: str, num_layers: int) -> tuple[int, ...]:
   """The number of frozen MLPs after each of the `num_layers` trainable blocks (the last entry is always 0).
 
   Raises EffjaxError (one line) for a malformed pattern.
   """
   if not isinstance(doping, str):
-    raise EffjaxError(f"model.doping.pattern={doping!r} is invalid; use '' (off), 'interleave' or a T/F pattern "
-                      "such as 'TFTFT'")
+    raise EffjaxError(
+      f"model.doping.pattern={doping!r} is invalid; use '' (off), 'interleave' or a T/F pattern such as 'TFTFT'"
+    )
   if doping == '':
     return (0,) * num_layers
   if doping == 'interleave':
     return (1,) * (num_layers - 1) + (0,)
   bad = sorted(set(doping) - set('TF'))
   if bad:
-    raise EffjaxError(f"model.doping.pattern={doping!r} is invalid: {''.join(bad)!r} is not T or F; use '' (off), "
-                      "'interleave' or a pattern of T (trainable block) and F (frozen MLP) such as 'TFTFT'")
+    raise EffjaxError(
+      f"model.doping.pattern={doping!r} is invalid: {''.join(bad)!r} is not T or F; use '' (off), "
+      "'interleave' or a pattern of T (trainable block) and F (frozen MLP) such as 'TFTFT'"
+    )
   if doping[0] != 'T' or doping[-1] != 'T':
-    raise EffjaxError(f"model.doping.pattern={doping!r} is invalid: the first and last layers must be trainable (T), "
-                      "e.g. 'TFTFT'")
+    raise EffjaxError(
+      f"model.doping.pattern={doping!r} is invalid: the first and last layers must be trainable (T), e.g. 'TFTFT'"
+    )
   trainable = doping.count('T')
   if trainable != num_layers:
-    raise EffjaxError(f'model.doping.pattern={doping!r} has {trainable} trainable blocks (T) but model.num_layers='
-                      f'{num_layers}; num_layers counts the trainable blocks: set it to {trainable}')
+    raise EffjaxError(
+      f'model.doping.pattern={doping!r} has {trainable} trainable blocks (T) but model.num_layers='
+      f'{num_layers}; num_layers counts the trainable blocks: set it to {trainable}'
+    )
   return tuple(len(run) for run in doping.split('T')[1:])
 
 
@@ -82,17 +90,22 @@ def check(m, family: str) -> None:
   if not doping(m):
     return
   from effjax import models  # pylint: disable=import-outside-toplevel
+
   if not models.family(family).doping:
     supported = [name for name in models.families() if models.family(name).doping]
-    raise EffjaxError(f'model.doping.pattern={doping(m)!r} is not supported by model.family={family!r}; doping works '
-                      f'with: {", ".join(supported)}')
+    raise EffjaxError(
+      f'model.doping.pattern={doping(m)!r} is not supported by model.family={family!r}; doping works '
+      f'with: {", ".join(supported)}'
+    )
   parse_doping(doping(m), m.num_layers)
   ratio = m.doping.frozen_mlp_ratio
   if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
     raise EffjaxError(f'model.doping.frozen_mlp_ratio={ratio!r} is invalid; it must be a positive integer')
   if m.share_layers != 'none':
-    raise EffjaxError(f"model.doping.pattern={doping(m)!r} needs model.share_layers='none' (got {m.share_layers!r}): "
-                      'a doped stack has independent trainable blocks')
+    raise EffjaxError(
+      f"model.doping.pattern={doping(m)!r} needs model.share_layers='none' (got {m.share_layers!r}): "
+      'a doped stack has independent trainable blocks'
+    )
 
 
 def param_keys(cfg) -> tuple[str, ...]:
@@ -107,6 +120,7 @@ def depth(cfg) -> int:
 
 class FrozenMlp(nn.Module):
   """x + W2·gelu(W1·norm(x)) with W1, W2 in the 'frozen' collection (never trained); see the module docstring."""
+
   cfg: layers.Config
   d_model: int
   num_layers: int = 1  # total depth, for the GPT-2 scaling of W2's init
@@ -144,6 +158,7 @@ def _plain_norm(cfg) -> nn.Module:
 
 class DopedUnit(nn.Module):
   """A trainable transformer block followed by `num_frozen` frozen MLPs: the body LayerStack applies."""
+
   cfg: layers.Config
   d_model: int
   num_heads: int
@@ -155,8 +170,9 @@ class DopedUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array):
-    x_BxTxD = layers.Block(self.cfg, self.d_model, self.num_heads, self.num_layers, self.train, self.decode,
-                           name='block')(x_BxTxD, positions_T)
+    x_BxTxD = layers.Block(
+      self.cfg, self.d_model, self.num_heads, self.num_layers, self.train, self.decode, name='block'
+    )(x_BxTxD, positions_T)
     for i in range(self.num_frozen):
       x_BxTxD = FrozenMlp(self.cfg, self.d_model, self.num_layers, self.train, name=f'frozen_{i}')(x_BxTxD)
     return (x_BxTxD, None) if self.carry_output else x_BxTxD
@@ -164,6 +180,7 @@ class DopedUnit(nn.Module):
 
 class DopedStack(nn.Module):
   """The doped layer stack: one LayerStack per run of identical units (scan_layers / remat as configured)."""
+
   cfg: layers.Config
   train: bool = False
   decode: bool = False
@@ -174,19 +191,31 @@ class DopedStack(nn.Module):
     runs = [(k, len(list(group))) for k, group in itertools.groupby(parse_doping(doping(cfg), cfg.num_layers))]
     for i, (num_frozen, count) in enumerate(runs):
       x_BxTxD = layers.LayerStack(
-          block_cls=DopedUnit,
-          block_kwargs=dict(cfg=cfg, d_model=cfg.d_model, num_heads=cfg.num_heads, num_frozen=num_frozen,
-                            num_layers=depth(cfg), train=self.train, decode=self.decode),
-          num_layers=count, scan=cfg.scan_layers, share='none', remat=cfg.remat,
-          name=f'run_{i}')(x_BxTxD, positions_T)
+        block_cls=DopedUnit,
+        block_kwargs=dict(
+          cfg=cfg,
+          d_model=cfg.d_model,
+          num_heads=cfg.num_heads,
+          num_frozen=num_frozen,
+          num_layers=depth(cfg),
+          train=self.train,
+          decode=self.decode,
+        ),
+        num_layers=count,
+        scan=cfg.scan_layers,
+        share='none',
+        remat=cfg.remat,
+        name=f'run_{i}',
+      )(x_BxTxD, positions_T)
     return x_BxTxD
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Accounting
 
+
 def frozen_params_per_layer(cfg) -> int:
-  return 2 * cfg.doping.frozen_mlp_ratio * cfg.d_model ** 2
+  return 2 * cfg.doping.frozen_mlp_ratio * cfg.d_model**2
 
 
 def num_frozen_layers(cfg) -> int:
@@ -202,11 +231,11 @@ def summary_extras(cfg, abstract_variables) -> dict:
   count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
   frozen_layers = num_frozen_layers(cfg)
   return {
-      'doping': doping(cfg),
-      'layer_pattern': pattern(cfg),
-      'trainable_layers': cfg.num_layers,
-      'frozen_layers': frozen_layers,
-      'total_layers': cfg.num_layers + frozen_layers,
-      'params_per_block': count(abstract_variables.get('params', {}).get('stack', {})) // cfg.num_layers,
-      'frozen_params_per_layer': frozen_params_per_layer(cfg),
+    'doping': doping(cfg),
+    'layer_pattern': pattern(cfg),
+    'trainable_layers': cfg.num_layers,
+    'frozen_layers': frozen_layers,
+    'total_layers': cfg.num_layers + frozen_layers,
+    'params_per_block': count(abstract_variables.get('params', {}).get('stack', {})) // cfg.num_layers,
+    'frozen_params_per_layer': frozen_params_per_layer(cfg),
   }

@@ -4,6 +4,7 @@ one `LayerStack` that owns "apply this block L times" (scanned or unrolled; inde
 Shapes are in names: B batch, T query length, S key length, D width, N heads, K head dim, F MLP hidden, V vocab.
 Every parameter is created with logical axis names; `config.mesh.rules` decides the layout.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,9 +21,9 @@ Config = Any  # an ml_collections.FrozenConfigDict (hashable, so modules stay ha
 
 INIT_STD = 0.02
 REMAT_POLICIES = {
-    'full': None,  # save nothing, recompute the whole block
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'full': None,  # save nothing, recompute the whole block
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -37,8 +38,9 @@ def normal_init(std: float, axes: tuple):
 def make_norm(cfg: Config, name: str) -> nn.Module:
   """LayerNorm or RMSNorm over the last axis; statistics in f32 whatever the compute dtype."""
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',))
-  common = dict(epsilon=1e-5, dtype=jnp.float32, param_dtype=dtype_of(cfg.param_dtype), name=name,
-                scale_init=scale_init)
+  common = dict(
+    epsilon=1e-5, dtype=jnp.float32, param_dtype=dtype_of(cfg.param_dtype), name=name, scale_init=scale_init
+  )
   if cfg.norm == 'rmsnorm':
     return nn.RMSNorm(**common)
   bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',))
@@ -59,6 +61,7 @@ def rotary(x_BxTxNxK: jax.Array, positions_T: jax.Array, base: float) -> jax.Arr
 class Attention(nn.Module):
   """Causal multi-head self-attention. In decode mode keys/values go to a 'cache' of `decode_len(cfg)` positions
   and queries at `positions_T` attend to every cached position up to their own."""
+
   cfg: Config
   d_model: int
   num_heads: int
@@ -74,8 +77,9 @@ class Attention(nn.Module):
     b, t, _ = x_BxTxD.shape
     dense = make_dense(cfg, cfg.attn_kind)
     q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = (
-        dense(features=d, kernel_axes=('embed', 'heads'), name=name)(x_BxTxD).reshape(b, t, n, k)
-        for name in ('query', 'key', 'value'))
+      dense(features=d, kernel_axes=('embed', 'heads'), name=name)(x_BxTxD).reshape(b, t, n, k)
+      for name in ('query', 'key', 'value')
+    )
     if cfg.pos_emb == 'rotary':
       q_BxTxNxK = rotary(q_BxTxNxK, positions_T, cfg.rope_base)
       k_BxTxNxK = rotary(k_BxTxNxK, positions_T, cfg.rope_base)
@@ -85,13 +89,13 @@ class Attention(nn.Module):
       out_BxTxNxK = self._attend_cached(q_BxTxNxK, *self._update_cache(k_BxTxNxK, v_BxTxNxK, positions_T))
     elif not use_dropout:
       impl = cfg.attention_impl if cfg.attention_impl != 'xla' else None
-      out_BxTxNxK = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, is_causal=True,
-                                                 implementation=impl)
+      out_BxTxNxK = jax.nn.dot_product_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, is_causal=True, implementation=impl)
     else:
       out_BxTxNxK = self._attend(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, jnp.tril(jnp.ones((t, t), bool)), use_dropout)
     proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
-    return dense(features=d, kernel_axes=('heads', 'embed'), name='out',
-                 **structured.residual_init(cfg.attn_kind, proj_std))(out_BxTxNxK.reshape(b, t, d))
+    return dense(
+      features=d, kernel_axes=('heads', 'embed'), name='out', **structured.residual_init(cfg.attn_kind, proj_std)
+    )(out_BxTxNxK.reshape(b, t, d))
 
   def _update_cache(self, k_BxTxNxK, v_BxTxNxK, positions_T):
     """Writes the new keys/values at positions_T; returns the whole cache and the T×S mask of what each query sees.
@@ -115,7 +119,7 @@ class Attention(nn.Module):
     """Attention over the decode cache (f32 softmax); the same sums as `_attend`."""
     b, t, n, k = q_BxTxNxK.shape
     q_GxTxK = q_BxTxNxK.transpose(0, 2, 1, 3).reshape(b * n, t, k)
-    logits_GxTxS = jnp.einsum('gtk,gks->gts', q_GxTxK, k_GxKxS).astype(jnp.float32) * k ** -0.5
+    logits_GxTxS = jnp.einsum('gtk,gks->gts', q_GxTxK, k_GxKxS).astype(jnp.float32) * k**-0.5
     logits_GxTxS = jnp.where(mask_TxS[None], logits_GxTxS, jnp.finfo(jnp.float32).min)
     probs_GxTxS = jax.nn.softmax(logits_GxTxS, axis=-1)
     out_GxTxK = jnp.einsum('gts,gsk->gtk', probs_GxTxS.astype(v_GxSxK.dtype), v_GxSxK)
@@ -142,12 +146,17 @@ def make_dense(cfg: Config, kind: str):
   """The layer class of dense kind `kind` with the model's options, bias and dtypes bound (called like nn.Dense).
   Residual projections pass `**structured.residual_init(kind, std)`: smaller at start (GPT-2) where the kind
   takes an init, its own init otherwise."""
-  return functools.partial(structured.make_dense(kind, **structured.kind_options(kind, cfg)),
-                           use_bias=cfg.use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+  return functools.partial(
+    structured.make_dense(kind, **structured.kind_options(kind, cfg)),
+    use_bias=cfg.use_bias,
+    dtype=dtype_of(cfg.dtype),
+    param_dtype=dtype_of(cfg.param_dtype),
+  )
 
 
 class Mlp(nn.Module):
   """Two-layer GELU MLP; either Dense can be a structured layer (config.model.mlp_kind)."""
+
   cfg: Config
   d_model: int
   hidden: int
@@ -161,8 +170,12 @@ class Mlp(nn.Module):
     h_BxTxF = nn.gelu(dense(features=self.hidden, kernel_axes=('embed', 'mlp'), name='fc')(x_BxTxD))
     h_BxTxF = nn.Dropout(cfg.dropout)(h_BxTxF, deterministic=not self.train)
     proj_std = INIT_STD / (2 * self.num_layers) ** 0.5
-    return dense(features=self.d_model, kernel_axes=('mlp', 'embed'), name='proj',
-                 **structured.residual_init(cfg.mlp_kind, proj_std))(h_BxTxF)
+    return dense(
+      features=self.d_model,
+      kernel_axes=('mlp', 'embed'),
+      name='proj',
+      **structured.residual_init(cfg.mlp_kind, proj_std),
+    )(h_BxTxF)
 
 
 class Block(nn.Module):
@@ -170,6 +183,7 @@ class Block(nn.Module):
 
   `carry_output=True` returns (x, None) so the block can be the body of `nn.scan`.
   """
+
   cfg: Config
   d_model: int
   num_heads: int
@@ -197,9 +211,28 @@ class Block(nn.Module):
 
 # Model keys that shape the parameters of these layers in every family (checkpoint compatibility compares them;
 # `dropout`, `remat`, `dtype` ... only change how a computation runs and are not among them).
-PARAM_KEYS = ('num_layers', 'd_model', 'num_heads', 'vocab_size', 'max_len', 'mlp_ratio', 'pos_emb', 'rope_base',
-              'use_bias', 'norm', 'norm_position', 'final_norm', 'tie_embeddings', 'head_bias', 'param_dtype',
-              'scan_layers', 'share_layers', 'embed_dim', 'mlp_kind', 'attn_kind')
+PARAM_KEYS = (
+  'num_layers',
+  'd_model',
+  'num_heads',
+  'vocab_size',
+  'max_len',
+  'mlp_ratio',
+  'pos_emb',
+  'rope_base',
+  'use_bias',
+  'norm',
+  'norm_position',
+  'final_norm',
+  'tie_embeddings',
+  'head_bias',
+  'param_dtype',
+  'scan_layers',
+  'share_layers',
+  'embed_dim',
+  'mlp_kind',
+  'attn_kind',
+)
 
 
 def param_keys(cfg: Config) -> tuple[str, ...]:
@@ -221,12 +254,24 @@ def _scan(block_cls, length: int, share: bool, unroll: int = 1):
   values; only the compiled program changes.
   """
   if share:
-    return nn.scan(block_cls, variable_axes={'cache': 0}, variable_broadcast=['params', 'frozen', 'constants'],
-                   split_rngs={'params': False, 'dropout': True}, in_axes=nn.broadcast, length=length,
-                   unroll=unroll)
-  return nn.scan(block_cls, variable_axes={c: 0 for c in PER_LAYER_COLLECTIONS},
-                 split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast, length=length,
-                 metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=unroll)
+    return nn.scan(
+      block_cls,
+      variable_axes={'cache': 0},
+      variable_broadcast=['params', 'frozen', 'constants'],
+      split_rngs={'params': False, 'dropout': True},
+      in_axes=nn.broadcast,
+      length=length,
+      unroll=unroll,
+    )
+  return nn.scan(
+    block_cls,
+    variable_axes={c: 0 for c in PER_LAYER_COLLECTIONS},
+    split_rngs={'params': True, 'dropout': True},
+    in_axes=nn.broadcast,
+    length=length,
+    metadata_params={nn.PARTITION_NAME: 'layers'},
+    unroll=unroll,
+  )
 
 
 AUTO_UNROLL_MAX_LAYERS = 16  # deeper stacks stay rolled: unrolled compile time grows with depth
@@ -251,6 +296,7 @@ def scan_unroll(block_kwargs, length: int) -> int:
 
 class _SharedRun(nn.Module):
   """One block applied `repeats` times with the same params: the body of a grouped (G-block) stack."""
+
   block_cls: Any
   block_kwargs: Any
   repeats: int
@@ -258,8 +304,9 @@ class _SharedRun(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions_T):
-    x = _scan(self.block_cls, self.repeats, share=True)(**self.block_kwargs, carry_output=True,
-                                                        name='shared')(x, positions_T)[0]
+    x = _scan(self.block_cls, self.repeats, share=True)(**self.block_kwargs, carry_output=True, name='shared')(
+      x, positions_T
+    )[0]
     return (x, None) if self.carry_output else x
 
 
@@ -271,6 +318,7 @@ class LayerStack(nn.Module):
   share='groups' G blocks, each applied L/G consecutive times
   scan=False unrolls the same computation in Python (identical outputs from the same weights, slower compile).
   """
+
   block_cls: Any
   block_kwargs: Any
   num_layers: int
@@ -289,13 +337,16 @@ class LayerStack(nn.Module):
       if self.share == 'none':
         unroll = scan_unroll(kwargs, self.num_layers)
         return _scan(block_cls, self.num_layers, share=False, unroll=unroll)(
-            **kwargs, carry_output=True, name='layers')(x_BxTxD, positions_T)[0]
+          **kwargs, carry_output=True, name='layers'
+        )(x_BxTxD, positions_T)[0]
       if self.share == 'all':
         unroll = scan_unroll(kwargs, self.num_layers)
-        return _scan(block_cls, self.num_layers, share=True, unroll=unroll)(
-            **kwargs, carry_output=True, name='shared')(x_BxTxD, positions_T)[0]
+        return _scan(block_cls, self.num_layers, share=True, unroll=unroll)(**kwargs, carry_output=True, name='shared')(
+          x_BxTxD, positions_T
+        )[0]
       return _scan(_SharedRun, groups, share=False, unroll=scan_unroll(kwargs, groups))(
-          block_cls, kwargs, repeats, name='groups')(x_BxTxD, positions_T)[0]
+        block_cls, kwargs, repeats, name='groups'
+      )(x_BxTxD, positions_T)[0]
     prefix = {'none': 'layer', 'all': 'shared', 'groups': 'group'}[self.share]
     for g in range(groups):
       block = block_cls(**kwargs, name=f'{prefix}_{g}' if self.share != 'all' else 'shared')
@@ -332,8 +383,10 @@ def stack_layers(params: dict) -> dict:
   if 'stack' in params:
     return {**params, 'stack': stack_layers(params['stack'])}
   for prefix in ('layer', 'group'):
-    names = sorted((k for k in params if k.startswith(f'{prefix}_') and k[len(prefix) + 1:].isdigit()),
-                   key=lambda k: int(k[len(prefix) + 1:]))
+    names = sorted(
+      (k for k in params if k.startswith(f'{prefix}_') and k[len(prefix) + 1 :].isdigit()),
+      key=lambda k: int(k[len(prefix) + 1 :]),
+    )
     if names:
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
       return {'layers': stacked} if prefix == 'layer' else {'groups': {'shared': stacked}}
@@ -359,7 +412,7 @@ def unstack_like(variables: dict, scanned: dict, unrolled: dict) -> dict | None:
     layer = [(j, int(k[6:])) for j, k in enumerate(path) if k.startswith('layer_') and k[6:].isdigit()]
     if len(layer) > 1:
       return None
-    source = path[:layer[0][0]] + ('layers',) + path[layer[0][0] + 1:] if layer else path
+    source = path[: layer[0][0]] + ('layers',) + path[layer[0][0] + 1 :] if layer else path
     if source not in flat_vars or source not in flat_scanned:
       return None
     value = flat_vars[source]
@@ -379,6 +432,7 @@ class Embedder(nn.Module):
 
   `attend` maps hidden states back to vocabulary logits through the same (tied) table: h·Pᵀ·Wᵀ.
   """
+
   cfg: Config
   d_model: int
 
@@ -390,11 +444,13 @@ class Embedder(nn.Module):
     self.embedding = self.param('embedding', normal_init(INIT_STD, table_axes), (cfg.vocab_size, width), pdt)
     if cfg.embed_dim:
       # std 1/sqrt(E): the product W·P (and the tied logits h·Pᵀ·Wᵀ) start at the scale of an unfactorized table.
-      self.projection = self.param('projection', normal_init(cfg.embed_dim ** -0.5, ('factor', 'embed')),
-                                   (cfg.embed_dim, self.d_model), pdt)
+      self.projection = self.param(
+        'projection', normal_init(cfg.embed_dim**-0.5, ('factor', 'embed')), (cfg.embed_dim, self.d_model), pdt
+      )
     if cfg.pos_emb == 'learned':
-      self.pos_embedding = self.param('pos_embedding', normal_init(INIT_STD / 2, (None, 'embed')),
-                                      (cfg.max_len, self.d_model), pdt)
+      self.pos_embedding = self.param(
+        'pos_embedding', normal_init(INIT_STD / 2, (None, 'embed')), (cfg.max_len, self.d_model), pdt
+      )
 
   def __call__(self, tokens_BxT: jax.Array, positions_T: jax.Array) -> jax.Array:
     dt = dtype_of(self.cfg.dtype)
@@ -416,6 +472,7 @@ class Embedder(nn.Module):
 
 class OutputHead(nn.Module):
   """Final projection to the vocabulary: tied to the embedding table or its own Dense (optional bias)."""
+
   cfg: Config
 
   @nn.compact
@@ -424,11 +481,15 @@ class OutputHead(nn.Module):
     if cfg.tie_embeddings and embedder is not None:
       logits = embedder.attend(x_BxTxD)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=cfg.head_bias, dtype=dtype_of(cfg.dtype),
-                        param_dtype=dtype_of(cfg.param_dtype),
-                        kernel_init=normal_init(INIT_STD, ('embed', 'vocab')),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
-                        name='head')(x_BxTxD)
+      logits = nn.Dense(
+        cfg.vocab_size,
+        use_bias=cfg.head_bias,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=normal_init(INIT_STD, ('embed', 'vocab')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
+        name='head',
+      )(x_BxTxD)
     return logits.astype(jnp.float32)
 
 
@@ -436,6 +497,7 @@ class LanguageModel(nn.Module):
   """The one LM skeleton: embed -> dropout -> trunk -> final norm -> head. A family subclasses it and writes its
   `trunk` (the blocks between embedding and final norm), plus `embed_width` / `head_ties` where they differ.
   Submodules the trunk creates live at the top level of the params (e.g. 'stack'), next to 'embed' and 'head'."""
+
   cfg: Config
 
   def embed_width(self) -> int:
@@ -475,12 +537,14 @@ def decode_positions(module: nn.Module, length: int, decode: bool) -> jax.Array:
 # Forward FLOPs per token (multiply-add = 2 FLOPs), used by accounting and MFU. Attention over the full
 # context (4·S·D per block: QKᵀ and AV), as in PaLM's MFU convention.
 
+
 def block_forward_flops(cfg: Config, d_model: int, seq_len: int) -> int:
   attn_opts, mlp_opts = (structured.kind_options(k, cfg) for k in (cfg.attn_kind, cfg.mlp_kind))
   attn = 4 * structured.dense_flops(cfg.attn_kind, d_model, d_model, **attn_opts)
   hidden = cfg.mlp_ratio * d_model
-  mlp = (structured.dense_flops(cfg.mlp_kind, d_model, hidden, **mlp_opts)
-         + structured.dense_flops(cfg.mlp_kind, hidden, d_model, **mlp_opts))
+  mlp = structured.dense_flops(cfg.mlp_kind, d_model, hidden, **mlp_opts) + structured.dense_flops(
+    cfg.mlp_kind, hidden, d_model, **mlp_opts
+  )
   return attn + 4 * seq_len * d_model + mlp
 
 

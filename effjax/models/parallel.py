@@ -19,6 +19,7 @@ The branches are one vectorised stack (`nn.vmap` over a leading 'branch' param a
 network as P separately named stacks applied in a Python loop (params/branch_{i}/...), kept for the
 vectorised-vs-loop measurement (experiments/pgpt_table.py) and as a numerical reference.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,6 +64,7 @@ def active_indices(cfg) -> tuple[int, ...]:
 
 class Branch(nn.Module):
   """One branch: (project form) a d×d projection, then L/P blocks through the shared LayerStack."""
+
   cfg: layers.Config
   train: bool = False
   decode: bool = False
@@ -71,26 +73,41 @@ class Branch(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, positions_T: jax.Array) -> jax.Array:
     cfg = self.cfg
     if cfg.pgpt.branch_input == 'project':
-      x_BxTxD = nn.Dense(cfg.d_model, use_bias=cfg.use_bias, dtype=layers.dtype_of(cfg.dtype),
-                         param_dtype=layers.dtype_of(cfg.param_dtype),
-                         kernel_init=layers.normal_init(layers.INIT_STD, ('embed', None)),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-                         name='proj')(x_BxTxD)
+      x_BxTxD = nn.Dense(
+        cfg.d_model,
+        use_bias=cfg.use_bias,
+        dtype=layers.dtype_of(cfg.dtype),
+        param_dtype=layers.dtype_of(cfg.param_dtype),
+        kernel_init=layers.normal_init(layers.INIT_STD, ('embed', None)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+        name='proj',
+      )(x_BxTxD)
     depth = cfg.num_layers // cfg.pgpt.num_branches
     return layers.LayerStack(
-        block_cls=layers.Block,
-        block_kwargs=dict(cfg=cfg, d_model=cfg.d_model, num_heads=cfg.num_heads, num_layers=depth,
-                          train=self.train, decode=self.decode),
-        num_layers=depth, scan=cfg.scan_layers, share=cfg.share_layers, num_groups=cfg.num_groups,
-        remat=cfg.remat, name='stack')(x_BxTxD, positions_T)
+      block_cls=layers.Block,
+      block_kwargs=dict(
+        cfg=cfg, d_model=cfg.d_model, num_heads=cfg.num_heads, num_layers=depth, train=self.train, decode=self.decode
+      ),
+      num_layers=depth,
+      scan=cfg.scan_layers,
+      share=cfg.share_layers,
+      num_groups=cfg.num_groups,
+      remat=cfg.remat,
+      name='stack',
+    )(x_BxTxD, positions_T)
 
 
 def _vmapped_branches(size: int):
   """`Branch` vectorised over a leading branch axis of `size`: params [size, ...] named 'branch', per-branch
   init and dropout keys, and a per-branch KV cache."""
-  return nn.vmap(Branch, variable_axes={c: 0 for c in layers.PER_LAYER_COLLECTIONS},
-                 split_rngs={'params': True, 'dropout': True}, in_axes=(0, None), axis_size=size,
-                 metadata_params={nn.PARTITION_NAME: 'branch'})
+  return nn.vmap(
+    Branch,
+    variable_axes={c: 0 for c in layers.PER_LAYER_COLLECTIONS},
+    split_rngs={'params': True, 'dropout': True},
+    in_axes=(0, None),
+    axis_size=size,
+    metadata_params={nn.PARTITION_NAME: 'branch'},
+  )
 
 
 def _gather(indices: tuple[int, ...], tree):
@@ -134,11 +151,19 @@ class ParallelGPT(layers.LanguageModel):
     scalar: (w, 1 - w) from one learned w (init 0.5), each active branch keeping its own weight."""
     cfg = self.cfg
     if branch_mix(cfg) == 'scalar':
-      w = self.param('branch_weight', nn.with_logical_partitioning(nn.initializers.constant(0.5), ()), (),
-                     layers.dtype_of(cfg.param_dtype)).astype(jnp.float32)
+      w = self.param(
+        'branch_weight',
+        nn.with_logical_partitioning(nn.initializers.constant(0.5), ()),
+        (),
+        layers.dtype_of(cfg.param_dtype),
+      ).astype(jnp.float32)
       return jnp.stack([w, 1.0 - w])[np.asarray(active)]
-    w_P = self.param('branch_logits', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('branch',)),
-                     (cfg.pgpt.num_branches,), layers.dtype_of(cfg.param_dtype))
+    w_P = self.param(
+      'branch_logits',
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ('branch',)),
+      (cfg.pgpt.num_branches,),
+      layers.dtype_of(cfg.param_dtype),
+    )
     return jax.nn.softmax(w_P[np.asarray(active)].astype(jnp.float32))
 
   def _vectorised(self, x_PxBxTxD, positions_T, active, train, decode):
@@ -196,15 +221,15 @@ class ParallelGPT(layers.LanguageModel):
     tables = count(embed.get('embedding', ())) + count(embed.get('pos_embedding', ()))
     inactive_columns = (p - k) * tables // p if cfg.pgpt.branch_input == 'split' and not cfg.embed_dim else 0
     return {
-        'num_branches': p,
-        'branch_input': cfg.pgpt.branch_input,
-        'active_branches': list(active_indices(cfg)),
-        'params_per_branch': per_branch,
-        'active_params': active,
-        'active_param_mb': round(active * 4 / 2**20, 2),
-        'single_branch_params': one,
-        'single_branch_param_mb': round(one * 4 / 2**20, 2),
-        'active_params_sliced_embedding': active - inactive_columns,
+      'num_branches': p,
+      'branch_input': cfg.pgpt.branch_input,
+      'active_branches': list(active_indices(cfg)),
+      'params_per_branch': per_branch,
+      'active_params': active,
+      'active_param_mb': round(active * 4 / 2**20, 2),
+      'single_branch_params': one,
+      'single_branch_param_mb': round(one * 4 / 2**20, 2),
+      'active_params_sliced_embedding': active - inactive_columns,
     }
 
 
@@ -236,32 +261,52 @@ def check(m) -> None:
   if not isinstance(p, int) or isinstance(p, bool) or p < 2:
     raise EffjaxError(f'model.pgpt.num_branches={p!r} is invalid; p-gpt needs an integer >= 2')
   if m.num_layers % p:
-    raise EffjaxError(f'model.pgpt.num_branches={p} does not divide model.num_layers={m.num_layers}; each of the '
-                      'P branches has num_layers/P blocks')
+    raise EffjaxError(
+      f'model.pgpt.num_branches={p} does not divide model.num_layers={m.num_layers}; each of the '
+      'P branches has num_layers/P blocks'
+    )
   if branch_mix(m) not in ('softmax', 'scalar'):
     raise EffjaxError(f'model.pgpt.branch_mix={m.pgpt.branch_mix!r} is invalid; valid values: softmax, scalar')
   if branch_mix(m) == 'scalar' and p != 2:
-    raise EffjaxError(f"model.pgpt.branch_mix='scalar' mixes two branches (w, 1 - w); model.pgpt.num_branches={p}: "
-                      "use 2 or branch_mix='softmax'")
+    raise EffjaxError(
+      f"model.pgpt.branch_mix='scalar' mixes two branches (w, 1 - w); model.pgpt.num_branches={p}: "
+      "use 2 or branch_mix='softmax'"
+    )
   if branch_impl(m) not in ('vmap', 'loop'):
     raise EffjaxError(f'model.pgpt.branch_impl={m.pgpt.branch_impl!r} is invalid; valid values: vmap, loop')
   active = m.pgpt.active_branches
-  if isinstance(active, int) or not isinstance(active, (tuple, list)) or not all(
-      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < p for i in active) or len(set(active)) != len(
-          active):
-    raise EffjaxError(f'model.pgpt.active_branches={active!r} is invalid; give distinct branch indices in 0..{p - 1} '
-                      "as a tuple, e.g. '(0,)', or () for all branches")
+  if (
+    isinstance(active, int)
+    or not isinstance(active, (tuple, list))
+    or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < p for i in active)
+    or len(set(active)) != len(active)
+  ):
+    raise EffjaxError(
+      f'model.pgpt.active_branches={active!r} is invalid; give distinct branch indices in 0..{p - 1} '
+      "as a tuple, e.g. '(0,)', or () for all branches"
+    )
   if m.pgpt.branch_input == 'split' and m.tie_embeddings:
-    raise EffjaxError(f'model.tie_embeddings=True does not fit branch_input=split (the embedding is '
-                      f'num_branches*d_model={p * m.d_model} wide, the head reads d_model={m.d_model}); use '
-                      "tie_embeddings=False or branch_input='project'")
+    raise EffjaxError(
+      f'model.tie_embeddings=True does not fit branch_input=split (the embedding is '
+      f'num_branches*d_model={p * m.d_model} wide, the head reads d_model={m.d_model}); use '
+      "tie_embeddings=False or branch_input='project'"
+    )
   if m.share_layers == 'groups' and (m.num_layers // p) % m.num_groups:
-    raise EffjaxError(f'model.num_groups={m.num_groups} does not divide the {m.num_layers // p} blocks of each '
-                      'p-gpt branch (num_layers/num_branches)')
+    raise EffjaxError(
+      f'model.num_groups={m.num_groups} does not divide the {m.num_layers // p} blocks of each '
+      'p-gpt branch (num_layers/num_branches)'
+    )
 
 
-models.register_family(models.Family(
-    'pgpt', ParallelGPT, forward_flops=ParallelGPT.forward_flops_per_token, check=check,
-    param_keys=ParallelGPT.param_keys, summary_extras=ParallelGPT.summary_extras,
+models.register_family(
+  models.Family(
+    'pgpt',
+    ParallelGPT,
+    forward_flops=ParallelGPT.forward_flops_per_token,
+    check=check,
+    param_keys=ParallelGPT.param_keys,
+    summary_extras=ParallelGPT.summary_extras,
     memory_extra_bytes=lambda cfg, a: cfg.pgpt.num_branches * cfg.d_model * a,  # the P branch outputs before mixing
-    outside_params=('embed', 'head', 'ln_f', 'branch_logits', 'branch_weight')))
+    outside_params=('embed', 'head', 'ln_f', 'branch_logits', 'branch_weight'),
+  )
+)

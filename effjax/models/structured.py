@@ -7,6 +7,7 @@ A kind is one `DenseKind` entry (`register_kind`): its constructor, parameter an
 `model.dense` config section it reads and the leaves weight decay applies to. A module of effjax/models registers
 its own kinds; nothing else lists them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,8 +107,9 @@ def _permute(x_BxN: jax.Array, perm_N: jax.Array, inv_N: jax.Array) -> jax.Array
   return jnp.take_along_axis(x_BxN, jnp.broadcast_to(perm_N, x_BxN.shape), axis=-1, mode='clip')
 
 
-_permute.defvjp(lambda x, perm, inv: (_permute(x, perm, inv), (perm, inv)),
-                lambda res, g: (_permute(g, res[1], res[0]), None, None))
+_permute.defvjp(
+  lambda x, perm, inv: (_permute(x, perm, inv), (perm, inv)), lambda res, g: (_permute(g, res[1], res[0]), None, None)
+)
 
 
 def _next_pow2(d: int) -> int:
@@ -117,6 +119,7 @@ def _next_pow2(d: int) -> int:
 # ------------------------------------------------------------------------------------------------ layers
 class Dense(nn.Module):
   """nn.Dense with logically partitioned kernel (kernel_axes) and bias ((kernel_axes[1],)); GPT-2 init."""
+
   features: int
   use_bias: bool = True
   dtype: Any = None
@@ -126,10 +129,22 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxI: jax.Array) -> jax.Array:
-    kernel_IxO = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-                            (x_BxI.shape[-1], self.features), self.param_dtype)
-    bias_O = (self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-                         (self.features,), self.param_dtype) if self.use_bias else None)
+    kernel_IxO = self.param(
+      'kernel',
+      nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+      (x_BxI.shape[-1], self.features),
+      self.param_dtype,
+    )
+    bias_O = (
+      self.param(
+        'bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+        (self.features,),
+        self.param_dtype,
+      )
+      if self.use_bias
+      else None
+    )
     x_BxI, kernel_IxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_IxO, bias_O, dtype=self.dtype)
     y_BxO = jnp.einsum('...i,io->...o', x_BxI, kernel_IxO)
     return y_BxO + bias_O if self.use_bias else y_BxO
@@ -152,6 +167,7 @@ class AdaptiveFastFood(nn.Module):
   (flax folds in the module path, and nn.scan with split_rngs gives each layer its own), or, if `perm_seed` is
   set, from numpy with seed (perm_seed, crc32(module path)). Apply needs the 'constants' collection.
   """
+
   features: int
   use_bias: bool = True
   dtype: Any = None
@@ -171,8 +187,9 @@ class AdaptiveFastFood(nn.Module):
     *lead, d_in = x_BxI.shape
     n = _next_pow2(d_in)
     k = -(-self.features // n)
-    diag = lambda name, init: self.param(name, nn.with_logical_partitioning(init, (None, None)), (k, n),
-                                         self.param_dtype)
+    diag = lambda name, init: self.param(
+      name, nn.with_logical_partitioning(init, (None, None)), (k, n), self.param_dtype
+    )
     b_KxN, g_KxN = diag('b', _rademacher), diag('g', nn.initializers.normal(1.0))
     s_KxN = diag('s', nn.initializers.ones)
     perm_KxN = self.variable('constants', 'perm', self._perm, k, n).value
@@ -187,10 +204,14 @@ class AdaptiveFastFood(nn.Module):
 
     # Blocks one after another: the working set stays [tokens, n] (on CPU ~20% less time, fewer page faults).
     y_KxBxN = jax.lax.map(block, (b_KxN, g_KxN, s_KxN / math.sqrt(n * d_in), perm_KxN))
-    y_BxO = jnp.moveaxis(y_KxBxN, 0, -2).reshape(*lead, k * n)[..., :self.features]
+    y_BxO = jnp.moveaxis(y_KxBxN, 0, -2).reshape(*lead, k * n)[..., : self.features]
     if self.use_bias:
-      bias_O = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-                          (self.features,), self.param_dtype)
+      bias_O = self.param(
+        'bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+        (self.features,),
+        self.param_dtype,
+      )
       y_BxO = y_BxO + bias_O.astype(y_BxO.dtype)
     return y_BxO
 
@@ -203,6 +224,7 @@ class BlockDiagonalDense(nn.Module):
   a transposed dot output into the mixing ~10x slower otherwise); `mix='expanding'` mixes only when the layer
   widens (features > in: an MLP's first matrix), which makes an MLP of two of them the seed's Figure 5.
   """
+
   features: int
   num_blocks: int = 4
   use_bias: bool = True
@@ -217,12 +239,25 @@ class BlockDiagonalDense(nn.Module):
     *lead, d_in = x_BxI.shape
     nb = self.num_blocks
     if d_in % nb or self.features % nb:
-      raise ValueError(f'BlockDiagonalDense: in={d_in} and features={self.features} must be divisible by '
-                       f'num_blocks={nb}')
-    kernel_KxIxO = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, (None, *self.kernel_axes)),
-                              (nb, d_in // nb, self.features // nb), self.param_dtype)
-    bias_O = (self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-                         (self.features,), self.param_dtype) if self.use_bias else None)
+      raise ValueError(
+        f'BlockDiagonalDense: in={d_in} and features={self.features} must be divisible by num_blocks={nb}'
+      )
+    kernel_KxIxO = self.param(
+      'kernel',
+      nn.with_logical_partitioning(self.kernel_init, (None, *self.kernel_axes)),
+      (nb, d_in // nb, self.features // nb),
+      self.param_dtype,
+    )
+    bias_O = (
+      self.param(
+        'bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+        (self.features,),
+        self.param_dtype,
+      )
+      if self.use_bias
+      else None
+    )
     x_BxI, kernel_KxIxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_KxIxO, bias_O, dtype=self.dtype)
     x_KxMxI = jnp.swapaxes(x_BxI.reshape(-1, nb, d_in // nb), 0, 1)  # blocks leading: plain batched matmuls
     y_KxMxO = jnp.einsum('kmi,kio->kmo', x_KxMxI, kernel_KxIxO)
@@ -256,6 +291,7 @@ class BlockHadamard(nn.Module):
   Brings the long-range correlations block-diagonal maps lack; log2(nb) adds per feature, no params unless
   `use_scale` (a learned per-feature scale, init 1).
   """
+
   num_blocks: int = 4
   use_scale: bool = False
   dtype: Any = None
@@ -264,11 +300,15 @@ class BlockHadamard(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
-    x_BxD, = nn.dtypes.promote_dtype(x_BxD, dtype=self.dtype)
+    (x_BxD,) = nn.dtypes.promote_dtype(x_BxD, dtype=self.dtype)
     y_BxD = block_hadamard(x_BxD, self.num_blocks)
     if self.use_scale:
-      scale_D = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.kernel_axes[1],)),
-                           (x_BxD.shape[-1],), self.param_dtype)
+      scale_D = self.param(
+        'scale',
+        nn.with_logical_partitioning(nn.initializers.ones, (self.kernel_axes[1],)),
+        (x_BxD.shape[-1],),
+        self.param_dtype,
+      )
       y_BxD = y_BxD * scale_D.astype(y_BxD.dtype)
     return y_BxD
 
@@ -286,14 +326,15 @@ class DenseKind:
   """Everything the stack knows about one dense kind. `build`, `params` and `flops` take the kind's options (the
   `config_keys` of the model.dense section it reads) as keyword arguments, with their defaults in their own
   signatures."""
+
   name: str
   build: Callable[..., Callable[..., nn.Module]]  # (**options) -> a class called like nn.Dense
-  params: Callable[..., int]                     # (d_in, d_out, use_bias, **options) -> trainable parameters
-  flops: Callable[..., int]                      # (d_in, d_out, **options) -> forward FLOPs per token (no bias)
-  config_keys: tuple[str, ...] = ()              # model.dense.<key> settings passed as options (shaping params)
-  decayed: tuple[str, ...] = ()                  # names of the param leaves weight decay applies to
+  params: Callable[..., int]  # (d_in, d_out, use_bias, **options) -> trainable parameters
+  flops: Callable[..., int]  # (d_in, d_out, **options) -> forward FLOPs per token (no bias)
+  config_keys: tuple[str, ...] = ()  # model.dense.<key> settings passed as options (shaping params)
+  decayed: tuple[str, ...] = ()  # names of the param leaves weight decay applies to
   residual_init: Callable[[float], dict] | None = None  # std -> constructor kwargs of a residual projection
-  check: Callable[..., None] | None = None       # (**options) -> None; raises EffjaxError on a bad value
+  check: Callable[..., None] | None = None  # (**options) -> None; raises EffjaxError on a bad value
 
 
 _KINDS: dict[str, DenseKind] = {}
@@ -309,6 +350,7 @@ def register_kind(kind: DenseKind) -> DenseKind:
 def kinds() -> list[str]:
   """Every registered kind, built-ins first (the modules of effjax/models register theirs on import)."""
   from effjax import models  # pylint: disable=import-outside-toplevel
+
   models.discover()
   return list(_KINDS)
 
@@ -389,12 +431,19 @@ def _fastfood_flops(d_in: int, d_out: int) -> int:
   return k * (3 * n + 2 * n * int(math.log2(n)))
 
 
-register_kind(DenseKind(
-    'dense', build=lambda: Dense,
+register_kind(
+  DenseKind(
+    'dense',
+    build=lambda: Dense,
     params=lambda d_in, d_out, use_bias=True: d_in * d_out + (d_out if use_bias else 0),
-    flops=lambda d_in, d_out: 2 * d_in * d_out, decayed=('kernel',),
-    residual_init=lambda std: {'kernel_init': nn.initializers.normal(std)}))
+    flops=lambda d_in, d_out: 2 * d_in * d_out,
+    decayed=('kernel',),
+    residual_init=lambda std: {'kernel_init': nn.initializers.normal(std)},
+  )
+)
 register_kind(DenseKind('fastfood', build=lambda: AdaptiveFastFood, params=_fastfood_params, flops=_fastfood_flops))
+
+
 def _blockdiag_flops(d_in: int, d_out: int, num_blocks: int = 4, blockdiag_mix: str = 'each') -> int:
   mixing = d_out * (int(math.log2(num_blocks)) + 1) if mixes(BLOCKDIAG_MIX[blockdiag_mix], d_in, d_out) else 0
   return 2 * d_in * d_out // num_blocks + mixing
@@ -403,18 +452,28 @@ def _blockdiag_flops(d_in: int, d_out: int, num_blocks: int = 4, blockdiag_mix: 
 def _check_blockdiag(num_blocks: int = 4, blockdiag_mix: str = 'each') -> None:
   del num_blocks
   if blockdiag_mix not in BLOCKDIAG_MIX:
-    raise EffjaxError(f'model.dense.blockdiag_mix={blockdiag_mix!r} is invalid; valid values: '
-                      f'{", ".join(BLOCKDIAG_MIX)} '
-                      "('expanding': one block-Hadamard per MLP, after its first matrix, as in seed 004's Fig. 5)")
+    raise EffjaxError(
+      f'model.dense.blockdiag_mix={blockdiag_mix!r} is invalid; valid values: '
+      f'{", ".join(BLOCKDIAG_MIX)} '
+      "('expanding': one block-Hadamard per MLP, after its first matrix, as in seed 004's Fig. 5)"
+    )
 
 
-register_kind(DenseKind(
-    'blockdiag', build=lambda num_blocks=4, blockdiag_mix='each': functools.partial(
-        BlockDiagonalDense, num_blocks=num_blocks, mix=BLOCKDIAG_MIX.get(blockdiag_mix, True)),
+register_kind(
+  DenseKind(
+    'blockdiag',
+    build=lambda num_blocks=4, blockdiag_mix='each': functools.partial(
+      BlockDiagonalDense, num_blocks=num_blocks, mix=BLOCKDIAG_MIX.get(blockdiag_mix, True)
+    ),
     params=lambda d_in, d_out, use_bias=True, num_blocks=4, blockdiag_mix='each': (
-        d_in * d_out // num_blocks + (d_out if use_bias else 0)),
-    flops=_blockdiag_flops, config_keys=('num_blocks', 'blockdiag_mix'), decayed=('kernel',),
-    check=_check_blockdiag))
+      d_in * d_out // num_blocks + (d_out if use_bias else 0)
+    ),
+    flops=_blockdiag_flops,
+    config_keys=('num_blocks', 'blockdiag_mix'),
+    decayed=('kernel',),
+    check=_check_blockdiag,
+  )
+)
 
 
 def emulated_params(d_in: int, d_out: int, use_bias: bool = True) -> int:
