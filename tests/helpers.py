@@ -21,13 +21,18 @@ def variant_config(variant, corpus: str, preset: str = 'tiny', **overrides) -> m
   """A configs/<variant>.py preset on the test corpus; overrides use dotted keys ('train.steps': 10)."""
   c = variant.get_config(preset)
   c.data.corpus = corpus
+  return set_dotted(c, overrides)
+
+
+def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets each dotted key ('train.steps', 'pgpt.branch_impl') of `overrides` in `config`; returns `config`."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *parents, leaf = key.split('.')
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
 
 
 def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ import pytest
 from effjax import accounting, checkpoint, config_lookup, sample, state, train
 from effjax.errors import EffjaxError
 from effjax.models import build_model
-from tests.helpers import assert_causal, one_device, train_losses
+from tests.helpers import assert_causal, one_device, set_dotted, train_losses
 
 VOCAB = 50
 # Every variant's tiny preset, and the forms of a family that change its wiring: rotary / post-LN GPT, p-gpt's
@@ -36,13 +36,7 @@ IDS = [name + ''.join(f'-{k.split(".")[-1]}={v}' for k, v in extra.items()) for 
 def _model_config(name, extra, **overrides) -> ml_collections.ConfigDict:
   """The variant's tiny model config with `extra` (dotted keys reach into sections: 'pgpt.branch_impl')."""
   m = config_lookup._builtin_module(name).get_config('tiny').model  # pylint: disable=protected-access
-  for key, value in {'vocab_size': VOCAB, **extra, **overrides}.items():
-    *sections, leaf = key.split('.')
-    node = m
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
-  return m
+  return set_dotted(m, {'vocab_size': VOCAB, **extra, **overrides})
 
 
 def _init(m, length=12):
