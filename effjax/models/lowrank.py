@@ -49,16 +49,7 @@ class LowRankDense(nn.Module):
       (r, self.features),
       self.param_dtype,
     )
-    bias_O = (
-      self.param(
-        'bias',
-        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-        (self.features,),
-        self.param_dtype,
-      )
-      if self.use_bias
-      else None
-    )
+    bias_O = structured.bias(self)
     x_BxI, u_IxR, v_RxO, bias_O = nn.dtypes.promote_dtype(x_BxI, u_IxR, v_RxO, bias_O, dtype=self.dtype)
     h_BxR = jnp.einsum('...i,ir->...r', x_BxI, u_IxR)
     y_BxO = jnp.einsum('...r,ro->...o', h_BxR, v_RxO)

@@ -117,6 +117,15 @@ def _next_pow2(d: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ layers
+def bias(layer: nn.Module) -> jax.Array | None:
+  """A dense-like layer's bias [features] (zeros, sharded like the output axis), or None when use_bias is off.
+  Called from the layer's compact __call__, so the parameter is the layer's own 'bias'."""
+  if not layer.use_bias:
+    return None
+  axes = nn.with_logical_partitioning(nn.initializers.zeros, (layer.kernel_axes[1],))
+  return layer.param('bias', axes, (layer.features,), layer.param_dtype)
+
+
 class Dense(nn.Module):
   """nn.Dense with logically partitioned kernel (kernel_axes) and bias ((kernel_axes[1],)); GPT-2 init."""
 
@@ -135,16 +144,7 @@ class Dense(nn.Module):
       (x_BxI.shape[-1], self.features),
       self.param_dtype,
     )
-    bias_O = (
-      self.param(
-        'bias',
-        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-        (self.features,),
-        self.param_dtype,
-      )
-      if self.use_bias
-      else None
-    )
+    bias_O = bias(self)
     x_BxI, kernel_IxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_IxO, bias_O, dtype=self.dtype)
     y_BxO = jnp.einsum('...i,io->...o', x_BxI, kernel_IxO)
     return y_BxO + bias_O if self.use_bias else y_BxO
@@ -205,15 +205,8 @@ class AdaptiveFastFood(nn.Module):
     # Blocks one after another: the working set stays [tokens, n] (on CPU ~20% less time, fewer page faults).
     y_KxBxN = jax.lax.map(block, (b_KxN, g_KxN, s_KxN / math.sqrt(n * d_in), perm_KxN))
     y_BxO = jnp.moveaxis(y_KxBxN, 0, -2).reshape(*lead, k * n)[..., : self.features]
-    if self.use_bias:
-      bias_O = self.param(
-        'bias',
-        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-        (self.features,),
-        self.param_dtype,
-      )
-      y_BxO = y_BxO + bias_O.astype(y_BxO.dtype)
-    return y_BxO
+    bias_O = bias(self)
+    return y_BxO if bias_O is None else y_BxO + bias_O.astype(y_BxO.dtype)
 
 
 class BlockDiagonalDense(nn.Module):
@@ -248,16 +241,7 @@ class BlockDiagonalDense(nn.Module):
       (nb, d_in // nb, self.features // nb),
       self.param_dtype,
     )
-    bias_O = (
-      self.param(
-        'bias',
-        nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
-        (self.features,),
-        self.param_dtype,
-      )
-      if self.use_bias
-      else None
-    )
+    bias_O = bias(self)
     x_BxI, kernel_KxIxO, bias_O = nn.dtypes.promote_dtype(x_BxI, kernel_KxIxO, bias_O, dtype=self.dtype)
     x_KxMxI = jnp.swapaxes(x_BxI.reshape(-1, nb, d_in // nb), 0, 1)  # blocks leading: plain batched matmuls
     y_KxMxO = jnp.einsum('kmi,kio->kmo', x_KxMxI, kernel_KxIxO)
