@@ -40,12 +40,20 @@ def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
   return variant_config(gpt_config, corpus, **overrides)
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def xla_flags(devices: int = 1) -> str:
+  """The session's XLA flags (tests/conftest.py) with `devices` host devices: what a CLI subprocess gets, so it
+  compiles as fast as the test process does."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device')]
+  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *flags])
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
+  """`python -m effjax.main ARGS` on one CPU device, run from `cwd` (the repository root unless given)."""
   full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  full_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  full_env['XLA_FLAGS'] = xla_flags(1)
   return subprocess.run(
     [sys.executable, '-m', 'effjax.main', *args],
-    cwd=ROOT,
+    cwd=cwd,
     env=full_env,
     capture_output=True,
     text=True,

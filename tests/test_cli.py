@@ -4,28 +4,13 @@ and a run directory that describes itself (sample/eval/export/summary with --wor
 import json
 import os
 import re
-import subprocess
-import sys
 import types
 
 import pytest
 
 from effjax import config_lookup, modes, train
 from effjax.errors import EffjaxError
-from tests.helpers import ROOT, one_device, tiny_config
-
-
-def effjax_cli(*args, cwd, timeout=300):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  return subprocess.run(
-    [sys.executable, '-m', 'effjax.main', *args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
+from tests.helpers import ROOT, one_device, run_cli, tiny_config
 
 
 def test_every_documented_preset_is_the_set_get_config_accepts():
@@ -44,20 +29,20 @@ def test_every_documented_preset_is_the_set_get_config_accepts():
 
 
 def test_list_help_and_config_by_name_from_another_directory(tmp_path):
-  listing = effjax_cli('--list', cwd=tmp_path)
+  listing = run_cli('--list', cwd=tmp_path)
   assert listing.returncode == 0, listing.stderr
   assert '  --config=pgpt:tiny ' in listing.stdout and listing.stdout.startswith('blockdiag: ')
-  usage = effjax_cli('--help', cwd=tmp_path)
+  usage = run_cli('--help', cwd=tmp_path)
   assert usage.returncode == 0 and 'Examples:' in usage.stdout and '--config.KEY=VALUE' in usage.stdout
   assert '--workdir' in usage.stdout.split('Flags:')[1]
 
-  shown = effjax_cli('--config=pgpt:tiny', '--mode=config', '--config.train.steps=7', cwd=tmp_path)
+  shown = run_cli('--config=pgpt:tiny', '--mode=config', '--config.train.steps=7', cwd=tmp_path)
   assert shown.returncode == 0, shown.stderr
   rows = {line.split()[0]: (line.split()[1], line.split()[-1]) for line in shown.stdout.splitlines()}
   assert rows['train.steps'] == ('7', 'override')
   assert rows['model.d_model'] == ('64', 'preset') and rows['model.family'] == ("'pgpt'", 'default')
 
-  missing = effjax_cli('--config=configs/pgpt.py:tiny', '--mode=summary', cwd=tmp_path)
+  missing = run_cli('--config=configs/pgpt.py:tiny', '--mode=summary', cwd=tmp_path)
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines() == [
     f"effjax: error: --config=configs/pgpt.py:tiny: there is no file 'configs/pgpt.py' (from {tmp_path}); "
@@ -70,7 +55,7 @@ def test_list_help_and_config_by_name_from_another_directory(tmp_path):
     'from effjax.configs import base\n\n\ndef get_config(preset=""):\n  c = base.get_base()\n'
     '  c.model.num_layers = 3\n  return c\n'
   )
-  shown = effjax_cli(f'--config={own}', '--mode=config', cwd=tmp_path)
+  shown = run_cli(f'--config={own}', '--mode=config', cwd=tmp_path)
   assert shown.returncode == 0, shown.stderr
   assert re.search(r'^model\.num_layers\s+3\s+default$', shown.stdout, re.M)
 
@@ -104,16 +89,16 @@ def test_run_directory_describes_itself(tmp_path, corpus_dir):
   train.train_and_evaluate(
     tiny_config(corpus_dir, **{'train.steps': 4, 'checkpoint.every': 4}), workdir, devices=one_device(), progress=False
   )
-  shown = effjax_cli(f'--workdir={workdir}', '--mode=config', '--config.train.eval_batches=1', cwd=tmp_path)
+  shown = run_cli(f'--workdir={workdir}', '--mode=config', '--config.train.eval_batches=1', cwd=tmp_path)
   assert re.search(r'^train\.eval_batches\s+1\s+override$', shown.stdout, re.M), shown.stderr
   assert re.search(r'^train\.steps\s+4\s+workdir$', shown.stdout, re.M)
-  conflict = effjax_cli(f'--workdir={workdir}', '--mode=sample', '--config.model.d_model=32', cwd=tmp_path)
+  conflict = run_cli(f'--workdir={workdir}', '--mode=sample', '--config.model.d_model=32', cwd=tmp_path)
   assert conflict.returncode == 2
   assert conflict.stderr.strip().splitlines() == [
     f'effjax: error: model.d_model=32 (the run has 64) conflicts with the architecture of the run in {workdir}; '
     'its checkpoints have that shape (leave the override out, or train a new run)'
   ]
-  nothing = effjax_cli(f'--workdir={tmp_path}/none', '--mode=eval', cwd=tmp_path)
+  nothing = run_cli(f'--workdir={tmp_path}/none', '--mode=eval', cwd=tmp_path)
   assert nothing.returncode == 2 and 'has no config.json' in nothing.stderr
 
 
