@@ -2,13 +2,18 @@
 
 Every model is its family's paper architecture (post-LN blocks, learned positions, biases, untied head with bias;
 configs/{gpt.py:paper_pgpt_baseline, pgpt.py, lcgpt.py, ccgpt.py}) shrunk to one CPU scale, trained with the
-standard `train.train_and_evaluate` for the same steps on the same batches (char tokens, embedded corpus, seed 0).
-The parameter columns of the paper's scale come from `--mode=summary` of the paper presets (no training).
-p-gpt-1 is the trained p-gpt evaluated with one active branch (weights renormalised); we report both branches
-and the one with the larger learned weight (the branch the study's code kept).
+standard `train.train_and_evaluate` for the same steps; `--seeds 0,1,2` repeats everything per seed (config.seed
+sets the init and the data order; within a seed every model sees the same batches). The parameter columns of the
+paper's scale come from `--mode=summary` of the paper presets (no training).
+p-gpt-1 is the trained p-gpt evaluated with one active branch. Today's p-gpt (softmax mix, final norm after the mix)
+renormalises the weights (the branch alone, weight 1). 'p-gpt (published)' is the authors' paper-era architecture
+(configs/pgpt.py:published: one scalar weight, no norm after the mix); its p-gpt-1 is the authors' rule, the branch
+whose trained weight is >= 0.5 scaled by that weight (parallel.strongest_branch); the same branch at weight 1 is
+reported too (`val_loss_p_gpt_1_unscaled`). We report every branch and the one with the larger learned weight.
 
 It also measures the p-gpt branch stack vectorised (nn.vmap, one stack with a 'branch' axis) against the same
-network as a Python loop over separately named stacks: jitted AdamW train steps, interleaved, median of N.
+network as a Python loop over separately named stacks: jitted AdamW train steps, interleaved, median of N
+(`--bench_repeats 0` skips it: timings on a shared machine are not figures).
 
 Writes experiments/results/pgpt_table.{md,json} and pgpt_loss_curves.png.
 """
@@ -17,6 +22,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import tempfile
 import sys
@@ -61,6 +67,7 @@ PAPER = {
 RUNS = {
   'gpt': (gpt_config, 'paper_pgpt_baseline', {}, (gpt_config, 'paper_pgpt_baseline')),
   'p-gpt': (pgpt, '', {}, (pgpt, 'paper')),
+  'p-gpt (published)': (pgpt, 'published', {}, (pgpt, 'published')),
   'lc-gpt': (lcgpt, '', {}, (lcgpt, 'paper')),
   'cc-gpt': (ccgpt, '', {}, (ccgpt, 'paper')),
 }
@@ -70,12 +77,13 @@ EXTRAS = {  # with --extras
 }
 
 
-def make_config(module, preset: str, overrides: dict, steps: int):
+def make_config(module, preset: str, overrides: dict, steps: int, seed: int = 0):
   c = module.get_config(preset)
   for section, values in SCALE.items():
     c[section].update(values)
   c.model.update(overrides)
   c.train.update(steps=steps)
+  c.seed = seed
   c.checkpoint.every = steps
   return c
 
@@ -90,7 +98,8 @@ def paper_summary(spec) -> dict:
 
 
 def run_one(label, config, data_cache, root) -> dict:
-  workdir = os.path.join(root, label.replace(' ', '_').replace('(', '').replace(')', ''))
+  name = label.replace(' ', '_').replace('(', '').replace(')', '')
+  workdir = os.path.join(root, f'{name}_seed{config.seed}')
   shutil.copytree(data_cache, os.path.join(workdir, 'data'))  # tokenize once for every run
   t0 = time.time()
   result = train.train_and_evaluate(config, workdir, progress=False)
@@ -101,6 +110,7 @@ def run_one(label, config, data_cache, root) -> dict:
     summary = json.load(f)
   row = {
     'label': label,
+    'seed': int(config.seed),
     'family': config.model.family,
     'total_params': summary['total_params'],
     'param_mb': summary['param_mb'],
@@ -117,7 +127,8 @@ def run_one(label, config, data_cache, root) -> dict:
 
 
 def single_branch(config, workdir, summary) -> dict:
-  """The trained p-gpt with one active branch (renormalised to weight 1) on the same validation batches."""
+  """The trained p-gpt with one active branch on the same validation batches: renormalised to weight 1 (softmax
+  mix), or (scalar mix, the authors' code) scaled by its trained weight, plus that branch at weight 1."""
   out = {'single_branch_params': summary['single_branch_params']}
   setup, state, config, _, _ = modes.restore_trained(config, workdir)  # config now has the vocabulary
   one = ml_collections.ConfigDict(config.model.to_dict())
@@ -138,15 +149,27 @@ def single_branch(config, workdir, summary) -> dict:
   ]
   variables = jax.device_get(state.variables())
   weights = parallel.branch_weights(variables['params'])
+  scalar = parallel.branch_mix(config.model) == 'scalar'
   out['branch_weights'] = weights.tolist()
-  for i in range(config.model.pgpt.num_branches):
+  out['branch_mix'] = parallel.branch_mix(config.model)
+  out['p_gpt_1_rule'] = 'strongest branch scaled by its weight' if scalar else 'strongest branch, weight 1'
+
+  def loss_of(i, variables):
     m = ml_collections.ConfigDict(config.model.to_dict())
     m.pgpt.active_branches = (i,)
-    model = build_model(m)
-    apply = jax.jit(model.apply)
-    losses = [float(train.cross_entropy(apply(variables, b['inputs']), b['targets'])) for b in batches]
-    out[f'val_loss_branch_{i}'] = float(np.mean(losses))
-  out['val_loss_p_gpt_1'] = out[f'val_loss_branch_{int(np.argmax(weights))}']
+    apply = jax.jit(build_model(m).apply)
+    return float(np.mean([float(train.cross_entropy(apply(variables, b['inputs']), b['targets'])) for b in batches]))
+
+  for i in range(config.model.pgpt.num_branches):
+    out[f'val_loss_branch_{i}'] = loss_of(i, variables)
+    if scalar:  # the same branch at weight 1: w = 1 keeps branch 0 whole, w = 0 keeps branch 1 whole
+      params = dict(variables['params'], branch_weight=np.asarray(1.0 if i == 0 else 0.0, np.float32))
+      out[f'val_loss_branch_{i}_unscaled'] = loss_of(i, dict(variables, params=params))
+  best = parallel.strongest_branch(variables['params'])
+  out['strongest_branch'] = best
+  out['val_loss_p_gpt_1'] = out[f'val_loss_branch_{best}']
+  if scalar:
+    out['val_loss_p_gpt_1_unscaled'] = out[f'val_loss_branch_{best}_unscaled']
   return out
 
 
@@ -216,86 +239,107 @@ def fmt_m(n):
   return f'{n / 1e6:.2f} M' if n else '-'
 
 
+def by_label(rows) -> dict:
+  """label -> that label's per-seed rows, in run order (seeds sorted)."""
+  out = {}
+  for r in rows:
+    out.setdefault(r['label'], []).append(r)
+  return {k: sorted(v, key=lambda r: r.get('seed', 0)) for k, v in out.items()}
+
+
+def mean_2se(values) -> str:
+  v = np.asarray(values, float)
+  if len(v) < 2:
+    return f'{v.mean():.4f}'
+  return f'{v.mean():.4f} ± {2 * v.std(ddof=1) / np.sqrt(len(v)):.4f}'
+
+
 def write_outputs(rows, bench, meta) -> str:
-  by = {r['label']: r for r in rows}
+  groups = by_label(rows)
   lines = [
-    '| model | paper: params | paper: MB | paper: train min (GPU) | paper: val loss | ours, paper preset: '
-    'params | ours: MB | ours, CPU scale: params | fwd MFLOP/token | CPU wall (s) | tokens/s | '
-    'ours: val loss |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| model | paper: params | paper: MB | paper: val loss | ours, paper preset: params | ours: MB | '
+    'ours, CPU scale: params | fwd MFLOP/token | ours: val loss, mean ± 2 SE | per seed |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|',
   ]
-  for label, paper in PAPER.items():
-    if label == 'p-gpt-1':
-      r = by.get('p-gpt')
-      if r is None:
-        continue
-      ours = r['paper_preset'].get('single_branch_params'), r['paper_preset'].get('single_branch_param_mb')
-      cpu = (
-        fmt_m(r['single_branch_params']),
-        f'{r["single_branch_flops_per_token"] / 1e6:.2f}',
-        '(same run)',
-        '',
-        f'{r["val_loss_p_gpt_1"]:.4f}',
-      )
-    else:
-      r = by.get(label)
-      if r is None:
-        continue
-      ours = r['paper_preset'].get('total_params'), r['paper_preset'].get('param_mb')
-      cpu = (
-        fmt_m(r['total_params']),
-        f'{r["flops_per_token"] / 1e6:.2f}',
-        f'{r["wall_s"]:.0f}',
-        f'{r["tokens_per_sec"]:,.0f}',
-        f'{r["final_val_loss"]:.4f}',
-      )
-    mb = f'{paper["mb"]:.2f}' if paper['mb'] else '-'
+
+  def line(label, paper, preset, params, flops, losses):
+    paper_cols = ('-', '-', '-')
+    if paper:
+      paper_cols = (paper['params'], f'{paper["mb"]:.2f}' if paper['mb'] else '-', f'{paper["val_loss"]:.4f}')
+    ours = f'{preset[0]:,} ({fmt_m(preset[0])}) | {preset[1]:.2f}' if preset[0] else '- | -'
+    seeds = ', '.join(f'{x:.4f}' for x in losses)
     lines.append(
-      f'| {label} | {paper["params"]} | {mb} | {paper["minutes"] or "-"} | '
-      f'{paper["val_loss"]:.4f} | {ours[0]:,} ({fmt_m(ours[0])}) | {ours[1]:.2f} | ' + ' | '.join(cpu) + ' |'
+      f'| {label} | ' + ' | '.join(paper_cols) + f' | {ours} | {fmt_m(params)} | {flops / 1e6:.2f} | '
+      f'{mean_2se(losses)} | {seeds} |'
     )
-  for r in rows:
-    if r['label'] in PAPER:
-      continue
-    lines.append(
-      f'| {r["label"]} | - | - | - | - | - | - | {fmt_m(r["total_params"])} | '
-      f'{r["flops_per_token"] / 1e6:.2f} | {r["wall_s"]:.0f} | '
-      f'{r["tokens_per_sec"]:,.0f} | {r["final_val_loss"]:.4f} |'
+
+  for label, rs in groups.items():
+    r = rs[0]
+    pp = r.get('paper_preset', {})
+    line(
+      label,
+      PAPER.get(label),
+      (pp.get('total_params'), pp.get('param_mb')),
+      r['total_params'],
+      r['flops_per_token'],
+      [x['final_val_loss'] for x in rs],
     )
-  for r in rows:
     if r['family'] == 'pgpt':
+      one = f'{label}-1' if label == 'p-gpt' else f"{label}-1, authors' rule"
+      line(
+        one.replace('p-gpt-1', 'p-gpt-1') if label == 'p-gpt' else one,
+        PAPER['p-gpt-1'] if label == 'p-gpt' else None,
+        (pp.get('single_branch_params'), pp.get('single_branch_param_mb')),
+        r['single_branch_params'],
+        r['single_branch_flops_per_token'],
+        [x['val_loss_p_gpt_1'] for x in rs],
+      )
+      if 'val_loss_p_gpt_1_unscaled' in r:
+        line(
+          f'{label}-1, same branch at weight 1',
+          None,
+          (None, None),
+          r['single_branch_params'],
+          r['single_branch_flops_per_token'],
+          [x['val_loss_p_gpt_1_unscaled'] for x in rs],
+        )
+  for label, rs in groups.items():
+    if rs[0]['family'] != 'pgpt':
+      continue
+    lines.append(f'\n{label}, one branch at a time (val loss, trained weight):')
+    for r in rs:
       branch = ', '.join(
         f'branch {i}: {r[f"val_loss_branch_{i}"]:.4f} (weight {w:.3f})' for i, w in enumerate(r['branch_weights'])
       )
-      lines.append(f'\n{r["label"]} one-branch val losses: {branch}.')
+      lines.append(f'- seed {r.get("seed", 0)}: {branch}')
   lines += [
     '',
     f'`{meta.get("command", "")}`. CPU scale: {meta["scale"]}; {meta["steps"]} steps × '
-    f'{meta["tokens_per_step"]:,} tokens each, '
-    f'seed 0, same batches for every run. jax {meta["jax"]} on {meta["device"]} ({meta["cpus"]} CPUs); '
-    f'total {meta["total_wall_s"] / 60:.1f} min; load average before/after '
-    f'{meta["loadavg_before"][0]:.1f}/{meta["loadavg_after"][0]:.1f} on {meta["cpus"]} cores — the machine '
-    'was shared with other jobs, so wall times and tokens/s are noisy and only roughly comparable.',
+    f'{meta["tokens_per_step"]:,} tokens each, seeds {", ".join(str(s) for s in meta.get("seeds", [0]))} '
+    '(a seed sets the init and the data order; within a seed every model sees the same batches). '
+    f'jax {meta["jax"]} on {meta["device"]} ({meta["cpus"]} CPUs). ± is 2 standard errors over the seeds. '
+    'The machine was shared with other jobs: the JSON keeps wall times and tokens/s per run, but they are not '
+    'comparable figures.',
   ]
-  lines += [
-    '',
-    '### p-gpt branches: vectorised (nn.vmap) vs Python loop',
-    '',
-    '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
-    'vmap compile (s) | loop compile (s) |',
-    '|---:|---|---|---:|---:|---:|---:|---:|',
-  ]
-  for b in bench:
+  if bench:
+    lines += [
+      '',
+      '### p-gpt branches: vectorised (nn.vmap) vs Python loop',
+      '',
+      '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
+      'vmap compile (s) | loop compile (s) |',
+      '|---:|---|---|---:|---:|---:|---:|---:|',
+    ]
+    for b in bench:
+      lines.append(
+        f'| {b["num_branches"]} | {b["batch"]} × {b["seq"]} | {b["width"]} × {b["layers"]} | '
+        f'{b["vmap_step_ms"]:.1f} | {b["loop_step_ms"]:.1f} | {b["loop_step_ms"] / b["vmap_step_ms"]:.2f} | '
+        f'{b["vmap_compile_s"]:.1f} | {b["loop_compile_s"]:.1f} |'
+      )
     lines.append(
-      f'| {b["num_branches"]} | {b["batch"]} × {b["seq"]} | {b["width"]} × {b["layers"]} | '
-      f'{b["vmap_step_ms"]:.1f} | {b["loop_step_ms"]:.1f} | {b["loop_step_ms"] / b["vmap_step_ms"]:.2f} | '
-      f'{b["vmap_compile_s"]:.1f} | {b["loop_compile_s"]:.1f} |'
+      f'\nJitted AdamW train steps (forward + backward + update), median of {bench[0]["repeats"]} '
+      'interleaved steps after a warm-up; same machine and load caveat.'
     )
-  repeats = bench[0]['repeats'] if bench else 0
-  lines.append(
-    f'\nJitted AdamW train steps (forward + backward + update), median of {repeats} '
-    'interleaved steps after a warm-up; same machine and load caveat.'
-  )
   md = '\n'.join(lines)
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / 'pgpt_table.md').write_text(md + '\n')
@@ -305,23 +349,24 @@ def write_outputs(rows, bench, meta) -> str:
 
 
 def plot(rows, path, meta):
+  """Train and validation curves, averaged over the seeds of each model (the steps line up)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for r in rows:
-    label = f'{r["label"]} ({r["total_params"] / 1e6:.2f} M)'
-    steps, losses = zip(*r['train_curve'])
-    ax_train.plot(steps, losses, label=label)
-    steps, losses = zip(*r['val_curve'])
-    ax_val.plot(steps, losses, marker='o', label=label)
+  for name, rs in by_label(rows).items():
+    r = rs[0]
+    label = f'{name} ({r["total_params"] / 1e6:.2f} M)'
+    steps, _ = zip(*r['train_curve'])
+    ax_train.plot(steps, np.mean([[x[1] for x in q['train_curve']] for q in rs], axis=0), label=label)
+    steps, _ = zip(*r['val_curve'])
+    ax_val.plot(steps, np.mean([[x[1] for x in q['val_curve']] for q in rs], axis=0), marker='o', label=label)
     if 'val_loss_p_gpt_1' in r:
-      ax_val.scatter([steps[-1]], [r['val_loss_p_gpt_1']], marker='x', s=60, color='k', zorder=5)
-      ax_val.annotate(
-        f'{r["label"]}-1', (steps[-1], r['val_loss_p_gpt_1']), textcoords='offset points', xytext=(-40, 4), fontsize=8
-      )
+      one = float(np.mean([q['val_loss_p_gpt_1'] for q in rs]))
+      ax_val.scatter([steps[-1]], [one], marker='x', s=60, color='k', zorder=5)
+      ax_val.annotate(f'{name}-1', (steps[-1], one), textcoords='offset points', xytext=(-40, 4), fontsize=8)
   for ax, title in ((ax_train, 'train loss (mean over each log interval)'), (ax_val, 'validation loss')):
     ax.set_xlabel('step')
     ax.set_ylabel('loss (nats/char)')
@@ -329,7 +374,11 @@ def plot(rows, path, meta):
     ax.grid(alpha=0.3)
   ax_train.set_ylim(top=min(4.0, ax_train.get_ylim()[1]))
   ax_val.legend(fontsize=8)
-  fig.suptitle(f'gpt / p-gpt / lc-gpt / cc-gpt at CPU scale ({meta["steps"]} steps, same batches)')
+  seeds = meta.get('seeds', [0])
+  fig.suptitle(
+    f'gpt / p-gpt / lc-gpt / cc-gpt at CPU scale ({meta["steps"]} steps, mean of {len(seeds)} seed(s), '
+    'same batches within a seed)'
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -337,47 +386,54 @@ def plot(rows, path, meta):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--runs', default='', help='comma-separated labels (default: the four of the paper)')
+  parser.add_argument('--seeds', default='0', help='comma-separated seeds (init and data order), e.g. 0,1,2')
+  parser.add_argument('--runs', default='', help='comma-separated labels (default: the runs of RUNS)')
   parser.add_argument('--extras', action='store_true', help='also the p-gpt project form and cc-gpt kernel 3')
-  parser.add_argument('--bench_repeats', type=int, default=10)
+  parser.add_argument('--bench_repeats', type=int, default=10, help='0 skips the vmap-vs-loop timing')
   args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   candidates = {**RUNS, **EXTRAS} if args.extras or args.runs else RUNS
   runs = {k: v for k, v in candidates.items() if not args.runs or k in args.runs.split(',')}
   load_before, t0 = os.getloadavg(), time.time()
-  rows = []
+  rows, bench = [], []
+
+  def meta():
+    return dict(
+      command=shlex.join(['python', '-m', 'experiments.pgpt_table', *sys.argv[1:]]),
+      steps=args.steps,
+      seeds=seeds,
+      tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+      scale=(
+        '4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
+        'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'
+      ),
+      jax=jax.__version__,
+      device=str(jax.devices()[0]),
+      cpus=os.cpu_count(),
+      loadavg_before=load_before,
+      loadavg_after=os.getloadavg(),
+      total_wall_s=time.time() - t0,
+      complete=False,
+    )
+
   with tempfile.TemporaryDirectory(prefix='pgpt_table_') as root:
     first = make_config(gpt_config, 'paper_pgpt_baseline', {}, args.steps)
     data_cache = os.path.join(root, 'data_cache')
     pipeline.prepare_data(first.data, data_cache)
-    for label, (module, preset, overrides, paper_spec) in runs.items():
-      print(f'== {label}', flush=True)
-      row = run_one(label, make_config(module, preset, overrides, args.steps), data_cache, root)
-      row['paper_preset'] = paper_summary(paper_spec)
-      rows.append(row)
-      print(
-        f'   val loss {row["final_val_loss"]:.4f}, {row["total_params"]:,} params, {row["wall_s"]:.0f} s', flush=True
-      )
-  bench = []
-  for branches, layers in ((2, 4), (4, 4)):
-    print(f'== bench {branches} branches', flush=True)
-    bench.append(bench_branches(branches, args.bench_repeats, batch=16, seq=64, width=128, layers=layers))
-    print(f'   {bench[-1]}', flush=True)
-  meta = dict(
-    command='python -m experiments.pgpt_table ' + ' '.join(sys.argv[1:]),
-    steps=args.steps,
-    tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
-    scale=(
-      '4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
-      'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'
-    ),
-    jax=jax.__version__,
-    device=str(jax.devices()[0]),
-    cpus=os.cpu_count(),
-    loadavg_before=load_before,
-    loadavg_after=os.getloadavg(),
-    total_wall_s=time.time() - t0,
-  )
-  print(write_outputs(rows, bench, meta))
+    for seed in seeds:  # seed-major: a cut-short run still has whole seeds of every model
+      for label, (module, preset, overrides, paper_spec) in runs.items():
+        print(f'== {label}, seed {seed}', flush=True)
+        row = run_one(label, make_config(module, preset, overrides, args.steps, seed), data_cache, root)
+        row['paper_preset'] = paper_summary(paper_spec)
+        rows.append(row)
+        print(f'   val loss {row["final_val_loss"]:.4f}, {row["total_params"]:,} params', flush=True)
+        write_outputs(rows, bench, meta())  # after every run, so a cut-short run leaves its results
+  if args.bench_repeats > 0:
+    for branches, layers in ((2, 4), (4, 4)):
+      print(f'== bench {branches} branches', flush=True)
+      bench.append(bench_branches(branches, args.bench_repeats, batch=16, seq=64, width=128, layers=layers))
+      print(f'   {bench[-1]}', flush=True)
+  print(write_outputs(rows, bench, dict(meta(), complete=True)))
 
 
 if __name__ == '__main__':

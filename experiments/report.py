@@ -115,6 +115,102 @@ def bootstrap_fits(scaling: dict, reps: int = 1000, seed: int = 0) -> dict:
   return out
 
 
+# ------------------------------------------------------------------------------------------------- p-gpt
+def pgpt_one_label(row: dict, unscaled: bool = False) -> str:
+  """The arm name of a p-gpt row evaluated with one branch: 'p-gpt' -> 'p-gpt-1'; with the scalar (published) mix
+  the authors' rule (kept branch × its trained weight) and the same branch at weight 1 are two arms."""
+  name = row['label'].replace('p-gpt', 'p-gpt-1', 1)
+  if row.get('branch_mix') == 'scalar':
+    name = name[:-1] + (', weight 1)' if unscaled else ', × its weight)')
+  return name
+
+
+def pgpt_arms(table: dict) -> dict[str, dict]:
+  """Every arm of results/pgpt_table.json: name -> {'loss': {seed: val loss}, 'row': the seed rows}. A row without a
+  'seed' (single-seed files) is seed 0; p-gpt rows give one-branch arms too (pgpt_one_label)."""
+  arms = {}
+
+  def put(name, seed, loss, row):
+    arm = arms.setdefault(name, dict(loss={}, rows=[], trained=name == row['label']))
+    arm['loss'][seed] = loss
+    arm['rows'].append(row)
+
+  for r in table['rows']:
+    seed = int(r.get('seed', 0))
+    put(r['label'], seed, r['final_val_loss'], r)
+    if 'val_loss_p_gpt_1' in r:
+      put(pgpt_one_label(r), seed, r['val_loss_p_gpt_1'], r)
+    if 'val_loss_p_gpt_1_unscaled' in r:
+      put(pgpt_one_label(r, unscaled=True), seed, r['val_loss_p_gpt_1_unscaled'], r)
+  return arms
+
+
+def seed_summary(values: list[float], scale: float = 1.0, digits: int = 4) -> dict:
+  """Per-seed values, mean and 2 SE (paired()), scaled and rounded as the tables print them."""
+  m, h = paired(values)
+  return dict(
+    values=[round(scale * v, digits) for v in values],
+    mean=round(scale * m, digits),
+    two_se=None if h is None else round(scale * h, digits),
+    n=len(values),
+  )
+
+
+def paired_rel(a: dict, b: dict) -> list[float]:
+  """Per-seed a / b - 1 over the seeds both arms have."""
+  return [rel(a[s], b[s]) for s in sorted(set(a) & set(b))]
+
+
+# (label, arm, reference arm): today's p-gpt against the authors' published architecture, and the p-gpt-1 rules
+PGPT_VARIANTS = (
+  ("p-gpt (today's default) vs p-gpt (published)", 'p-gpt', 'p-gpt (published)'),
+  (
+    "p-gpt-1 (today's: kept branch at weight 1) vs p-gpt-1 (published, authors' rule)",
+    'p-gpt-1',
+    'p-gpt-1 (published, × its weight)',
+  ),
+  (
+    "p-gpt-1 (published): authors' rule vs the same branch at weight 1",
+    'p-gpt-1 (published, × its weight)',
+    'p-gpt-1 (published, weight 1)',
+  ),
+  ("p-gpt-1 (today's) vs p-gpt-1 (published, weight 1)", 'p-gpt-1', 'p-gpt-1 (published, weight 1)'),
+)
+
+
+def derive_pgpt(table: dict) -> dict:
+  """Seed means ± 2 SE of every arm, paired per-seed differences to gpt and between the p-gpt variants, and the mean
+  gap to gpt at each evaluation."""
+  arms = pgpt_arms(table)
+  gpt = arms['gpt']['loss']
+  d = {'pgpt_seeds': sorted(gpt)}
+  d['pgpt_loss'] = {k: seed_summary([a['loss'][s] for s in sorted(a['loss'])]) for k, a in arms.items()}
+  d['pgpt_vs_gpt_pct'] = {k: seed_summary(paired_rel(a['loss'], gpt), 100, 2) for k, a in arms.items() if k != 'gpt'}
+  d['pgpt_variants_pct'] = {
+    label: seed_summary(paired_rel(arms[a]['loss'], arms[b]['loss']), 100, 2)
+    for label, a, b in PGPT_VARIANTS
+    if a in arms and b in arms
+  }
+  d['pgpt_branch_weights'] = {
+    k: {str(r.get('seed', 0)): [round(w, 3) for w in r['branch_weights']] for r in a['rows']}
+    for k, a in arms.items()
+    if a['trained'] and 'branch_weights' in a['rows'][0]
+  }
+  curves = {}
+  for r in table['rows']:
+    curves.setdefault(r['label'], {})[int(r.get('seed', 0))] = dict(r['val_curve'])
+  g = curves['gpt']
+  d['pgpt_val_gap'] = {
+    k: {
+      str(step): round(float(np.mean([c[s][step] - g[s][step] for s in sorted(c) if s in g])), 3)
+      for step in sorted(next(iter(c.values())))
+    }
+    for k, c in curves.items()
+    if k != 'gpt'
+  }
+  return d
+
+
 # effjax's rows of the torch table, in the order they are reported (older results have 'scan_unroll=L', the
 # default before model.scan_unroll=-1; newer ones the CLI itself and the rolled scan)
 EFFJAX_IMPLS = ('effjax CLI', 'effjax', 'effjax (rolled scan)', 'effjax (scan_unroll=L)', 'effjax (unrolled)')
@@ -140,16 +236,7 @@ def derive(res: dict) -> dict:
   d['efficio_vs_baseline'] = {k: round(100 * rel(r['final_val_loss'], ref), 2) for k, r in eff.items()}
   fl = [r['flops_per_token'] for r in eff.values()]
   d['efficio_flops_spread_pct'] = round(100 * rel(max(fl), min(fl)), 1)
-  # ---- p-gpt: gaps to gpt per eval step
-  pg = {r['label']: r for r in res['pgpt_table']['rows']}
-  g = dict(pg['gpt']['val_curve'])
-  d['pgpt_val_gap'] = {
-    k: {str(s): round(loss - g[s], 3) for s, loss in r['val_curve']} for k, r in pg.items() if k != 'gpt'
-  }
-  d['pgpt_vs_gpt_pct'] = {
-    k: round(100 * rel(r['final_val_loss'], pg['gpt']['final_val_loss']), 2) for k, r in pg.items() if k != 'gpt'
-  }
-  d['pgpt1_vs_gpt_pct'] = round(100 * rel(pg['p-gpt']['val_loss_p_gpt_1'], pg['gpt']['final_val_loss']), 2)
+  d.update(derive_pgpt(res['pgpt_table']))
   paper = res['pgpt_table']['paper']
   d['paper_vs_gpt_pct'] = {
     k: round(100 * rel(v['val_loss'], paper['gpt']['val_loss']), 2) for k, v in paper.items() if k != 'gpt'
@@ -263,9 +350,44 @@ def claims(res: dict, d: dict) -> list[dict]:
       1,
     )
   pg = d['pgpt_vs_gpt_pct']
-  for label in ('p-gpt', 'lc-gpt', 'cc-gpt'):
+  for label, claim in (
+    ('p-gpt (published)', 'p-gpt as published (scalar mix, no final norm)'),
+    ('p-gpt', "p-gpt, today's default (softmax mix, final norm)"),
+    ('lc-gpt', 'lc-gpt'),
+    ('cc-gpt', 'cc-gpt'),
+  ):
+    if label not in pg:
+      continue
+    x = pg[label]
+    half = None if x['two_se'] is None else x['two_se'] / 100
     add(
-      '002/003', f'{label} loss comparable to gpt (≤ +5 %)', f'{label} vs gpt: {pg[label]:+.2f}%', (-math.inf, 0.05), 1
+      '002/003',
+      f'{claim} loss comparable to gpt (≤ +5 %)',
+      f'{label} vs gpt, paired per seed: {x["mean"]:+.2f}%' + (f' ± {x["two_se"]:.2f}%' if half is not None else ''),
+      (-math.inf, 0.05),
+      x['n'],
+      half,
+      x['mean'] / 100,
+    )
+  # which p-gpt is the default: today's variant against the published architecture, both arms on the same seeds
+  for key, claim in (
+    (PGPT_VARIANTS[0][0], "today's p-gpt default (softmax mix, final norm) no worse than as published (Δ ≤ 0)"),
+    (
+      PGPT_VARIANTS[1][0],
+      "today's p-gpt-1 (weight 1) no worse than the published p-gpt-1 by the authors' rule (Δ ≤ 0)",
+    ),
+  ):
+    x = d['pgpt_variants_pct'].get(key)
+    if x is None:
+      continue
+    add(
+      '002/003',
+      claim,
+      f'paired per seed: {x["mean"]:+.2f}%' + (f' ± {x["two_se"]:.2f}%' if x['two_se'] is not None else ''),
+      (-math.inf, 0.0),
+      x['n'],
+      None if x['two_se'] is None else x['two_se'] / 100,
+      x['mean'] / 100,
     )
   dp = d['doped_vs_same_trainable_pct']
   add(
@@ -411,38 +533,69 @@ def block_pgpt_counts(res, d):
   return table(['preset', 'what is counted', 'params', 'MB (params·4/2²⁰)', 'paper'], 'llrrl', rows)
 
 
+def pm(x: dict, unit: str = '') -> str:
+  """mean ± 2 SE of a seed_summary() (the mean alone with one seed)."""
+  if x['two_se'] is None:
+    return f'{x["mean"]:+.2f}{unit}' if unit else f'{x["mean"]:.4f}'
+  return f'{x["mean"]:+.2f}{unit} ± {x["two_se"]:.2f}{unit}' if unit else f'{x["mean"]:.4f} ± {x["two_se"]:.4f}'
+
+
 def block_pgpt_cpu(res, d):
+  arms = pgpt_arms(res['pgpt_table'])
   rows = []
-  for r in res['pgpt_table']['rows']:
+  for name, a in arms.items():
+    r = a['rows'][0]
+    one = not a['trained']
+    loss, vs = d['pgpt_loss'][name], d['pgpt_vs_gpt_pct'].get(name)
     rows.append(
       [
-        r['label'],
-        f'{r["total_params"]:,}',
-        f'{r["flops_per_token"] / 1e6:.2f}',
-        f'{r["final_val_loss"]:.4f}',
-        f'{d["pgpt_vs_gpt_pct"][r["label"]]:+.2f}%' if r['label'] != 'gpt' else '—',
+        name,
+        f'{r["single_branch_params"]:,} active' if one else f'{r["total_params"]:,}',
+        f'{(r["single_branch_flops_per_token"] if one else r["flops_per_token"]) / 1e6:.2f}',
+        pm(loss),
+        ', '.join(f'{v:.4f}' for v in loss['values']),
+        ', '.join(f'{v:+.2f}%' for v in vs['values']) if vs else '—',
+        pm(vs, '%') if vs else '—',
       ]
     )
-    if r['label'] == 'p-gpt':
-      w = r['branch_weights']
-      keep = int(np.argmax(w))
-      rows.append(
-        [
-          f'p-gpt-1 (branch {keep}, trained weight {w[keep]:.3f}; other branch alone '
-          f'{r[f"val_loss_branch_{1 - keep}"]:.4f})',
-          f'{r["single_branch_params"]:,} active',
-          f'{r["single_branch_flops_per_token"] / 1e6:.2f}',
-          f'{r["val_loss_p_gpt_1"]:.4f}',
-          f'{d["pgpt1_vs_gpt_pct"]:+.2f}%',
-        ]
-      )
-  return table(['model (seed 0, 400 steps)', 'params', 'fwd MFLOP/token', 'val loss', 'vs gpt'], 'lrrrr', rows)
+  n = len(d['pgpt_seeds'])
+  return table(
+    [
+      f'model ({res["pgpt_table"]["meta"]["steps"]} steps, {n} seeds)',
+      'params',
+      'fwd MFLOP/token',
+      'val loss, mean ± 2 SE',
+      'per seed',
+      'vs gpt, per seed',
+      'vs gpt, paired mean ± 2 SE',
+    ],
+    'lrrrrrr',
+    rows,
+  )
+
+
+def block_pgpt_variants(res, d):
+  rows = []
+  for label, x in d['pgpt_variants_pct'].items():
+    rows.append([label, ', '.join(f'{v:+.2f}%' for v in x['values']), pm(x, '%')])
+  for name, per_seed in d['pgpt_branch_weights'].items():
+    rows.append(
+      [
+        f'{name}: trained branch weights (branch 0, branch 1) per seed',
+        '; '.join(f'{w[0]:.3f}, {w[1]:.3f}' for w in per_seed.values()),
+        '',
+      ]
+    )
+  return table(['comparison (same seeds, same batches)', 'per seed', 'paired mean ± 2 SE'], 'lrr', rows)
 
 
 def block_pgpt_gaps(res, d):
   steps = sorted(int(s) for s in next(iter(d['pgpt_val_gap'].values())))
   rows = [[k] + [f'{v[str(s)]:+.3f}' for s in steps] for k, v in d['pgpt_val_gap'].items()]
-  return table(["val loss − gpt's, at step"] + [str(s) for s in steps], 'l' + 'r' * len(steps), rows)
+  n = len(d['pgpt_seeds'])
+  return table(
+    [f"val loss − gpt's, mean of {n} seeds, at step"] + [str(s) for s in steps], 'l' + 'r' * len(steps), rows
+  )
 
 
 def block_scaling_runs(res, d):

@@ -130,3 +130,53 @@ def test_prune_control_combines_per_seed_runs(tmp_path):
   (row,) = res['summary']
   assert row['pruned_vs_unpruned']['values'] == pytest.approx([0.01, 0.005])
   assert (tmp_path / 'all.md').exists() and json.loads((tmp_path / 'all.json').read_text())['summary'] == [row]
+
+
+def test_pgpt_arms_pair_seeds_and_split_the_one_branch_rules():
+  """Per-seed rows of results/pgpt_table.json: paired differences to gpt over shared seeds, one-branch arms (the
+  published architecture's authors' rule and its weight-1 twin), seed-mean gaps; a row without 'seed' is seed 0."""
+  curve = lambda loss: [[100, loss + 0.5], [200, loss]]
+  rows = []
+  for seed, g, p, pub in ((0, 2.0, 2.02, 2.04), (1, 2.1, 2.121, 2.142), (2, 1.9, 1.9095, 1.9285)):
+    rows.append(dict(label='gpt', seed=seed, final_val_loss=g, val_curve=curve(g)))
+    rows.append(
+      dict(
+        label='p-gpt',
+        seed=seed,
+        final_val_loss=p,
+        val_curve=curve(p),
+        val_loss_p_gpt_1=p + 0.1,
+        branch_mix='softmax',
+        branch_weights=[0.49, 0.51],
+      )
+    )
+    rows.append(
+      dict(
+        label='p-gpt (published)',
+        seed=seed,
+        final_val_loss=pub,
+        val_curve=curve(pub),
+        val_loss_p_gpt_1=pub + 0.3,
+        val_loss_p_gpt_1_unscaled=pub + 0.1,
+        branch_mix='scalar',
+        branch_weights=[0.52, 0.48],
+      )
+    )
+  d = report.derive_pgpt(dict(rows=rows))
+  assert d['pgpt_seeds'] == [0, 1, 2]
+  assert d['pgpt_vs_gpt_pct']['p-gpt']['values'] == [1.0, 1.0, 0.5]
+  assert d['pgpt_vs_gpt_pct']['p-gpt']['n'] == 3
+  assert set(d['pgpt_loss']) == {
+    'gpt',
+    'p-gpt',
+    'p-gpt-1',
+    'p-gpt (published)',
+    'p-gpt-1 (published, × its weight)',
+    'p-gpt-1 (published, weight 1)',
+  }
+  assert d['pgpt_loss']['p-gpt-1 (published, weight 1)']['values'] == [2.14, 2.242, 2.0285]
+  assert d['pgpt_val_gap']['p-gpt'] == {'100': round((0.02 + 0.021 + 0.0095) / 3, 3), '200': 0.017}
+  assert len(d['pgpt_variants_pct']) == 4
+  assert d['pgpt_branch_weights']['p-gpt (published)']['2'] == [0.52, 0.48]
+  old = report.derive_pgpt(dict(rows=[{k: v for k, v in r.items() if k != 'seed'} for r in rows[:2]]))
+  assert old['pgpt_seeds'] == [0] and old['pgpt_vs_gpt_pct']['p-gpt']['two_se'] is None
