@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 CONFIG ?= gpt
 DEMO_STEPS ?= 1200
 
-.PHONY: demo test lint format bench report clean-demo
+.PHONY: demo test test-slow test-all lint format bench report clean-demo
 
 $(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,7 +23,14 @@ demo: $(VENV)/.runtime
 	$(PY) -m effjax.main --config=$(CONFIG) --workdir=$(WORKDIR) --config.train.steps=$(DEMO_STEPS)
 	$(PY) -m effjax.main --workdir=$(WORKDIR) --mode=sample --prompt='def ' --max_new_tokens=300 --temperature=0.7
 
+# `make test`: every test but the end-to-end runs marked `slow` (minutes); `make test-slow` those; CI runs both
 test: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 -m 'not slow' tests
+
+test-slow: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 -m slow tests
+
+test-all: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 tests
 
 # pyproject.toml's [tool.ruff] settings on the whole tree (tests/test_lint.py runs the same checks); `make format`

@@ -5,10 +5,13 @@ from __future__ import annotations
 import glob
 import os
 
+import pytest
+
 from tests.helpers import run_cli
 from tests.test_bad_input import assert_one_error_line
 
 
+@pytest.mark.slow
 def test_required_accelerator_missing_is_one_line_and_writes_nothing(tmp_path, corpus_dir):
   workdir = tmp_path / 'run'
   for backend in ('gpu', 'tpu'):
@@ -42,6 +45,7 @@ def test_bad_runtime_settings_are_one_line(tmp_path, corpus_dir):
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_compile_cache_and_profile_window(tmp_path, corpus_dir):
   workdir, cache = tmp_path / 'run', tmp_path / 'cache'
   result = run_cli(

@@ -82,6 +82,7 @@ def test_summary_of_a_char_preset_without_a_run(capsys):
   assert re.search(r'^total_params\s+[\d,]+$', capsys.readouterr().out, re.M)
 
 
+@pytest.mark.slow
 def test_run_directory_describes_itself(tmp_path, corpus_dir):
   """After training, a run's own config.json is its config (test_train.test_cli_modes_on_tiny runs eval, sample,
   export and summary that way); overrides apply on top, and one that changes the architecture is refused."""

@@ -115,6 +115,7 @@ def test_flat_checkpoint_architecture_is_still_checked():
   checkpoint.check_compatible(meta, config.model, 'old/checkpoints')
 
 
+@pytest.mark.slow
 def test_flat_key_run_dir_samples_evaluates_exports_and_resumes(tmp_path, corpus_dir):
   run = str(tmp_path / 'run')
   overrides = {

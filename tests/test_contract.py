@@ -33,6 +33,12 @@ CASES = [(name, {}) for name in config_lookup.variants()] + [
 IDS = [name + ''.join(f'-{k.split(".")[-1]}={v}' for k, v in extra.items()) for name, extra in CASES]
 
 
+def tiered(cases, ids, fast: set):
+  """`cases` as pytest params, those whose id is not in `fast` marked slow: `make test` checks the property on
+  the named forms, `make test-slow` (and CI) on all the others."""
+  return [pytest.param(*c, id=i, marks=() if i in fast else pytest.mark.slow) for c, i in zip(cases, ids)]
+
+
 def _model_config(name, extra, **overrides) -> ml_collections.ConfigDict:
   """The variant's tiny model config with `extra` (dotted keys reach into sections: 'pgpt.branch_impl')."""
   m = config_lookup._builtin_module(name).get_config('tiny').model  # pylint: disable=protected-access
@@ -75,7 +81,7 @@ def test_kv_cache_equals_full_recompute(name, extra):
   np.testing.assert_allclose(np.asarray(jnp.stack(steps, 1)), np.asarray(full_BxTxV), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name,extra', CASES, ids=IDS)
+@pytest.mark.parametrize('name,extra', tiered(CASES, IDS, {'gpt'}))
 def test_cached_greedy_generation_equals_uncached(name, extra):
   """The sampler's decode path (a cache of prompt + new tokens, a scanned stack relaid out unrolled where it maps)
   draws the greedy tokens of the uncached full recompute; the relayout keeps every weight."""
@@ -152,7 +158,7 @@ def _run_config(name, corpus, stop_at=6):
   return c
 
 
-@pytest.mark.parametrize('name', config_lookup.variants())
+@pytest.mark.parametrize('name', tiered([(n,) for n in config_lookup.variants()], config_lookup.variants(), {'gpt'}))
 def test_resume_is_bit_identical_and_one_device_equals_eight(tmp_path, corpus_dir, name):
   """On data=2 x fsdp=2 x tensor=2: 6 straight steps == 3 steps, stop, resume to 6 (bit for bit); the same run on
   1 device gives the same losses (tol 1e-5)."""

@@ -55,6 +55,7 @@ def _config(corpus_dir, **overrides):
   )
 
 
+@pytest.mark.slow
 def test_custom_family_trains_resumes_summarizes_and_exports(tmp_path, corpus_dir, capsys):
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   train.train_and_evaluate(_config(corpus_dir), straight, devices=one_device(), progress=False)

@@ -21,7 +21,9 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, xla_flags
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` and CI run it, `make test` does not
 
 SKIPPED_PROGRAMS = ('make', 'pip', 'tensorboard', 'gcloud', 'gsutil', 'sbatch')
 DRY_RUN_LAUNCHERS = ('launch/tpu_vm.sh', 'launch/gpu_slurm.sh')
@@ -57,7 +59,7 @@ def as_run(command: str) -> str:
 
 
 def _env() -> dict:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1)}  # one device, as a user's shell has
   env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')  # effjax, python
   env['JAX_PLATFORMS'] = 'cpu'
   return env

@@ -108,6 +108,7 @@ def test_doping_refused_by_families_that_ignore_it():
     doped.check(model_config(), 'pgpt')
 
 
+@pytest.mark.slow
 def test_frozen_layers_add_only_frozen_params_with_logical_axes():
   """The doped model's trainable params are exactly those of the undoped model with the same blocks; each frozen
   layer is W1 [d, r·d] + W2 [r·d, d] in 'frozen', stacked with the 'layers' axis, distinct per layer."""
@@ -126,6 +127,7 @@ def test_frozen_layers_add_only_frozen_params_with_logical_axes():
   assert abs(float(fc.std()) - layers.INIT_STD) < 2e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'doping,num_layers,remat,norm_position', [('interleave', 3, 'none', 'pre'), ('TFFTTFT', 4, 'full', 'post')]
 )
@@ -142,6 +144,7 @@ def test_scanned_equals_unscanned(doping, num_layers, remat, norm_position):
   )
 
 
+@pytest.mark.slow
 def test_frozen_layers_are_used_and_get_no_gradient():
   m = model_config()
   model, variables = init(m)
@@ -161,6 +164,7 @@ def test_frozen_layers_are_used_and_get_no_gradient():
 # training: frozen weights never change, have no optimizer state, shard, checkpoint and resume
 
 
+@pytest.mark.slow
 def test_train_steps_leave_frozen_bit_identical_and_optimizer_holds_only_trainable(corpus_dir):
   config = run_config(corpus_dir, **{'model.vocab_size': V, 'model.dropout': 0.1, 'mesh.fsdp': 2})
   setup = state_lib.make_setup(config)
@@ -187,6 +191,7 @@ def test_train_steps_leave_frozen_bit_identical_and_optimizer_holds_only_trainab
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.extra['frozen']), frozen0)
 
 
+@pytest.mark.slow
 def test_checkpoint_stores_the_frozen_weights_sharded_and_metrics_count_both_accountings(tmp_path, corpus_dir):
   """On data=2 x fsdp=4 the frozen weights shard over fsdp, the checkpointed ones are those of a fresh init with
   the seed, and the metrics log cumulative compute under both accountings. (Resume and meshes:

@@ -133,6 +133,7 @@ def _replicated_reference(m, params):
   return build_model(unshared), ref, repeats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('share', ['all', 'groups'])
 def test_shared_grads_are_sum_over_applications(share):
   m = model_config(num_layers=4, share_layers=share, num_groups=2, embed_dim=16)
@@ -162,6 +163,7 @@ def test_shared_grads_are_sum_over_applications(share):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'share,groups,remat', [('none', 1, 'none'), ('all', 1, 'none'), ('groups', 2, 'none'), ('groups', 2, 'full')]
 )
@@ -195,6 +197,7 @@ def test_groups_apply_each_block_l_over_g_consecutive_times():
 # the training stack: sharding, resume, export
 
 
+@pytest.mark.slow
 def test_groups_and_factorization_shard_on_8_devices_and_export(tmp_path, corpus_dir):
   """The grouped stack and the factorized tables shard on data x fsdp x tensor; the trained run exports and the
   export gives the run's logits. (Resume and 1 device == 8 devices: tests/test_contract.py.)"""
@@ -252,6 +255,7 @@ def test_bad_sharing_and_factorization_settings(overrides, pattern):
     build_model(model_config(**overrides))
 
 
+@pytest.mark.slow
 def test_cli_refuses_checkpoint_with_other_sharing_mode_and_changes_nothing(tmp_path, corpus_dir):
   workdir = tmp_path / 'run'
   common = [

@@ -30,6 +30,7 @@ def trained(tmp_path_factory, corpus_dir):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'overrides,pattern',
   [

@@ -205,6 +205,7 @@ def test_long_inputs_are_left_truncated(tmp_path, table):
   assert out['loss'] == pytest.approx(-ll / (len(target) + 1), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_real_model_scores_equal_a_direct_forward_pass():
   """Padding and batching do not leak: the harness's log-likelihoods equal an unpadded model.apply."""
   config = tiny_config('unused', **{'model.vocab_size': V})

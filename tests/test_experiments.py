@@ -53,6 +53,7 @@ def test_torch_reference_param_count_at_bench_size():
   assert torch_gpt.num_params(torch_gpt.TorchGPT(m)) == accounting.param_counts(m)['total_params']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides', REFERENCE_VARIANTS, ids=lambda o: ','.join(o) or 'default')
 def test_torch_reference_same_logits_from_copied_weights(overrides):
   m = tiny_model(**overrides)
@@ -70,6 +71,7 @@ def test_torch_reference_rejects_other_families():
     torch_gpt.TorchGPT(tiny_model(share_layers='all'))
 
 
+@pytest.mark.slow
 def test_torch_train_step_lowers_the_loss():
   m = tiny_model()
   c = gpt_config.get_config('tiny')
@@ -81,6 +83,7 @@ def test_torch_train_step_lowers_the_loss():
   assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_bench_configs_build_for_every_family():
   for size in (*bench.SIZES.values(), *bench.QUICK_SIZES.values()):
     for family in bench.FAMILIES:
@@ -103,6 +106,7 @@ def test_scan_unroll_default_chooses_by_backend_and_depth():
   assert layers.scan_unroll(cfg(0), 48) == 48
 
 
+@pytest.mark.slow
 def test_scan_unroll_keeps_params_and_values():
   """model.scan_unroll changes the compiled loop, not the model: the rolled scan (1) and the full unroll (0)
   give the same parameters, loss and gradients."""
@@ -156,6 +160,7 @@ def test_pareto_frontier():
 
 
 # ------------------------------------------------------------------------------------------- sweep / resume
+@pytest.mark.slow
 def test_sweep_resume_skips_finished_runs(tmp_path, corpus_dir):
   runs = scaling.sweep_runs('quick', steps=4)[:1]
   root = str(tmp_path / 'runs')
@@ -186,6 +191,7 @@ def test_sweep_resume_skips_finished_runs(tmp_path, corpus_dir):
   assert complete and again == results
 
 
+@pytest.mark.slow
 def test_analyse_and_plot(tmp_path):
   def fake(name, family, n, loss, frozen=0):
     curve = [
@@ -225,6 +231,7 @@ def test_analyse_and_plot(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- pruning
+@pytest.mark.slow
 @pytest.mark.parametrize('scan', [True, False])
 def test_prune_removes_last_blocks_and_runs(scan):
   c = gpt_config.get_config('tiny')
@@ -254,6 +261,7 @@ def test_prune_removes_last_blocks_and_runs(scan):
     prune_layers.prune(c, variables, 4)
 
 
+@pytest.mark.slow
 def test_prune_finetune_and_evaluate(tmp_path, corpus_dir):
   from effjax import train  # pylint: disable=import-outside-toplevel
 
@@ -293,6 +301,7 @@ def test_peak_rss_sums_the_process_tree():
   assert result['peak_tree_rss_mb'] > 1.8 * 150
 
 
+@pytest.mark.slow
 def test_bench_decode_greedy_tokens_match_transformers(tmp_path):
   """experiments/bench_decode.py on a small GPT-2 shape: effjax's KV-cache decoding of the imported model gives
   exactly the tokens of transformers' greedy generate, and the table has a row per implementation and batch."""

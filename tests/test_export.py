@@ -70,6 +70,7 @@ def run(tmp_path_factory, corpus_dir):
   }
 
 
+@pytest.mark.slow
 def test_export_files_and_metadata(run):
   export = run['root'] / 'f32'
   assert sorted(os.listdir(export)) == ['config.json', 'metadata.json', 'tokenizer.json', 'variables']
@@ -85,6 +86,7 @@ def test_export_files_and_metadata(run):
   assert not any('opt_state' in root or 'mu' in dirs for root, dirs, _ in os.walk(export))
 
 
+@pytest.mark.slow
 def test_load_export_gives_the_trained_logits_without_the_workdir(run):
   model, variables, config = effjax.load_export(str(run['root'] / 'f32'))
   assert set(variables) == {'params'}
@@ -92,6 +94,7 @@ def test_load_export_gives_the_trained_logits_without_the_workdir(run):
   assert config.model.max_len == 32
 
 
+@pytest.mark.slow
 def test_unscanned_layout_same_logits(run):
   model, variables, config = effjax.load_export(str(run['root'] / 'unscanned'))
   assert not config.model.scan_layers
@@ -100,6 +103,7 @@ def test_unscanned_layout_same_logits(run):
   np.testing.assert_allclose(np.asarray(model.apply(variables, run['tokens'])), run['logits'], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_export(run):
   model, variables, config = effjax.load_export(str(run['root'] / 'bf16'))
   assert config.model.param_dtype == 'bfloat16'
@@ -116,6 +120,7 @@ def test_sample_from_export_matches_the_run(run):
   assert out == run['sample'] and out.startswith('def ')
 
 
+@pytest.mark.slow
 def test_eval_of_the_run_and_of_its_export_agree(run, tmp_path):
   """--mode=eval on the workdir (validation loss + tasks) and --from_export (tasks) give the same task scores."""
   from_run = run['eval']
@@ -134,6 +139,7 @@ def test_eval_of_the_run_and_of_its_export_agree(run, tmp_path):
   assert result['tasks']['humaneval']['num_problems'] == 1 and result['tasks']['humaneval']['pass@1'] == 0.0
 
 
+@pytest.mark.slow
 def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
   """GPT-Efficio (one block applied at every layer): the export stores the block once."""
   from effjax.configs import efficio  # pylint: disable=import-outside-toplevel
@@ -168,6 +174,7 @@ def test_shared_model_export_keeps_sharing(tmp_path, corpus_dir):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', FAMILY_PRESETS)
 def test_every_family_round_trips_through_an_export(tmp_path, variant):
   """Randomly initialised tiny model of each family: export -> load_export gives the same logits."""

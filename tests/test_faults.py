@@ -23,8 +23,10 @@ import pytest
 from effjax import checkpoint, state as state_lib, train
 from effjax.errors import EffjaxError, Preempted
 from experiments.soak import handlers_installed
-from tests.helpers import ROOT, one_device, tiny_config
+from tests.helpers import ROOT, one_device, tiny_config, xla_flags
 from tests.test_bad_input import assert_one_error_line, cli, snapshot
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` and CI run it, `make test` does not
 
 STEPS = 40  # long enough that a signal sent after step 3 always lands mid-run
 LONG = {'train.steps': STEPS, 'train.log_every': 1, 'train.eval_every': 10_000, 'checkpoint.every': 10_000}
@@ -384,7 +386,7 @@ CHAIN = {'train.steps': CHAIN_STEPS, 'train.log_every': 1, 'train.eval_every': 1
 
 
 def _cli_env():
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags(1)}
 
 
 def _saves(workdir) -> set:

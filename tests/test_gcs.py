@@ -24,7 +24,9 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, xla_flags
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` and CI run it, `make test` does not
 
 BUCKET = 'effjax-test'
 RUN = f'gs://{BUCKET}/run'
@@ -151,7 +153,7 @@ def effjax(gcs, *args, cwd=ROOT, timeout=300, env=None, **popen):
     **os.environ,
     **gcs.env,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    'XLA_FLAGS': xla_flags(1),
     **(env or {}),
   }
   cmd = [sys.executable, '-m', 'effjax.main', *args]

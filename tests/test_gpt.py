@@ -26,6 +26,7 @@ def init(m, seed=0, length=16):
   return model, nn.unbox(model.init(jax.random.key(seed), jnp.zeros((2, length), jnp.int32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pos_emb', ['learned', 'rotary'])
 def test_forward_shapes_and_dtype(pos_emb):
   model, variables = init(model_config(pos_emb=pos_emb))
@@ -70,6 +71,7 @@ def test_sampling_filters():
   assert np.isfinite(np.asarray(nucleus)).tolist() == [[True, True, False, False]]
 
 
+@pytest.mark.slow
 def test_bf16_compute_runs_and_stays_close():
   m32 = model_config()
   model32, variables = init(m32)
@@ -82,6 +84,7 @@ def test_bf16_compute_runs_and_stays_close():
   assert float(jnp.abs(jax.nn.softmax(a) - jax.nn.softmax(b)).max()) < 0.05
 
 
+@pytest.mark.slow
 def test_generation_longer_than_context_slides_the_window():
   m = model_config(max_len=16)
   model, variables = init(m)

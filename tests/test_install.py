@@ -12,7 +12,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` and CI run it, `make test` does not
 
 
 def _version(report: dict, name: str) -> str:

@@ -70,6 +70,7 @@ def hf_model(tmp_path_factory):
   return model, hf_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [True, False])
 def test_import_safetensors_logits_match(hf_model, tmp_path, scan_layers, capsys):
   model, hf_dir = hf_model
@@ -133,6 +134,7 @@ def _effjax_export(tmp_path, **model_overrides):
   return model, variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'overrides',
   [

@@ -76,6 +76,7 @@ def test_bad_rank_is_one_line():
     build_model(m)
 
 
+@pytest.mark.slow
 def test_tiny_trains_and_the_loss_decreases(tmp_path, corpus_dir):
   config = variant_config(lowrank_config, corpus_dir, **{'train.steps': 40, 'train.log_every': 10})
   train.train_and_evaluate(config, str(tmp_path / 'run'))

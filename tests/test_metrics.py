@@ -13,6 +13,7 @@ import termios
 import time
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from effjax import metrics, train
@@ -24,6 +25,7 @@ LINE = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_plain_lines_without_a_terminal(tmp_path, corpus_dir):
   result = run_cli('--config=gpt:tiny', f'--workdir={tmp_path}/run', f'--config.data.corpus={corpus_dir}')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -96,6 +98,7 @@ def test_peak_table_knows_the_accelerators():
   assert 1e9 < metrics.peak_flops(one_device()) < 1e14  # measured on this CPU
 
 
+@pytest.mark.slow
 def test_resume_from_an_older_checkpoint_keeps_one_row_per_step(tmp_path, corpus_dir):
   """A run killed after logging steps past its last checkpoint: the resumed run's rows replace those rows, for
   metrics.jsonl and for TensorBoard's reader."""

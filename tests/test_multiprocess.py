@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from effjax import train
 from tests.helpers import ROOT, tiny_config
@@ -23,6 +24,8 @@ from tests.helpers import ROOT, tiny_config
 if ROOT not in sys.path:  # `launch` is a top-level package of the checkout, not installed
   sys.path.insert(0, ROOT)
 from launch.local import kill_all, start_local, wait_all  # noqa: E402  pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` and CI run it, `make test` does not
 
 STEPS, EVERY = 24, 4
 # steps+1 with stop_at: the run ends (checkpointed) at STEPS without the final evaluation, one compile less.

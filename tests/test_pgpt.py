@@ -142,6 +142,7 @@ def _branch_alone(m, params, i, tokens):
   return nn.Dense(cfg.vocab_size).apply({'params': params['head']['head']}, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('form', ['split', 'project'])
 def test_one_branch_inference_equals_that_branch_alone(form):
   """active_branches=(i,) renormalises the mixing weights to exactly 1 for branch i: the output is branch i
@@ -161,6 +162,7 @@ def test_one_branch_inference_equals_that_branch_alone(form):
   assert float(jnp.abs(full - pair).max()) > 1e-3 and float(jnp.abs(full - alone[0]).max()) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('form', ['split', 'project'])
 def test_vmap_equals_loop_values_and_grads(form):
   m = model_config(dropout=0.0, pgpt=dict(branch_input=form))
@@ -190,6 +192,7 @@ def test_inactive_branches_get_no_gradient_and_cost_no_flops():
   assert flops[3] - head == 3 * (flops[1] - head)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('form,active', [('split', (1,)), ('project', (0, 2)), ('split', ())])
 def test_kv_cache_with_branch_subsets(form, active):
   m = model_config(pgpt=dict(branch_input=form, active_branches=active))
@@ -235,6 +238,7 @@ def test_bad_settings_are_one_line_errors(overrides, pattern):
 # the training loop
 
 
+@pytest.mark.slow
 def test_a_checkpoint_evaluates_with_any_branch_subset(tmp_path, corpus_dir):
   """active_branches is a runtime key: a checkpoint trained with every branch restores with any subset, and each
   subset gives its own loss. (Resume and meshes: tests/test_contract.py.)"""
@@ -257,6 +261,7 @@ def test_a_checkpoint_evaluates_with_any_branch_subset(tmp_path, corpus_dir):
   assert len({round(v, 6) for v in losses.values()}) == 3, losses
 
 
+@pytest.mark.slow
 def test_cli_train_then_sample_one_branch(tmp_path, corpus_dir):
   workdir = str(tmp_path / 'run')
   common = ['--config=configs/pgpt.py:tiny', f'--workdir={workdir}', f'--config.data.corpus={corpus_dir}']

@@ -117,6 +117,7 @@ def adam_moments(opt_state):
   return found[0].mu, found[0].nu
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant,preset,overrides', RUN_CASES, ids=map(case_id, RUN_CASES))
 def test_family_sharded_runs_agree_and_shard(tmp_path, corpus_dir, variant, preset, overrides):
   """(data=2, fsdp=4) == (data=2, fsdp=2, tensor=2) losses (tol 1e-5; 1 device == 8 devices for every variant's
@@ -301,6 +302,7 @@ def test_memory_accelerators():
     memory.parse_accelerator('v9-bogus')
 
 
+@pytest.mark.slow
 def test_memory_mode_cli_medium_on_v4_8():
   """`--mode=memory` answers 'does Medium fit on a v4-8?' without any TPU (and without data)."""
   result = run_cli(

@@ -73,6 +73,7 @@ def test_nan_loss_stops_with_step(tmp_path, corpus_dir):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
 
 
+@pytest.mark.slow
 def test_cli_modes_on_tiny(tmp_path, corpus_dir):
   """train (with a CLI override), then summary, eval, sample and export of that run with --workdir alone (its own
   config.json), each through the real entry point."""

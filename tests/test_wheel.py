@@ -16,7 +16,9 @@ import sysconfig
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, xla_flags
+
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` and CI run it, `make test` does not
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -24,7 +26,7 @@ transformers = pytest.importorskip('transformers')
 
 def _run(cmd, cwd, timeout=300):
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1))
   result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
   assert result.returncode == 0, f'{cmd}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
   return result
