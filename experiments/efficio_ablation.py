@@ -143,7 +143,8 @@ def write_outputs(rows: list[dict], meta: dict, out: str = 'efficio_ablation') -
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / f'{out}.md').write_text(md + '\n')
   (OUT / f'{out}.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-  plot(rows, OUT / f'{out}.png')
+  grid = len({(r.get('lr'), r.get('seed')) for r in rows}) > 1
+  (plot_grid if grid else plot)(rows, OUT / f'{out}.png')
   return md
 
 
@@ -167,6 +168,55 @@ def plot(rows, path):
   ax_train.set_ylim(top=min(8.0, ax_train.get_ylim()[1]))
   ax_val.legend(fontsize=8)
   fig.suptitle('GPT-Efficio ablation: sharing × factorization (equal steps)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def plot_grid(rows, path):
+  """Learning-rate sweep (seed-0 final validation loss per lr) and, at each variant's best lr, the mean validation
+  curve over its seeds with the seeds' spread."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  best = best_lrs(rows)
+  fig, (ax_lr, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for label in dict.fromkeys(r['label'] for r in rows):
+    sweep = sorted((r['lr'], r['final_val_loss']) for r in rows if r['label'] == label and r['seed'] == 0)
+    (line,) = ax_lr.plot(*zip(*sweep), marker='o', label=label)
+    at_best = [r for r in rows if r['label'] == label and r['lr'] == best[label]]
+    finals = [r['final_val_loss'] for r in at_best]
+    ax_lr.errorbar(
+      [best[label]],
+      [np.mean(finals)],
+      yerr=[[np.mean(finals) - min(finals)], [max(finals) - np.mean(finals)]],
+      color=line.get_color(),
+      capsize=4,
+      marker='s',
+      alpha=0.6,
+    )
+    steps = [s for s, _ in at_best[0]['val_curve']]
+    curves = np.array([[v for _, v in r['val_curve']] for r in at_best])
+    ax_val.plot(
+      steps,
+      curves.mean(0),
+      marker='o',
+      color=line.get_color(),
+      label=f'{label}, lr {best[label]:g} ({len(at_best)} seeds)',
+    )
+    ax_val.fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
+  ax_lr.set_xscale('log')
+  ax_lr.set_xlabel('peak learning rate')
+  ax_lr.set_ylabel('final validation loss (nats/token)')
+  ax_lr.set_title('seed 0 per lr; square: mean and range over seeds at the best lr')
+  ax_val.set_xlabel('step')
+  ax_val.set_ylabel('validation loss (nats/token)')
+  ax_val.set_title('at each best lr: mean over seeds, band = min..max')
+  for ax in (ax_lr, ax_val):
+    ax.grid(alpha=0.3)
+  ax_val.legend(fontsize=7)
+  fig.suptitle('GPT-Efficio: learning-rate sweep and seeds (equal steps)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
