@@ -10,8 +10,10 @@ fixes both the initialisation and the batch order, so runs with the same seed se
 compared pair by pair. `--lrs=best` takes, per variant, the learning rate whose seed-0 run has the lowest final
 validation loss in the output file. Rows are merged into `--out` (results/<out>.json) keyed by (variant, lr,
 seed), so a sweep and a later seeds command add to one file; each row names the command that wrote it.
-  python -m experiments.efficio_ablation --out=efficio_grid --runs=core,equal --lrs=1e-3,2e-3,4e-3 --seeds=0
-  python -m experiments.efficio_ablation --out=efficio_grid --runs=core,equal --lrs=best --seeds=1,2
+  python -m experiments.efficio_ablation --out=efficio_grid --runs=core --lrs=1e-3,2e-3,4e-3 --seeds=0
+  python -m experiments.efficio_ablation --out=efficio_grid --runs=core --lrs=best --seeds=1,2
+(results/efficio_grid.json was written by such commands split over two processes, plus `--runs=equal --lrs=1e-3`
+with seeds 0, 1, 2: its rows name them.)
 
 Equal compute: sharing does not change the work per token (the shared block is applied 8 times, as the 8
 unshared blocks are); only the factorized head does (V·E + E·H instead of V·H multiply-adds), so the shared +
