@@ -279,3 +279,33 @@ def test_cli_refuses_checkpoint_with_other_sharing_mode_and_changes_nothing(tmp_
   after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*') if p.is_file() and p.name != '.lock'}
   assert after == before
   assert os.path.exists(workdir / 'checkpoints' / '4')
+
+
+def test_ablation_grid_equal_flops_and_best_lr():
+  """experiments/efficio_ablation: the equal-FLOPs variant does at least the baseline's forward FLOPs per token (and
+  within 3 %), the d_model-96 shared + factorized model fewer; --runs aliases; --lrs=best takes each variant's
+  lowest seed-0 loss; lr and seed reach the config."""
+  from experiments import efficio_ablation as ea  # pylint: disable=import-outside-toplevel
+
+  def flops(label, **kw):
+    preset, overrides = {**ea.RUNS, **ea.EQUAL_FLOPS}[label]
+    c = ea.make_config(preset, overrides, 10, **kw)
+    c.model.vocab_size = ea.SCALE['data']['bpe_vocab_size']
+    return accounting.flops_per_token(c.model, c.data.seq_len)
+
+  base = flops('neither (baseline)')
+  assert flops('share all + E=64 (efficio)') < base <= flops(*ea.EQUAL_FLOPS) <= 1.03 * base
+  c = ea.make_config('', {}, 10, lr=4e-3, seed=2)
+  assert (c.train.lr, c.seed) == (4e-3, 2)
+  assert list(ea.select('efficio,baseline,equal', False)) == [
+    'share all + E=64 (efficio)',
+    'neither (baseline)',
+    *ea.EQUAL_FLOPS,
+  ]
+  assert list(ea.select('core', False)) == list(ea.CORE)
+  rows = [
+    dict(label='a', lr=1e-3, seed=0, final_val_loss=5.0),
+    dict(label='a', lr=2e-3, seed=0, final_val_loss=4.9),
+    dict(label='a', lr=1e-3, seed=1, final_val_loss=4.0),  # other seeds do not choose
+  ]
+  assert ea.best_lrs(rows) == {'a': 2e-3}

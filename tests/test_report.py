@@ -7,6 +7,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 from experiments import report
@@ -180,3 +181,48 @@ def test_pgpt_arms_pair_seeds_and_split_the_one_branch_rules():
   assert d['pgpt_branch_weights']['p-gpt (published)']['2'] == [0.52, 0.48]
   old = report.derive_pgpt(dict(rows=[{k: v for k, v in r.items() if k != 'seed'} for r in rows[:2]]))
   assert old['pgpt_seeds'] == [0] and old['pgpt_vs_gpt_pct']['p-gpt']['two_se'] is None
+
+
+def test_efficio_grid_pairs_seeds_at_each_variants_best_lr():
+  """Best lr per variant from its seed-0 runs; per-seed differences to the baseline at the baseline's own best lr;
+  the interaction (L_sf − L_f) − (L_s − L_0) per lr and per seed."""
+  base = {0.001: 5.0, 0.002: 4.9, 0.004: 5.1}
+  loss = {  # variant: (seed-0 sweep, offsets of seeds 1 and 2 at the best lr)
+    report.EFF_BASE: (base, (0.1, -0.1)),
+    report.EFF_SF: ({0.001: 5.2, 0.002: 5.3, 0.004: 5.6}, (0.1, -0.05)),
+    report.EFF_S: ({0.001: 5.05, 0.002: 5.0, 0.004: 5.2}, (0.1, -0.1)),
+    report.EFF_F: ({0.001: 5.0, 0.002: 4.95, 0.004: 5.3}, (0.1, -0.1)),
+  }
+  rows = []
+  for label, (sweep, offsets) in loss.items():
+    curves = lambda v: dict(
+      final_val_loss=v, train_curve=[(25, 7.0), (50, v + 0.5)], val_curve=[(100, v + 1), (300, v)]
+    )
+    rows += [dict(label=label, lr=lr, seed=0, **curves(v)) for lr, v in sweep.items()]
+    best = min(sweep, key=sweep.get)
+    rows += [dict(label=label, lr=best, seed=s, **curves(sweep[best] + o)) for s, o in zip((1, 2), offsets)]
+  rows.append(
+    dict(label=report.EFF_SF, lr=0.002, seed=1, final_val_loss=5.2, train_curve=[], val_curve=[(100, 6.2), (300, 5.2)])
+  )
+  g = report.derive_efficio_grid(dict(rows=rows))
+  extra = g['vs_baseline_pct'][f'{report.EFF_SF} at lr 2e-3']  # a non-best lr run with several seeds
+  assert extra['seeds'] == [0, 1] and extra['values'] == [
+    round(100 * (5.3 / 4.9 - 1), 2),
+    round(100 * (5.2 / 5.0 - 1), 2),
+  ]
+  assert g['best_lr'] == {
+    report.EFF_BASE: '0.002',
+    report.EFF_SF: '0.001',
+    report.EFF_S: '0.002',
+    report.EFF_F: '0.002',
+  }
+  x = g['vs_baseline_pct'][report.EFF_SF]
+  want = [5.2 / 4.9 - 1, 5.3 / 5.0 - 1, 5.15 / 4.8 - 1]
+  assert x['seeds'] == [0, 1, 2] and x['values'] == [round(100 * v, 2) for v in want]
+  assert x['mean_frac'] == pytest.approx(np.mean(want))
+  assert x['two_se_frac'] == pytest.approx(2 * np.std(want, ddof=1) / math.sqrt(3))
+  assert g['interaction']['by_lr_seed0']['0.004']['interaction'] == pytest.approx((5.6 - 5.3) - (5.2 - 5.1))
+  assert g['interaction']['best_lr']['interaction']['values'] == pytest.approx([0.15, 0.15, 0.2])
+  assert g['seeds'][report.EFF_BASE]['val_curve_mean'] == {'100': 5.9, '300': 4.9}
+  assert g['seeds'][report.EFF_BASE]['plateau_exit_step'] == [50, 50, 50]
+  assert g['plateau_exit_step_seed0'][report.EFF_SF] == {'0.001': 50, '0.002': 50, '0.004': None}
