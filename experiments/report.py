@@ -360,25 +360,22 @@ def derive_efficio_grid(grid: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
-def claims(res: dict, d: dict) -> list[dict]:
-  """One row per claim: the tested effect, its band, the seeds behind it and the verdict by `verdict()`."""
-  out = []
+def claim(seed, what, effect, band, seeds, half=None, value=None, note='') -> dict:
+  """One verdict row: the tested effect, its band, the seeds behind it and the verdict by `verdict()`."""
+  return dict(
+    seed=seed,
+    claim=what,
+    effect=effect,
+    band=band,
+    seeds=seeds,
+    half_width=None if half is None else round(100 * half, 2),
+    verdict=verdict(value if value is not None else 0.0, half, band, seeds),
+    note=note,
+  )
 
-  def add(seed, claim, effect, band, seeds, half=None, value=None, note=''):
-    v = verdict(value if value is not None else 0.0, half, band, seeds)
-    out.append(
-      dict(
-        seed=seed,
-        claim=claim,
-        effect=effect,
-        band=band,
-        seeds=seeds,
-        half_width=None if half is None else round(100 * half, 2),
-        verdict=v,
-        note=note,
-      )
-    )
 
+def _claims_counts(res: dict) -> list[dict]:
+  """The p-gpt paper's parameter counts: deterministic, checked by equality."""
   counts = {r['name']: r for r in res['preset_counts']['rows']}
   paper = res['pgpt_table']['paper']
   match = []
@@ -391,7 +388,7 @@ def claims(res: dict, d: dict) -> list[dict]:
     r = counts[name]
     n, mb = (r['active_params'], r['active_param_mb']) if r['active'] else (r['total_params'], r['param_mb'])
     match.append(f'{n / 1e6:.2f} M' == paper[key]['params'] and round(mb, 2) == paper[key]['mb'])
-  out.append(
+  return [
     dict(
       seed='002/003',
       claim='parameter counts and MB of gpt, p-gpt-1, lc-gpt, cc-gpt (paper table)',
@@ -402,7 +399,11 @@ def claims(res: dict, d: dict) -> list[dict]:
       verdict=CONSISTENT if all(match) else CONTRADICTED,
       note='deterministic: checked by equality',
     )
-  )
+  ]
+
+
+def _claims_efficio(d: dict) -> list[dict]:
+  out = []
   g = d['efficio_grid']
   for label, what in ((EFF_SF, 'share all + E=64'), (EFF_EQUAL, 'share all + E=64 at d_model 100 (equal FLOPs)')):
     if label not in g['vs_baseline_pct']:
@@ -412,21 +413,40 @@ def claims(res: dict, d: dict) -> list[dict]:
     # the rule for this comparison (issue 16): each arm at the best of a 3-point learning-rate sweep, else no verdict
     swept = all(len(g['swept_lrs'][v]) >= 3 for v in (label, EFF_BASE))
     how = 'each at its best of 3 learning rates' if swept else f'{what.split(" at ")[0]} rate not swept: no verdict'
-    add(
-      '000',
-      'sharing + factorized embedding keep quality (≤ +5 %)' + (', at equal FLOPs/token' if label == EFF_EQUAL else ''),
-      f'{what} (lr {lr_text(g["best_lr"][label])}) vs baseline (lr {lr_text(g["best_lr"][EFF_BASE])}), '
-      f'{how}, paired by seed: {x["mean"]:+.2f}%{half}',
-      (-math.inf, 0.05),
-      len(x['seeds']),
-      x['two_se_frac'] if swept else None,
-      x['mean_frac'],
+    out.append(
+      claim(
+        '000',
+        'sharing + factorized embedding keep quality (≤ +5 %)'
+        + (', at equal FLOPs/token' if label == EFF_EQUAL else ''),
+        f'{what} (lr {lr_text(g["best_lr"][label])}) vs baseline (lr {lr_text(g["best_lr"][EFF_BASE])}), '
+        f'{how}, paired by seed: {x["mean"]:+.2f}%{half}',
+        (-math.inf, 0.05),
+        len(x['seeds']),
+        x['two_se_frac'] if swept else None,
+        x['mean_frac'],
+      )
     )
-  if 'prune_control' in res:
-    for r in res['prune_control']['summary']:
-      a = r['pruned_vs_unpruned']
-      m, h = paired(a['values'])
-      add(
+  return out
+
+
+def _claims_prune(res: dict) -> list[dict]:
+  if 'prune_control' not in res:
+    p = res['prune_gpt8']['summary']['loss_increase_at_30pct']
+    return [
+      claim(
+        '001',
+        'removing the last 2 of 8 blocks + 150-step fine-tune costs ≤ 1 %',
+        f'pruned vs unpruned: {100 * p["2"]:+.2f}%',
+        (-math.inf, 0.01),
+        1,
+      )
+    ]
+  out = []
+  for r in res['prune_control']['summary']:
+    a = r['pruned_vs_unpruned']
+    m, h = paired(a['values'])
+    out.append(
+      claim(
         '001',
         f'removing the last {r["k"]} of 8 blocks + 150-step fine-tune costs ≤ 1 %',
         f'pruned vs unpruned (both fine-tuned): {100 * m:+.2f}% ± {100 * h:.2f}%',
@@ -435,17 +455,14 @@ def claims(res: dict, d: dict) -> list[dict]:
         h,
         m,
       )
-  else:
-    p = res['prune_gpt8']['summary']['loss_increase_at_30pct']
-    add(
-      '001',
-      'removing the last 2 of 8 blocks + 150-step fine-tune costs ≤ 1 %',
-      f'pruned vs unpruned: {100 * p["2"]:+.2f}%',
-      (-math.inf, 0.01),
-      1,
     )
+  return out
+
+
+def _claims_pgpt(d: dict) -> list[dict]:
+  out = []
   pg = d['pgpt_vs_gpt_pct']
-  for label, claim in (
+  for label, what in (
     ('p-gpt (published)', 'p-gpt as published (scalar mix, no final norm)'),
     ('p-gpt', "p-gpt, today's default (softmax mix, final norm)"),
     ('lc-gpt', 'lc-gpt'),
@@ -455,17 +472,19 @@ def claims(res: dict, d: dict) -> list[dict]:
       continue
     x = pg[label]
     half = None if x['two_se'] is None else x['two_se'] / 100
-    add(
-      '002/003',
-      f'{claim} loss comparable to gpt (≤ +5 %)',
-      f'{label} vs gpt, paired per seed: {x["mean"]:+.2f}%' + (f' ± {x["two_se"]:.2f}%' if half is not None else ''),
-      (-math.inf, 0.05),
-      x['n'],
-      half,
-      x['mean'] / 100,
+    out.append(
+      claim(
+        '002/003',
+        f'{what} loss comparable to gpt (≤ +5 %)',
+        f'{label} vs gpt, paired per seed: {x["mean"]:+.2f}%' + (f' ± {x["two_se"]:.2f}%' if half is not None else ''),
+        (-math.inf, 0.05),
+        x['n'],
+        half,
+        x['mean'] / 100,
+      )
     )
   # which p-gpt is the default: today's variant against the published architecture, both arms on the same seeds
-  for key, claim in (
+  for key, what in (
     (PGPT_VARIANTS[0][0], "today's p-gpt default (softmax mix, final norm) no worse than as published (Δ ≤ 0)"),
     (
       PGPT_VARIANTS[1][0],
@@ -475,44 +494,56 @@ def claims(res: dict, d: dict) -> list[dict]:
     x = d['pgpt_variants_pct'].get(key)
     if x is None:
       continue
-    add(
-      '002/003',
-      claim,
-      f'paired per seed: {x["mean"]:+.2f}%' + (f' ± {x["two_se"]:.2f}%' if x['two_se'] is not None else ''),
-      (-math.inf, 0.0),
-      x['n'],
-      None if x['two_se'] is None else x['two_se'] / 100,
-      x['mean'] / 100,
+    out.append(
+      claim(
+        '002/003',
+        what,
+        f'paired per seed: {x["mean"]:+.2f}%' + (f' ± {x["two_se"]:.2f}%' if x['two_se'] is not None else ''),
+        (-math.inf, 0.0),
+        x['n'],
+        None if x['two_se'] is None else x['two_se'] / 100,
+        x['mean'] / 100,
+      )
     )
+  return out
+
+
+def _claims_lighton(res: dict, d: dict) -> list[dict]:
   dp = d['doped_vs_same_trainable_pct']
-  add(
-    '004',
-    'frozen (doped) weights do not help (within ±2 % of the baseline with the same trainable blocks)',
-    f'doped vs baseline: {dp["doped-2x96"]:+.2f}% (2×96), {dp["doped-3x128"]:+.2f}% (3×128)',
-    (-0.02, 0.02),
-    1,
-  )
   dev = {x['name']: x for x in res['scaling_cpu']['deviations']}
   st = [100 * dev[n]['vs_L(N)_trainable'] for n in dev if dev[n]['family'] in ('fastfood', 'blockdiag')]
-  add(
-    '004',
-    'structured MLPs count by their trainable parameters (within ±2 % of the baseline L(N) fit)',
-    f'vs L(N) at trainable N: {min(st):+.1f}% … {max(st):+.1f}%',
-    (-0.02, 0.02),
-    2,
-    note='FastFood-3×128 and baseline-3×128 have 2 seeds, the other runs 1',
-  )
   b = d['bootstrap']['L(C)']
-  add(
-    '004',
-    'L(C) exponent −0.041',
-    f'fitted {res["scaling_cpu"]["fits"]["L(C) compute"]["exponent"]:.3f}, '
-    f'95% bootstrap over runs [{b["lo"]:.3f}, {b["hi"]:.3f}]',
-    (-0.041, -0.041),
-    1,
-    note=f'one seed per size ({b["sizes"]} sizes, {b["runs"]} runs)',
-  )
-  return out
+  return [
+    claim(
+      '004',
+      'frozen (doped) weights do not help (within ±2 % of the baseline with the same trainable blocks)',
+      f'doped vs baseline: {dp["doped-2x96"]:+.2f}% (2×96), {dp["doped-3x128"]:+.2f}% (3×128)',
+      (-0.02, 0.02),
+      1,
+    ),
+    claim(
+      '004',
+      'structured MLPs count by their trainable parameters (within ±2 % of the baseline L(N) fit)',
+      f'vs L(N) at trainable N: {min(st):+.1f}% … {max(st):+.1f}%',
+      (-0.02, 0.02),
+      2,
+      note='FastFood-3×128 and baseline-3×128 have 2 seeds, the other runs 1',
+    ),
+    claim(
+      '004',
+      'L(C) exponent −0.041',
+      f'fitted {res["scaling_cpu"]["fits"]["L(C) compute"]["exponent"]:.3f}, '
+      f'95% bootstrap over runs [{b["lo"]:.3f}, {b["hi"]:.3f}]',
+      (-0.041, -0.041),
+      1,
+      note=f'one seed per size ({b["sizes"]} sizes, {b["runs"]} runs)',
+    ),
+  ]
+
+
+def claims(res: dict, d: dict) -> list[dict]:
+  """One row per claim, in the order of the verdicts table: paper counts, Efficio, pruning, p-gpt, LightOn."""
+  return _claims_counts(res) + _claims_efficio(d) + _claims_prune(res) + _claims_pgpt(d) + _claims_lighton(res, d)
 
 
 # ------------------------------------------------------------------------------------------------ blocks
