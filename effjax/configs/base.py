@@ -70,11 +70,9 @@ def section(**defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(defaults)
 
 
-def get_base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  m = c.model = ml_collections.ConfigDict()
+def model_section() -> ml_collections.ConfigDict:
+  """config.model: the stack every family shares, then one section per family or dense kind."""
+  m = ml_collections.ConfigDict()
   m.family = 'gpt'
   m.num_layers = 4
   m.d_model = 128
@@ -127,8 +125,12 @@ def get_base() -> ml_collections.ConfigDict:
     compress_factor=2,  # ... divides the width by f
     conv_kernel=1,  # cc-gpt's causal Conv1d kernel
   )
+  return m
 
-  d = c.data = ml_collections.ConfigDict()
+
+def data_section() -> ml_collections.ConfigDict:
+  """config.data: where the tokens come from."""
+  d = ml_collections.ConfigDict()
   d.dataset = ''  # a prepared dataset dir (python -m effjax.data.prepare), local or gs://; it wins over
   # the keys below, which otherwise make the workdir's own dataset (prepared implicitly)
   d.corpus = 'embedded'
@@ -138,8 +140,12 @@ def get_base() -> ml_collections.ConfigDict:
   d.max_bytes = 4_000_000
   d.val_fraction = 0.05
   d.text_field = 'text'
+  return d
 
-  t = c.train = ml_collections.ConfigDict()
+
+def train_section() -> ml_collections.ConfigDict:
+  """config.train: the optimizer, schedule, logging and run-time switches."""
+  t = ml_collections.ConfigDict()
   t.steps = 1000
   t.stop_at = 0  # end this run early at this step (checkpointed); the schedule still spans `steps`
   t.batch_size = 16
@@ -161,17 +167,37 @@ def get_base() -> ml_collections.ConfigDict:
   t.require_backend = ''  # 'gpu' / 'tpu': stop in one line if jax's backend is another (effjax/accelerator.py)
   t.compile_cache_dir = 'auto'  # persistent compilation cache: 'auto' = DIR/compile_cache on GPU/TPU; '' = off
   t.profile_steps = (0, 0)  # (first, last): a jax.profiler trace of these steps in DIR/profile
+  return t
 
-  k = c.checkpoint = ml_collections.ConfigDict()
+
+def checkpoint_section() -> ml_collections.ConfigDict:
+  """config.checkpoint: how often and how many, and what a resume may differ in."""
+  k = ml_collections.ConfigDict()
   k.every = 250
   k.keep = 3
   k.allow_other_data = False  # resume on data (fingerprint, tokenizer) other than the checkpoint's, on purpose
+  return k
 
-  mesh = c.mesh = ml_collections.ConfigDict()
+
+def mesh_section() -> ml_collections.ConfigDict:
+  """config.mesh: the device mesh axes and the logical-to-mesh sharding rules."""
+  mesh = ml_collections.ConfigDict()
   mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
   mesh.rules = DEFAULT_RULES
+  return mesh
+
+
+def get_base() -> ml_collections.ConfigDict:
+  """Every key a run has, at its default; a variant's get_config changes some of them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_section()
+  c.data = data_section()
+  c.train = train_section()
+  c.checkpoint = checkpoint_section()
+  c.mesh = mesh_section()
   return c
 
 
