@@ -298,7 +298,6 @@ def derive_efficio_grid(grid: dict) -> dict:
     v: {r['seed']: r['final_val_loss'] for r in rows if r['label'] == v and f'{r["lr"]:g}' == best[v]} for v in variants
   }
   out = dict(best_lr=best, seeds={}, vs_baseline_pct={}, interaction={})
-  r4 = lambda x: None if x is None else round(x, 4)
   # how fast each run leaves the early plateau: the first logged step whose interval-mean train loss is below
   # PLATEAU_EXIT nats (None: never within the run)
   exit_step = lambda r: next((s for s, loss in r['train_curve'] if loss < PLATEAU_EXIT), None)
@@ -318,8 +317,8 @@ def derive_efficio_grid(grid: dict) -> dict:
       lr=lr,
       seeds=[r['seed'] for r in runs],
       values=vals,
-      mean=r4(m),
-      two_se=r4(h),
+      mean=_r4(m),
+      two_se=_r4(h),
       val_curve_mean={str(s): round(float(x), 4) for (s, _), x in zip(runs[0]['val_curve'], curves.mean(0))},
       plateau_exit_step=[exit_step(r) for r in runs],
     )
@@ -341,7 +340,13 @@ def derive_efficio_grid(grid: dict) -> dict:
   out['plateau_exit_step_seed0'] = {
     v: {f'{r["lr"]:g}': exit_step(r) for r in rows if r['label'] == v and r['seed'] == 0} for v in variants
   }
-  # sharing's cost without factorization (L_s - L_0), with it (L_sf - L_f), and their difference: the interaction
+  out['interaction'] = _efficio_interaction(sweep, at_best)
+  return out
+
+
+def _efficio_interaction(sweep: dict, at_best: dict) -> dict:
+  """Sharing's cost without factorization (L_s − L_0), with it (L_sf − L_f), and their difference (the
+  interaction): per learning rate at seed 0 (`sweep`), and per seed with each variant at its best rate (`at_best`)."""
   parts = lambda sf, s, f, b: dict(without=s - b, with_=sf - f, interaction=(sf - f) - (s - b))
   four = (EFF_SF, EFF_S, EFF_F, EFF_BASE)
   by_lr = {}
@@ -354,9 +359,12 @@ def derive_efficio_grid(grid: dict) -> dict:
   for k in ('without', 'with_', 'interaction'):
     vals = [x[k] for x in per_seed]
     m, h = paired(vals) if vals else (float('nan'), None)
-    best_parts[k] = dict(values=[round(v, 4) for v in vals], mean=r4(m), two_se=r4(h))
-  out['interaction'] = dict(by_lr_seed0=by_lr, best_lr=dict(seeds=common, **best_parts))
-  return out
+    best_parts[k] = dict(values=[round(v, 4) for v in vals], mean=_r4(m), two_se=_r4(h))
+  return dict(by_lr_seed0=by_lr, best_lr=dict(seeds=common, **best_parts))
+
+
+def _r4(x):
+  return None if x is None else round(x, 4)
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
