@@ -254,8 +254,8 @@ def mean_2se(values) -> str:
   return f'{v.mean():.4f} ± {2 * v.std(ddof=1) / np.sqrt(len(v)):.4f}'
 
 
-def write_outputs(rows, bench, meta) -> str:
-  groups = by_label(rows)
+def _model_lines(groups: dict) -> list[str]:
+  """The main table: each model beside the paper's row, and p-gpt's one-branch rows under their model."""
   lines = [
     '| model | paper: params | paper: MB | paper: val loss | ours, paper preset: params | ours: MB | '
     'ours, CPU scale: params | fwd MFLOP/token | ours: val loss, mean ± 2 SE | per seed |',
@@ -285,9 +285,8 @@ def write_outputs(rows, bench, meta) -> str:
       [x['final_val_loss'] for x in rs],
     )
     if r['family'] == 'pgpt':
-      one = f'{label}-1' if label == 'p-gpt' else f"{label}-1, authors' rule"
       line(
-        one.replace('p-gpt-1', 'p-gpt-1') if label == 'p-gpt' else one,
+        f'{label}-1' if label == 'p-gpt' else f"{label}-1, authors' rule",
         PAPER['p-gpt-1'] if label == 'p-gpt' else None,
         (pp.get('single_branch_params'), pp.get('single_branch_param_mb')),
         r['single_branch_params'],
@@ -303,6 +302,12 @@ def write_outputs(rows, bench, meta) -> str:
           r['single_branch_flops_per_token'],
           [x['val_loss_p_gpt_1_unscaled'] for x in rs],
         )
+  return lines
+
+
+def _branch_lines(groups: dict) -> list[str]:
+  """Each p-gpt run's branches evaluated one at a time, with their trained mixing weights."""
+  lines = []
   for label, rs in groups.items():
     if rs[0]['family'] != 'pgpt':
       continue
@@ -312,6 +317,38 @@ def write_outputs(rows, bench, meta) -> str:
         f'branch {i}: {r[f"val_loss_branch_{i}"]:.4f} (weight {w:.3f})' for i, w in enumerate(r['branch_weights'])
       )
       lines.append(f'- seed {r.get("seed", 0)}: {branch}')
+  return lines
+
+
+def _bench_lines(bench: list) -> list[str]:
+  """The vmap-vs-loop timing table (empty without a timing run)."""
+  if not bench:
+    return []
+  lines = [
+    '',
+    '### p-gpt branches: vectorised (nn.vmap) vs Python loop',
+    '',
+    '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
+    'vmap compile (s) | loop compile (s) |',
+    '|---:|---|---|---:|---:|---:|---:|---:|',
+  ]
+  for b in bench:
+    lines.append(
+      f'| {b["num_branches"]} | {b["batch"]} × {b["seq"]} | {b["width"]} × {b["layers"]} | '
+      f'{b["vmap_step_ms"]:.1f} | {b["loop_step_ms"]:.1f} | {b["loop_step_ms"] / b["vmap_step_ms"]:.2f} | '
+      f'{b["vmap_compile_s"]:.1f} | {b["loop_compile_s"]:.1f} |'
+    )
+  lines.append(
+    f'\nJitted AdamW train steps (forward + backward + update), median of {bench[0]["repeats"]} '
+    'interleaved steps after a warm-up; same machine and load caveat.'
+  )
+  return lines
+
+
+def write_outputs(rows, bench, meta) -> str:
+  """results/pgpt_table.{md,json} and the loss-curve figure from the per-seed rows; returns the markdown."""
+  groups = by_label(rows)
+  lines = _model_lines(groups) + _branch_lines(groups)
   lines += [
     '',
     f'`{meta.get("command", "")}`. CPU scale: {meta["scale"]}; {meta["steps"]} steps × '
@@ -321,25 +358,7 @@ def write_outputs(rows, bench, meta) -> str:
     'The machine was shared with other jobs: the JSON keeps wall times and tokens/s per run, but they are not '
     'comparable figures.',
   ]
-  if bench:
-    lines += [
-      '',
-      '### p-gpt branches: vectorised (nn.vmap) vs Python loop',
-      '',
-      '| branches | batch × ctx | width × blocks | vmap step (ms) | loop step (ms) | loop / vmap | '
-      'vmap compile (s) | loop compile (s) |',
-      '|---:|---|---|---:|---:|---:|---:|---:|',
-    ]
-    for b in bench:
-      lines.append(
-        f'| {b["num_branches"]} | {b["batch"]} × {b["seq"]} | {b["width"]} × {b["layers"]} | '
-        f'{b["vmap_step_ms"]:.1f} | {b["loop_step_ms"]:.1f} | {b["loop_step_ms"] / b["vmap_step_ms"]:.2f} | '
-        f'{b["vmap_compile_s"]:.1f} | {b["loop_compile_s"]:.1f} |'
-      )
-    lines.append(
-      f'\nJitted AdamW train steps (forward + backward + update), median of {bench[0]["repeats"]} '
-      'interleaved steps after a warm-up; same machine and load caveat.'
-    )
+  lines += _bench_lines(bench)
   md = '\n'.join(lines)
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / 'pgpt_table.md').write_text(md + '\n')
