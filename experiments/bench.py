@@ -397,6 +397,31 @@ def machine() -> dict:
   )
 
 
+def _torch_rows(times, firsts, faults, peaks, workers, rss, flops_per_step: float, tokens: int) -> list[dict]:
+  """One row per implementation from its interleaved rounds: median and best step, MFU against the same rounds'
+  matmul peak, and its step time over effjax's paired within each round."""
+  rows = []
+  for name, ts in times.items():
+    rows.append(
+      dict(
+        impl=name,
+        step_ms=_med(ts) * 1e3,
+        step_ms_best=min(ts) * 1e3,
+        tokens_per_sec=tokens / _med(ts),
+        mfu=flops_per_step / _med(ts) / _med(peaks),
+        mfu_best=flops_per_step / min(ts) / max(peaks),
+        compile_s=workers[name].info['compile_s'],
+        # per-round paired ratio: contention that varies over time cancels within a round
+        speedup_of_effjax=_med([a / e for a, e in zip(ts, times['effjax'])]),
+        speedup_of_effjax_best=min(ts) / min(times['effjax']),
+        first_step_after_idle_ms=_med(firsts[name]) * 1e3,
+        page_faults_per_step=_med(faults[name]),
+        peak_rss_mb=rss[name],
+      )
+    )
+  return rows
+
+
 def run_torch(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -437,26 +462,7 @@ def run_torch(args) -> dict:
         if getattr(w, 'proc', None) is not None and w.proc.poll() is None:  # (a _CliWorker has no process left)
           w.proc.kill()
     fwd = workers['effjax'].info['fwd']
-    flops_per_step = 3 * fwd * b * t
-    rows = []
-    for name, ts in times.items():
-      rows.append(
-        dict(
-          impl=name,
-          step_ms=_med(ts) * 1e3,
-          step_ms_best=min(ts) * 1e3,
-          tokens_per_sec=b * t / _med(ts),
-          mfu=flops_per_step / _med(ts) / _med(peaks),
-          mfu_best=flops_per_step / min(ts) / max(peaks),
-          compile_s=workers[name].info['compile_s'],
-          # per-round paired ratio: contention that varies over time cancels within a round
-          speedup_of_effjax=_med([a / e for a, e in zip(ts, times['effjax'])]),
-          speedup_of_effjax_best=min(ts) / min(times['effjax']),
-          first_step_after_idle_ms=_med(firsts[name]) * 1e3,
-          page_faults_per_step=_med(faults[name]),
-          peak_rss_mb=rss[name],
-        )
-      )
+    rows = _torch_rows(times, firsts, faults, peaks, workers, rss, flops_per_step=3 * fwd * b * t, tokens=b * t)
     results.append(
       dict(
         size=size_name,
