@@ -25,14 +25,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from effjax.configs import gpt as gpt_config
 from effjax import accounting, memory
-from experiments.bench_train import time_train_step
+from experiments.bench_train import peak_matmul_flops, time_train_step
 
 # Published dense (non-sparse) bf16 tensor-core peaks, FLOP/s, by a substring of jax's device_kind.
 PUBLISHED_BF16_PEAK = [
@@ -59,20 +58,6 @@ def published_peak(device_kind: str) -> float | None:
     if name.lower() in device_kind.lower():
       return peak
   return None
-
-
-def peak_matmul_flops(n: int, dtype, repeats: int = 10) -> float:
-  """Best FLOP/s of a jitted n x n x n matmul in `dtype` (f32 accumulation on tensor cores)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
 
 
 def bench_config(args):
@@ -162,8 +147,8 @@ def main(argv=None) -> dict:
   )
 
   n = 1024 if args.smoke else 8192
-  peak_bf16 = peak_matmul_flops(n, jnp.bfloat16)
-  peak_f32 = peak_matmul_flops(n, jnp.float32)
+  peak_bf16 = peak_matmul_flops(n, dtype=jnp.bfloat16)
+  peak_f32 = peak_matmul_flops(n, dtype=jnp.float32)
   published = published_peak(kind) if backend == 'gpu' else None
 
   result = time_train_step(config, steps=args.steps or (3 if args.smoke else 20), warmup=1 if args.smoke else 3)
