@@ -61,7 +61,9 @@ def test_causal(name, extra):
   assert_causal(model, variables, jnp.arange(12, dtype=jnp.int32) + 3)
 
 
-@pytest.mark.parametrize('name,extra', CASES, ids=IDS)
+@pytest.mark.parametrize(
+  'name,extra', tiered(CASES, IDS, {'gpt', 'gpt-pos_emb=rotary', 'pgpt', 'lcgpt', 'doped', 'efficio', 'lowrank'})
+)
 def test_kv_cache_equals_full_recompute(name, extra):
   """Token-by-token decoding through the cache gives the full forward pass's logits at every position."""
   model, variables = _init(_model_config(name, extra))
