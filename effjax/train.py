@@ -94,9 +94,10 @@ def make_eval_step(setup: state_lib.Setup):
   return jax.jit(step, in_shardings=(setup.state_shardings.params, setup.state_shardings.extra, setup.batch_sharding))
 
 
-def evaluate_loss(setup, state, batches) -> float:
-  """Token-weighted mean validation loss over a fixed list of batches."""
-  eval_step = make_eval_step(setup)
+def evaluate_loss(setup, state, batches, eval_step=None) -> float:
+  """Token-weighted mean validation loss over a fixed list of batches. A loop that evaluates repeatedly passes the
+  `eval_step` it built once: a fresh one is a new function to jax, traced and compiled again on every call."""
+  eval_step = eval_step or make_eval_step(setup)
   total, count = 0.0, 0
   for batch in batches:
     n = batch['targets'].size
@@ -658,6 +659,7 @@ class _Loop:
     self.tokens_at_start = saved_meta.get('tokens_seen', start * self.tokens_per_step) if saved_meta else 0
     self.step_compute = accounting.step_compute(config)
     self.train_step = make_train_step(setup, config)
+    self.eval_step = make_eval_step(setup)
     self.schedule = optim.learning_rate_schedule(t)
     self.clock = metrics_lib.StepClock(
       self.tokens_per_step,
@@ -688,10 +690,11 @@ class _Loop:
       stopping = _stop_agreed(stop)  # every process sees the same decision at the same step
       every = (t.log_every, self.config.checkpoint.every, t.eval_every)
       if any(step % n == 0 for n in every) or step in (t.steps, last) or stopping:
-        self.clock.pause()  # synced: logging, eval and checkpointing below are not step time
+        jax.block_until_ready(step_metrics['loss'])  # steps are dispatched ahead: wait until they ran
+        self.clock.pause()  # logging, eval and checkpointing below are not step time
         self._log(step, step_metrics)
       if step % t.eval_every == 0 or step == t.steps:
-        self.last_eval = eval_metrics(evaluate_loss(self.setup, state, val_batches), self.bundle.val_bytes_per_token)
+        self.last_eval = eval_metrics(evaluate_loss(self.setup, state, val_batches, self.eval_step), self.bundle.val_bytes_per_token)
         self.writer.write(step, 'eval', self.last_eval)
       if step % self.config.checkpoint.every == 0 or step == last or stopping:
         self._save(step, state, train_iter)

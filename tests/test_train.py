@@ -51,6 +51,37 @@ def test_run_writes_documented_files(tmp_path, corpus_dir):
   assert json.loads((workdir / 'config.json').read_text())['model']['vocab_size'] > 0
 
 
+def test_step_clock_waits_for_the_steps_and_evaluation_compiles_once(tmp_path, corpus_dir, monkeypatch):
+  """Steps are dispatched ahead of the host. The clock that times them (tokens/s, MFU) must stop only after the
+  dispatched steps have run; before this was checked it stopped at dispatch and logged MFU of 150-1000 %. And the
+  loop's evaluation step is built once: a new jitted function per evaluation recompiled it every time."""
+  outputs, built = [], []
+  make_train_step, make_eval_step, pause = train.make_train_step, train.make_eval_step, metrics.StepClock.pause
+
+  def recording_train_step(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def run(state, batch):
+      new_state, step_metrics = step(state, batch)
+      outputs.append(step_metrics['loss'])
+      return new_state, step_metrics
+
+    return run
+
+  def checked_pause(clock):
+    assert all(loss.is_ready() for loss in outputs), 'the clock stopped before the dispatched steps ran'
+    pause(clock)
+
+  monkeypatch.setattr(train, 'make_train_step', recording_train_step)
+  monkeypatch.setattr(train, 'make_eval_step', lambda setup: built.append(setup) or make_eval_step(setup))
+  monkeypatch.setattr(metrics.StepClock, 'pause', checked_pause)
+  overrides = {'train.steps': 12, 'train.eval_every': 3, 'train.log_every': 3}
+  train.train_and_evaluate(tiny_config(corpus_dir, **overrides), str(tmp_path / 'run'), progress=False)
+  assert len(outputs) == 12 and len(built) == 1
+  evals = [m for m in metrics.read_metrics(tmp_path / 'run') if m['split'] == 'eval']
+  assert [m['step'] for m in evals] == [3, 6, 9, 12]
+
+
 def test_loss_decreases_on_corpus(tmp_path, corpus_dir):
   train.train_and_evaluate(tiny_config(corpus_dir, **{'train.steps': 40, 'train.log_every': 10}), str(tmp_path / 'run'))
   losses = train_losses(tmp_path / 'run')
