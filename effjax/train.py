@@ -694,7 +694,9 @@ class _Loop:
         self.clock.pause()  # logging, eval and checkpointing below are not step time
         self._log(step, step_metrics)
       if step % t.eval_every == 0 or step == t.steps:
-        self.last_eval = eval_metrics(evaluate_loss(self.setup, state, val_batches, self.eval_step), self.bundle.val_bytes_per_token)
+        self.last_eval = eval_metrics(
+          evaluate_loss(self.setup, state, val_batches, self.eval_step), self.bundle.val_bytes_per_token
+        )
         self.writer.write(step, 'eval', self.last_eval)
       if step % self.config.checkpoint.every == 0 or step == last or stopping:
         self._save(step, state, train_iter)

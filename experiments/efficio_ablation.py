@@ -31,13 +31,13 @@ import shutil
 import tempfile
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
 from effjax.configs import efficio
 from effjax import accounting, metrics, train
 from effjax.data import pipeline
+from experiments import provenance
 
 OUT = pathlib.Path(__file__).parent / 'results'
 SCALE = {
@@ -307,21 +307,15 @@ def main():
         rows = {key(r): r for r in disk['rows']}
         rows[key(row)] = row
         previous = disk['meta'].get('commands', [disk['meta'].get('command')])
-        meta = dict(
-          command=command,
+        meta = provenance.run_meta(
+          command,
+          args.steps,
+          SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+          '8 layer applications, d_model 96 (the equal-FLOPs run: 100), 4 heads, ctx 64, BPE vocab 2048 on the '
+          'embedded corpus (2 MB), batch 16, AdamW cosine, 30 warm-up steps',
+          load_before,
+          t0,
           commands=[c for c in dict.fromkeys([*previous, command]) if c],
-          steps=args.steps,
-          tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
-          scale=(
-            '8 layer applications, d_model 96 (the equal-FLOPs run: 100), 4 heads, ctx 64, BPE vocab 2048 on the '
-            'embedded corpus (2 MB), batch 16, AdamW cosine, 30 warm-up steps'
-          ),
-          jax=jax.__version__,
-          device=str(jax.devices()[0]),
-          cpus=os.cpu_count(),
-          loadavg_before=load_before,
-          loadavg_after=os.getloadavg(),
-          total_wall_s=time.time() - t0,
         )
         order = [*RUNS, *EQUAL_FLOPS, *SWEEP_E]
         ordered = sorted(rows.values(), key=lambda r: (order.index(r['label']), *key(r)[1:]))

@@ -38,6 +38,7 @@ from effjax.configs import ccgpt, gpt as gpt_config, lcgpt, pgpt
 from effjax import accounting, metrics, modes, train
 from effjax.data import pipeline
 from effjax.models import build_model, parallel
+from experiments import provenance
 
 OUT = pathlib.Path(__file__).parent / 'results'
 # One CPU scale for every model: widths 128 (lc/cc: 128 → 64 → 32), 4 heads, 4 blocks, ctx 64, batch 16.
@@ -417,21 +418,15 @@ def main():
   rows, bench = [], []
 
   def meta():
-    return dict(
-      command=shlex.join(['python', '-m', 'experiments.pgpt_table', *sys.argv[1:]]),
-      steps=args.steps,
+    return provenance.run_meta(
+      shlex.join(['python', '-m', 'experiments.pgpt_table', *sys.argv[1:]]),
+      args.steps,
+      SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
+      '4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
+      'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout',
+      load_before,
+      t0,
       seeds=seeds,
-      tokens_per_step=SCALE['train']['batch_size'] * SCALE['data']['seq_len'],
-      scale=(
-        '4 blocks (p-gpt: 2 branches × 2), d_model 128 (lc/cc: 128 → 64 → 32), 4 heads, ctx 64, '
-        'char vocabulary of the embedded corpus (2 MB), batch 16, AdamW lr 2e-3 cosine, no dropout'
-      ),
-      jax=jax.__version__,
-      device=str(jax.devices()[0]),
-      cpus=os.cpu_count(),
-      loadavg_before=load_before,
-      loadavg_after=os.getloadavg(),
-      total_wall_s=time.time() - t0,
       complete=False,
     )
 
