@@ -57,41 +57,36 @@ FAMILY_MODEL = {
   'baseline': {},
   'doped': {'doping': {'pattern': 'interleave', 'frozen_mlp_ratio': 6}},
   'fastfood': {'mlp_kind': 'fastfood'},
-  'blockdiag': {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 4}},
+  # the seed's Figure 5: two block-diagonal matrices, ONE block-Hadamard transform per MLP
+  'blockdiag': {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 4, 'blockdiag_mix': 'expanding'}},
 }
+STEPS = 300  # the most that fits, with 66 runs on 3 seeds, in one hour on 2 cores (two shards)
+
+
+SIZES = ((2, 48), (2, 64), (2, 96), (3, 128), (4, 160))  # (trainable blocks, d_model) of every kind
+SMALL_BASELINES = ((2, 24), (2, 32))  # below every structured model's trainable N: the L(N) fit interpolates
+SEEDS = (0, 1, 2)
 
 
 def sweep_runs(sweep: str, steps: int | None = None) -> list[Run]:
-  """The sweep definitions. 'cpu': the shape of the seed's comparison at CPU scale (~15-20 min on 2 cores);
+  """The sweep definitions. 'cpu': the seed's comparison at CPU scale, sized to one hour on 2 cores: the four
+  kinds (baseline, doped, FastFood, seed-faithful block-diagonal) at the same five shapes, plus two smaller
+  baselines so that every structured model's trainable N lies inside the baselines' range, each on 3 seeds
+  (the doped model's trainable blocks ARE the baseline of its shape: the width-matched pair at equal trainable N).
   'quick': two tiny runs (tests)."""
   if sweep == 'quick':
     s = steps or 12
     return [Run('baseline-1x32', 'baseline', 1, 32, s), Run('baseline-2x32', 'baseline', 2, 32, s)]
   if sweep != 'cpu':
     raise SystemExit(f'unknown sweep {sweep!r}; valid: cpu, quick')
-  s = steps or 400
-  grid = [
-    ('baseline', 2, 48),
-    ('baseline', 2, 64),
-    ('baseline', 2, 96),
-    ('baseline', 3, 128),
-    ('baseline', 4, 160),
-    # doped: the trainable blocks of a baseline (same trainable params) + frozen 6d MLPs between them
-    ('doped', 2, 96),
-    ('doped', 3, 128),
-    # structured MLPs: dense-equivalent ("emulated") size of a wider model, far fewer trainable params
-    ('fastfood', 3, 128),
-    ('fastfood', 2, 256),
-    ('blockdiag', 3, 128),
-    ('blockdiag', 2, 256),
+  s = steps or STEPS
+  grid = [('baseline', layers, d) for layers, d in SMALL_BASELINES]
+  grid += [(fam, layers, d) for layers, d in SIZES for fam in FAMILY_MODEL]
+  return [
+    Run(f'{fam}-{layers}x{d}' + (f'-seed{seed}' if seed else ''), fam, layers, d, s, seed=seed)
+    for seed in SEEDS
+    for fam, layers, d in grid
   ]
-  runs = [Run(f'{fam}-{layers}x{d}', fam, layers, d, s) for fam, layers, d in grid]
-  # seed repeats: the run-to-run noise the differences above have to beat
-  runs += [
-    Run(f'{fam}-{layers}x{d}-seed1', fam, layers, d, s, seed=1)
-    for fam, layers, d in (('baseline', 3, 128), ('fastfood', 3, 128))
-  ]
-  return runs
 
 
 def base_config(sweep: str):
@@ -177,6 +172,7 @@ def finish_run(run: Run, config, workdir: str) -> dict | None:
   result = dict(
     name=run.name,
     family=run.family,
+    seed=run.seed,
     layers=run.layers,
     d_model=run.d_model,
     steps=run.steps,
@@ -217,7 +213,10 @@ def _publish_data_cache(root: str, workdir: str) -> None:
   if not os.path.exists(os.path.join(shared, 'manifest.json')) and os.path.exists(os.path.join(mine, 'manifest.json')):
     tmp = f'{shared}.tmp{os.getpid()}'
     shutil.copytree(mine, tmp)
-    os.replace(tmp, shared)
+    try:
+      os.replace(tmp, shared)
+    except OSError:  # another shard published the same cache first
+      shutil.rmtree(tmp)
 
 
 def run_sweep(
@@ -266,6 +265,23 @@ def run_sweep(
     spent += weight
     print(f'  {run.name}: loss {result["final_loss"]:.4f} in {time.time() - t0:.0f}s', flush=True)
   return [results[r.name] for r in runs], True
+
+
+def shard(runs: list[Run], sweep: str, spec: str) -> list[Run]:
+  """Part i of n ('i/n') of the runs, balanced by estimated cost (largest first, each to the lightest part), so
+  that n processes can share the machine; each trains its part, then `--analyse_only` fits them all."""
+  try:
+    i, n = (int(x) for x in spec.split('/'))
+    assert 0 <= i < n
+  except (ValueError, AssertionError):
+    raise SystemExit(f'--shard={spec!r} is invalid; expected i/n with 0 <= i < n, e.g. 0/2') from None
+  cost = {r.name: r.steps * (_step_cost(run_config(r, sweep)) + 2e8) for r in runs}
+  parts, loads = [[] for _ in range(n)], [0.0] * n
+  for r in sorted(runs, key=lambda r: -cost[r.name]):
+    j = loads.index(min(loads))
+    parts[j].append(r)
+    loads[j] += cost[r.name]
+  return [r for r in runs if r in parts[i]]
 
 
 def _step_cost(config) -> float:
@@ -352,7 +368,16 @@ def pareto_frontier(points) -> list[tuple[float, float]]:
   return out
 
 
-def analyse(results: list[dict], warmup_steps: int = 40) -> dict:
+def analyse(results: list[dict], warmup_steps: int = 40, reps: int = 1000) -> dict:
+  """The pooled fits and every run against them, each seed on its own (`per_seed`) and bootstrap intervals of
+  the baselines' exponents over runs (`bootstrap`)."""
+  out = fit_and_compare(results, warmup_steps)
+  out['per_seed'] = per_seed(results, warmup_steps)
+  out['bootstrap'] = bootstrap_exponents(results, warmup_steps, reps)
+  return out
+
+
+def fit_and_compare(results: list[dict], warmup_steps: int = 40) -> dict:
   base = [r for r in results if r['family'] == 'baseline']
   n = [r['non_embedding_trainable_params'] for r in base]
   loss = [r['final_loss'] for r in base]
@@ -363,10 +388,12 @@ def analyse(results: list[dict], warmup_steps: int = 40) -> dict:
     fits[f'L(C) {key}'] = fit_power_law(*zip(*front)) if len(front) >= 3 else None
     fits[f'L(C)+c {key}'] = fit_power_law(*zip(*front), irreducible=True) if len(front) >= 4 else None
     fits[f'frontier {key}'] = front
-  # How far each run lies from the baseline L(N) fit, with N = trainable or all (emulated) params.
+  # How far each run lies from the baseline L(N) fit, with N = trainable or all (emulated) params; and, free of
+  # any functional form, from the baselines' losses interpolated in log-log space at its trainable N.
   deviations = []
   ln = fits['L(N)']
   lc = fits['L(C) compute']
+  interp = baseline_interpolation(base)
   for r in results:
     row = dict(
       name=r['name'],
@@ -379,12 +406,88 @@ def analyse(results: list[dict], warmup_steps: int = 40) -> dict:
     if ln:
       row['vs_L(N)_trainable'] = r['final_loss'] / float(predict(ln, row['trainable'])) - 1
       row['vs_L(N)_all'] = r['final_loss'] / float(predict(ln, max(row['emulated'], row['total']))) - 1
+    if interp and interp[0][0] <= row['trainable'] <= interp[-1][0]:
+      log_n, log_loss = np.log(np.asarray(interp)).T
+      row['vs_baselines_interpolated'] = (
+        r['final_loss'] / float(np.exp(np.interp(np.log(row['trainable']), log_n, log_loss))) - 1
+      )
     if lc:
       final = r['curve'][-1]
       row['vs_L(C)_compute'] = r['final_loss'] / float(predict(lc, final['compute'])) - 1
       row['vs_L(C)_frozen_free'] = r['final_loss'] / float(predict(lc, final['compute_frozen_free'])) - 1
     deviations.append(row)
   return dict(fits=fits, deviations=deviations)
+
+
+def baseline_interpolation(base: list[dict]) -> list[tuple[float, float]]:
+  """(N, mean final loss) of the baselines at each trainable N, sorted by N: the points to interpolate between."""
+  by_n = {}
+  for r in base:
+    by_n.setdefault(r['non_embedding_trainable_params'], []).append(r['final_loss'])
+  return [(n, float(np.mean(v))) for n, v in sorted(by_n.items())]
+
+
+DEVIATIONS = (
+  'vs_L(N)_trainable',
+  'vs_baselines_interpolated',
+  'vs_L(N)_all',
+  'vs_L(C)_compute',
+  'vs_L(C)_frozen_free',
+)
+
+
+def per_seed(results: list[dict], warmup_steps: int = 40) -> dict:
+  """Each seed analysed alone: its baselines fitted, its other runs measured against those fits and averaged over
+  each kind's sizes, and each doped run against the baseline of its shape (the same trainable blocks). One number
+  per seed and kind, so differences get mean ± 2 SE over seeds (the report's rule); no run is used twice."""
+  out = {}
+  for seed in sorted({r.get('seed', 0) for r in results}):
+    rs = [r for r in results if r.get('seed', 0) == seed]
+    a = fit_and_compare(rs, warmup_steps)
+    base = {(r['layers'], r['d_model']): r['final_loss'] for r in rs if r['family'] == 'baseline'}
+    kinds = {}
+    for fam in sorted({r['family'] for r in rs} - {'baseline'}):
+      devs = [x for x in a['deviations'] if x['family'] == fam]
+      kinds[fam] = {k: float(np.mean([x[k] for x in devs])) for k in DEVIATIONS if all(k in x for x in devs)}
+    out[str(seed)] = dict(
+      exponents={k: (a['fits'][k] or {}).get('exponent') for k in ('L(N)', 'L(C) compute')},
+      kinds=kinds,
+      doped_vs_same_blocks={
+        f'{r["layers"]}x{r["d_model"]}': r['final_loss'] / base[(r['layers'], r['d_model'])] - 1
+        for r in rs
+        if r['family'] == 'doped' and (r['layers'], r['d_model']) in base
+      },
+    )
+  return out
+
+
+def bootstrap_exponents(results: list[dict], warmup_steps: int = 40, reps: int = 1000, seed: int = 0) -> dict:
+  """Pure power-law exponents of the baselines refitted on runs resampled with replacement within each size (over
+  runs, not over the eval points of one run; with one run per size there is nothing to resample); 95 % percentile
+  intervals. L(N): final losses; L(C): the Pareto frontier of the resampled runs' eval curves after warm-up."""
+  by_size = {}
+  for r in results:
+    if r['family'] == 'baseline':
+      by_size.setdefault(r['non_embedding_trainable_params'], []).append(r)
+  if len(by_size) < 3:
+    return {}
+  rng = np.random.default_rng(seed)
+  slope = lambda x, y: float(np.polyfit(np.log(x), np.log(y), 1)[0])
+  exps = {'L(N)': [], 'L(C)': []}
+  for _ in range(reps):
+    pick = [runs[i] for runs in by_size.values() for i in rng.integers(0, len(runs), len(runs))]
+    exps['L(N)'].append(slope([r['non_embedding_trainable_params'] for r in pick], [r['final_loss'] for r in pick]))
+    front = pareto_frontier({(p['compute'], p['loss']) for r in pick for p in r['curve'] if p['step'] > warmup_steps})
+    if len(front) >= 3:
+      exps['L(C)'].append(slope(*zip(*front)))
+  runs = sum(len(v) for v in by_size.values())
+  return {
+    k: dict(
+      lo=float(np.percentile(v, 2.5)), hi=float(np.percentile(v, 97.5)), reps=len(v), runs=runs, sizes=len(by_size)
+    )
+    for k, v in exps.items()
+    if v
+  }
 
 
 # ------------------------------------------------------------------------------------------------ plotting
@@ -404,6 +507,8 @@ def _plot_loss_vs_params(plt, results: list[dict], fits: dict, path: str) -> str
       ]
       ax.scatter(xs, [r['final_loss'] for r in rs], c=colour, marker=marker, label=fam, zorder=3)
       for x, r in zip(xs, rs):
+        if r.get('seed', 0):  # one label per shape
+          continue
         ax.annotate(
           r['name'].split('-', 1)[1], (x, r['final_loss']), fontsize=7, xytext=(3, 3), textcoords='offset points'
         )
@@ -447,6 +552,8 @@ def _plot_loss_vs_compute(plt, results: list[dict], fits: dict, path: str) -> st
         alpha=0.5 if r['family'] == 'baseline' else 0.9,
         ls='-' if r['family'] != 'baseline' else ':',
       )
+      if r.get('seed', 0):  # one label per shape
+        continue
       ax.annotate(
         r['name'].split('-', 1)[1],
         (xs[-1], ys[-1]),
@@ -528,6 +635,11 @@ def markdown(results: list[dict], analysis: dict, sweep: str, plots: list[str], 
     f'- L(N) with irreducible term: {_fmt_fit(fits.get("L(N)+c"))}',
     f'- L(C), compute frontier: {_fmt_fit(fits.get("L(C) compute"))}',
     f'- L(C) with irreducible term: {_fmt_fit(fits.get("L(C)+c compute"))}',
+    *(
+      f'- {k} exponent, 95 % bootstrap over runs (resampled within each size, {b["reps"]} resamples of {b["runs"]} '
+      f'runs at {b["sizes"]} sizes): [{b["lo"]:.4f}, {b["hi"]:.4f}]'
+      for k, b in (analysis.get('bootstrap') or {}).items()
+    ),
     '- seed 004 (LightOn, French CCNet, 32 G tokens): L(C) exponent −0.041; Henighan et al. 2020: −0.048.',
     '',
     '## Each run against the baseline fits',
@@ -543,8 +655,59 @@ def markdown(results: list[dict], analysis: dict, sweep: str, plots: list[str], 
       f'| {d["name"]} | {d["family"]} | {pct(d.get("vs_L(N)_trainable"))} | {pct(d.get("vs_L(N)_all"))} '
       f'| {pct(d.get("vs_L(C)_compute"))} | {pct(d.get("vs_L(C)_frozen_free"))} |'
     )
+  lines += _markdown_seeds(analysis)
   lines += [''] + [f'![{os.path.basename(p)}]({os.path.basename(p)})' for p in plots] + ['']
   return '\n'.join(lines)
+
+
+def _mean_2se(values) -> str:
+  v = np.asarray(values, np.float64)
+  if len(v) < 2:
+    return f'{100 * v.mean():+.2f}%'
+  return f'{100 * v.mean():+.2f}% ± {100 * 2 * v.std(ddof=1) / math.sqrt(len(v)):.2f}%'
+
+
+def _markdown_seeds(analysis: dict) -> list[str]:
+  """Per-seed numbers (each seed's runs against its own baselines) and their mean ± 2 SE over seeds."""
+  seeds = analysis.get('per_seed') or {}
+  if not seeds:
+    return []
+  names = list(seeds)
+  lines = [
+    '',
+    '## Seed by seed',
+    '',
+    "Each seed's runs against the fits of that seed's baselines, averaged over each kind's sizes; the doped runs "
+    'against the baseline with the same trainable blocks. Mean ± 2 standard errors over the seeds.',
+    '',
+    f'| kind | measure | {" | ".join("seed " + n for n in names)} | mean ± 2 SE |',
+    '|---|---|' + '---:|' * (len(names) + 1),
+  ]
+  kinds = sorted({k for v in seeds.values() for k in v['kinds']})
+  for fam in kinds:
+    for key in DEVIATIONS:
+      vals = [seeds[n]['kinds'].get(fam, {}).get(key) for n in names]
+      if None not in vals:
+        lines.append(f'| {fam} | {key} | ' + ' | '.join(f'{100 * v:+.2f}%' for v in vals) + f' | {_mean_2se(vals)} |')
+  for size in sorted(
+    {k for v in seeds.values() for k in v['doped_vs_same_blocks']}, key=lambda k: int(k.split('x')[1])
+  ):
+    vals = [seeds[n]['doped_vs_same_blocks'].get(size) for n in names]
+    if None not in vals:
+      lines.append(
+        f'| doped-{size} | vs baseline-{size} | '
+        + ' | '.join(f'{100 * v:+.2f}%' for v in vals)
+        + f' | {_mean_2se(vals)} |'
+      )
+  for key in ('L(N)', 'L(C) compute'):
+    vals = [seeds[n]['exponents'][key] for n in names]
+    if None not in vals:
+      v = np.asarray(vals)
+      se2 = 2 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float('nan')
+      lines.append(
+        f'| baseline | {key} exponent | ' + ' | '.join(f'{x:.4f}' for x in vals) + f' | {v.mean():.4f} ± {se2:.4f} |'
+      )
+  return lines
 
 
 def main(argv=None) -> dict:
@@ -556,10 +719,15 @@ def main(argv=None) -> dict:
   p.add_argument('--out', default=None, help='output prefix (default experiments/results/scaling_<sweep>)')
   p.add_argument('--only', default='', help='comma-separated run names (default: all)')
   p.add_argument('--analyse_only', action='store_true', help='no training: fit and plot the finished runs')
+  p.add_argument('--shard', default='', help='i/n: train only part i of n (parallel processes), no analysis')
   args = p.parse_args(argv)
   runs = sweep_runs(args.sweep, args.steps)
   if args.only:
     runs = [r for r in runs if r.name in args.only.split(',')]
+  if args.shard:
+    results, complete = run_sweep(shard(runs, args.sweep, args.shard), os.path.join(args.root, args.sweep), args.sweep)
+    print(f'shard {args.shard}: {len(results)} runs finished' + ('' if complete else '; rerun to resume'), flush=True)
+    return {'results': results, 'complete': complete}
   root = os.path.join(args.root, args.sweep)
   t0, load0 = time.time(), os.getloadavg()[0]
   if args.analyse_only:
@@ -570,6 +738,9 @@ def main(argv=None) -> dict:
   if not complete and not args.analyse_only:
     print(f'{len(results)}/{len(runs)} runs finished; rerun to resume', flush=True)
     return {'results': results, 'complete': False}
+  seeds = {run.name: run.seed for run in runs}
+  for r in results:  # result.json files written before runs recorded their seed
+    r.setdefault('seed', seeds[r['name']])
   prefix = args.out or os.path.join(RESULTS, f'scaling_{args.sweep}')
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   analysis = analyse(results, warmup_steps=run_config(runs[0], args.sweep).train.warmup_steps)
@@ -588,7 +759,7 @@ def main(argv=None) -> dict:
     f.write(md)
   with open(prefix + '.json', 'w', encoding='utf-8') as f:
     json.dump(
-      dict(meta=meta, results=results, fits=analysis['fits'], deviations=analysis['deviations']),
+      dict(meta=meta, results=results, **analysis),
       f,
       indent=1,
       default=float,

@@ -208,6 +208,8 @@ def test_analyse_and_plot(tmp_path):
     return dict(
       name=name,
       family=family,
+      layers=2,
+      d_model=int(n),
       final_loss=curve[-1]['loss'],
       non_embedding_trainable_params=n,
       non_embedding_total_params=n + frozen,
@@ -228,6 +230,59 @@ def test_analyse_and_plot(tmp_path):
   paths = scaling.plot(results, analysis, str(tmp_path / 'fig'))
   assert all(os.path.getsize(p) > 0 for p in paths)
   assert 'L(N)' in scaling.markdown(results, analysis, 'fake', paths, {'note': ''})
+
+
+def test_shards_split_the_cpu_sweep_into_disjoint_balanced_parts():
+  runs = scaling.sweep_runs('cpu')
+  assert len(runs) == 3 * (2 + 5 * 4) and len({r.name for r in runs}) == len(runs)
+  parts = [scaling.shard(runs, 'cpu', f'{i}/2') for i in range(2)]
+  assert sorted(r.name for p in parts for r in p) == sorted(r.name for r in runs)
+  cost = [sum(scaling._step_cost(scaling.run_config(r, 'cpu')) for r in p) for p in parts]  # pylint: disable=protected-access
+  assert max(cost) / min(cost) < 1.1
+  for bad in ('2/2', 'x', '1/0'):
+    with pytest.raises(SystemExit, match='--shard'):
+      scaling.shard(runs, 'cpu', bad)
+
+
+def test_per_seed_analysis_and_bootstrap_over_runs():
+  """Each seed's doped run is compared with the baseline of its own shape and seed, each kind is averaged over its
+  shapes against its seed's own baseline fit, and the bootstrap resamples runs within each size (three seeds
+  with different losses give an interval that contains the pooled exponent)."""
+  results = []
+  for seed, noise in ((0, 1.00), (1, 1.01), (2, 0.99)):
+    for layers, d, n in ((2, 32, 1e4), (2, 48, 3e4), (2, 64, 1e5), (3, 96, 3e5)):
+      loss = 6 * n**-0.1 * noise
+      results.append(
+        dict(
+          name=f'baseline-{layers}x{d}-s{seed}',
+          family='baseline',
+          seed=seed,
+          layers=layers,
+          d_model=d,
+          final_loss=loss,
+          non_embedding_trainable_params=n,
+          non_embedding_total_params=n,
+          emulated_non_embedding_params=n,
+          curve=[
+            dict(step=s, loss=loss * (1 + 1 / s), compute=s * 6 * n, compute_frozen_free=s * 6 * n) for s in (50, 100)
+          ],
+        )
+      )
+    doped = dict(results[-2], name=f'doped-2x64-s{seed}', family='doped', final_loss=results[-2]['final_loss'] * 1.03)
+    doped['non_embedding_total_params'] = doped['emulated_non_embedding_params'] = 2e5
+    results.append(doped)
+  analysis = scaling.analyse(results, warmup_steps=10, reps=200)
+  per = analysis['per_seed']
+  assert sorted(per) == ['0', '1', '2']
+  for seed in per.values():
+    assert seed['doped_vs_same_blocks'] == {'2x64': pytest.approx(0.03)}
+    assert seed['kinds']['doped']['vs_L(N)_trainable'] == pytest.approx(0.03, abs=0.02)
+    assert seed['exponents']['L(N)'] == pytest.approx(-0.1, abs=0.02)
+  boot = analysis['bootstrap']['L(N)']
+  assert boot['runs'] == 12 and boot['sizes'] == 4 and boot['lo'] < boot['hi']
+  assert boot['lo'] <= analysis['fits']['L(N)']['exponent'] <= boot['hi']
+  table = '\n'.join(scaling._markdown_seeds(analysis))  # pylint: disable=protected-access
+  assert '| doped-2x64 | vs baseline-2x64 | +3.00% | +3.00% | +3.00% | +3.00% ± 0.00% |' in table
 
 
 # ------------------------------------------------------------------------------------------------- pruning
