@@ -80,42 +80,6 @@ def table(header: list[str], align: str, rows: list[list]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ derived numbers
-def bootstrap_fits(scaling: dict, reps: int = 1000, seed: int = 0) -> dict:
-  """Pure power-law exponents of the baselines, refitted on runs resampled with replacement (over runs, not over
-  the eval points of one run); 95% percentile intervals. L(N): final loss of each run; L(C): the Pareto frontier
-  of the resampled runs' eval curves after warm-up (as experiments/scaling.analyse does)."""
-  from experiments import scaling as scaling_lib  # pylint: disable=import-outside-toplevel
-
-  base = [r for r in scaling['results'] if r['family'] == 'baseline']
-  rng = np.random.default_rng(seed)
-  line = lambda x, y: -float(np.polyfit(np.log(x), np.log(y), 1)[0])
-  out = {}
-  for key in ('L(N)', 'L(C)'):
-    exps = []
-    for _ in range(reps):
-      pick = [base[i] for i in rng.integers(0, len(base), len(base))]
-      if key == 'L(N)':
-        n = [r['non_embedding_trainable_params'] for r in pick]
-        if len(set(n)) < 3:
-          continue
-        exps.append(-line(n, [r['final_loss'] for r in pick]))
-      else:
-        pts = {(p['compute'], p['loss']) for r in pick for p in r['curve'] if p['step'] > 40}
-        front = scaling_lib.pareto_frontier(pts)
-        if len(front) < 3:
-          continue
-        exps.append(-line(*zip(*front)))
-    lo, hi = np.percentile(exps, [2.5, 97.5])
-    out[key] = dict(
-      lo=round(float(lo), 4),
-      hi=round(float(hi), 4),
-      reps=len(exps),
-      runs=len(base),
-      sizes=len({r['non_embedding_trainable_params'] for r in base}),
-    )
-  return out
-
-
 # ------------------------------------------------------------------------------------------------- p-gpt
 def pgpt_one_label(row: dict, unscaled: bool = False) -> str:
   """The arm name of a p-gpt row evaluated with one branch: 'p-gpt' -> 'p-gpt-1'; with the scalar (published) mix
@@ -238,24 +202,7 @@ def derive(res: dict) -> dict:
   d['paper_vs_gpt_pct'] = {
     k: round(100 * rel(v['val_loss'], paper['gpt']['val_loss']), 2) for k, v in paper.items() if k != 'gpt'
   }
-  # ---- LightOn: doped vs the baseline with the same trainable blocks; seed pairs
-  sc = {r['name']: r for r in res['scaling_cpu']['results']}
-  d['doped_vs_same_trainable_pct'] = {
-    'doped-2x96': round(100 * rel(sc['doped-2x96']['final_loss'], sc['baseline-2x96']['final_loss']), 2),
-    'doped-3x128': round(100 * rel(sc['doped-3x128']['final_loss'], sc['baseline-3x128']['final_loss']), 2),
-  }
-  d['seed_pairs_pct'] = {
-    f: round(100 * rel(sc[f'{f}-seed1']['final_loss'], sc[f]['final_loss']), 2)
-    for f in ('baseline-3x128', 'fastfood-3x128')
-  }
-  base_dev = [x['vs_L(N)_trainable'] for x in res['scaling_cpu']['deviations'] if x['family'] == 'baseline']
-  base_devc = [x['vs_L(C)_compute'] for x in res['scaling_cpu']['deviations'] if x['family'] == 'baseline']
-  d['baseline_scatter_pct'] = {
-    'L(N) rms': round(100 * float(np.sqrt(np.mean(np.square(base_dev)))), 2),
-    'L(N) max': round(100 * float(np.max(np.abs(base_dev))), 2),
-    'L(C) max': round(100 * float(np.max(np.abs(base_devc))), 2),
-  }
-  d['bootstrap'] = bootstrap_fits(res['scaling_cpu'])
+  d['lighton'] = derive_lighton(res['scaling_cpu'])
   if 'prune_control' in res:  # per-seed differences and mean ± 2 SE, in percent as the table shows them
     d['prune_control_pct'] = {
       str(r['k']): {
@@ -270,6 +217,71 @@ def derive(res: dict) -> dict:
     }
   d['verdicts'] = claims(res, d)
   return d
+
+
+def _seed_stats(values: list[float], scale: float = 100.0, digits: int = 2) -> dict:
+  """Per-seed values, their mean and 2 SE (`paired`), scaled (percent by default) and rounded as tables show them;
+  `delta` and `half` unscaled, for the verdict rule."""
+  mean, half = paired(values)
+  return dict(
+    values=[round(scale * v, digits) for v in values],
+    mean=round(scale * mean, digits),
+    two_se=None if half is None else round(scale * half, digits),
+    delta=mean,
+    half=half,
+  )
+
+
+def derive_lighton(sc: dict) -> dict:
+  """The scaling study (experiments/scaling.py, sweep 'cpu') in the report's terms: every kind's per-seed
+  differences (each seed's runs against its own baselines, `per_seed`) as mean ± 2 SE over seeds; the doped runs
+  against the baseline with the same trainable blocks, per shape and averaged over shapes; the per-seed
+  exponents; and each kind x shape's final loss over seeds."""
+  seeds = sc['per_seed']
+  names = sorted(seeds, key=int)
+  kinds = sorted({k for v in seeds.values() for k in v['kinds']})
+  out = dict(seeds=len(names))
+  out['kinds'] = {
+    fam: {key: _seed_stats([seeds[n]['kinds'][fam][key] for n in names]) for key in seeds[names[0]]['kinds'][fam]}
+    for fam in kinds
+  }
+  shapes = sorted(seeds[names[0]]['doped_vs_same_blocks'], key=lambda k: int(k.split('x')[1]))
+  out['doped_pairs'] = {
+    shape: _seed_stats([seeds[n]['doped_vs_same_blocks'][shape] for n in names]) for shape in shapes
+  }
+  out['doped_pairs']['all shapes'] = _seed_stats(
+    [float(np.mean([seeds[n]['doped_vs_same_blocks'][shape] for shape in shapes])) for n in names]
+  )
+  out['exponents'] = {
+    key: _seed_stats([seeds[n]['exponents'][key] for n in names], scale=1.0, digits=4)
+    for key in ('L(N)', 'L(C) compute')
+  }
+  from experiments import scaling as scaling_lib  # pylint: disable=import-outside-toplevel
+
+  order = list(scaling_lib.FAMILY_MODEL)
+  groups = {}
+  for r in sc['results']:
+    groups.setdefault((r['family'], r['layers'], r['d_model']), []).append(r)
+  out['shapes'] = [
+    dict(
+      family=fam,
+      shape=f'{layers}x{d}',
+      trainable=rs[0]['non_embedding_trainable_params'],
+      frozen=rs[0]['frozen_params'],
+      emulated=rs[0]['emulated_non_embedding_params'],
+      seeds=len(rs),
+      loss_mean=round(float(np.mean([r['final_loss'] for r in rs])), 4),
+      loss_std=round(float(np.std([r['final_loss'] for r in rs], ddof=1)), 4) if len(rs) > 1 else None,
+    )
+    for (fam, layers, d), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][2]))
+  ]
+  dev = sc['deviations']
+  base = [x['vs_L(N)_trainable'] for x in dev if x['family'] == 'baseline']
+  out['baseline_scatter_pct'] = {
+    'L(N) rms': round(100 * float(np.sqrt(np.mean(np.square(base)))), 2),
+    'L(N) max': round(100 * float(np.max(np.abs(base))), 2),
+  }
+  return out
 
 
 EFF_BASE, EFF_SF, EFF_S, EFF_F = (
@@ -368,15 +380,16 @@ def _r4(x):
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
-def claim(seed, what, effect, band, seeds, half=None, value=None, note='') -> dict:
-  """One verdict row: the tested effect, its band, the seeds behind it and the verdict by `verdict()`."""
+def claim(seed, what, effect, band, seeds, half=None, value=None, note='', unit='%') -> dict:
+  """One verdict row: the tested effect, its band, the seeds behind it and the verdict by `verdict()`. `half_width`
+  is in percent for relative differences (unit '%'), in the effect's own units otherwise."""
   return dict(
     seed=seed,
     claim=what,
     effect=effect,
     band=band,
     seeds=seeds,
-    half_width=None if half is None else round(100 * half, 2),
+    half_width=None if half is None else (round(100 * half, 2) if unit == '%' else round(half, 4)),
     verdict=verdict(value if value is not None else 0.0, half, band, seeds),
     note=note,
   )
@@ -516,37 +529,66 @@ def _claims_pgpt(d: dict) -> list[dict]:
   return out
 
 
+EXPONENT_SEED, EXPONENT_BAND = -0.041, 0.01  # seed 004's L(C) exponent; the band holds Henighan et al.'s -0.048
+
+
 def _claims_lighton(res: dict, d: dict) -> list[dict]:
-  dp = d['doped_vs_same_trainable_pct']
-  dev = {x['name']: x for x in res['scaling_cpu']['deviations']}
-  st = [100 * dev[n]['vs_L(N)_trainable'] for n in dev if dev[n]['family'] in ('fastfood', 'blockdiag')]
-  b = d['bootstrap']['L(C)']
-  return [
+  lo = d['lighton']
+  n = lo['seeds']
+  pm_pct = lambda x: f'{x["mean"]:+.2f}% ± {x["two_se"]:.2f}%'
+  dp = lo['doped_pairs']['all shapes']
+  frozen = lo['kinds']['doped']['vs_L(C)_compute']
+  rows = [
     claim(
       '004',
-      'frozen (doped) weights do not help (within ±2 % of the baseline with the same trainable blocks)',
-      f'doped vs baseline: {dp["doped-2x96"]:+.2f}% (2×96), {dp["doped-3x128"]:+.2f}% (3×128)',
+      'frozen (doped) weights do not help: doped within ±2 % of the baseline with the same trainable blocks (Fig. 3)',
+      f'doped vs baseline, paired per seed, mean over {len(lo["doped_pairs"]) - 1} shapes: {pm_pct(dp)}',
       (-0.02, 0.02),
-      1,
+      n,
+      dp['half'],
+      dp['delta'],
     ),
     claim(
       '004',
-      'structured MLPs count by their trainable parameters (within ±2 % of the baseline L(N) fit)',
-      f'vs L(N) at trainable N: {min(st):+.1f}% … {max(st):+.1f}%',
-      (-0.02, 0.02),
-      2,
-      note='FastFood-3×128 and baseline-3×128 have 2 seeds, the other runs 1',
-    ),
-    claim(
-      '004',
-      'L(C) exponent −0.041',
-      f'fitted {res["scaling_cpu"]["fits"]["L(C) compute"]["exponent"]:.3f}, '
-      f'95% bootstrap over runs [{b["lo"]:.3f}, {b["hi"]:.3f}]',
-      (-0.041, -0.041),
-      1,
-      note=f'one seed per size ({b["sizes"]} sizes, {b["runs"]} runs)',
+      'with frozen weights at 2/3 of a trainable one, baselines outperform doped models (doped above the baseline '
+      'L(C) fit, Δ > 0; Fig. 2)',
+      f'doped vs the baseline L(C) fit of its seed: {pm_pct(frozen)}',
+      (0.0, 1.0),
+      n,
+      frozen['half'],
+      frozen['delta'],
     ),
   ]
+  for fam, label in (('fastfood', 'Adaptive FastFood MLPs'), ('blockdiag', "block-diagonal MLPs (the seed's layout)")):
+    x, y = lo['kinds'][fam]['vs_L(N)_trainable'], lo['kinds'][fam]['vs_baselines_interpolated']
+    row = claim(
+      '004',
+      f'{label} behave like a dense model with as many trainable parameters (within ±2 % of the baselines at '
+      'the same trainable N)',
+      f"vs the L(N) fit of its seed at trainable N, mean over 5 shapes: {pm_pct(x)}; vs its seed's baselines "
+      f'interpolated at trainable N (no fitted form): {pm_pct(y)}',
+      (-0.02, 0.02),
+      n,
+      x['half'],
+      x['delta'],
+    )
+    if row['verdict'] != verdict(y['delta'], y['half'], (-0.02, 0.02), n):  # the verdict must not hang on the fit
+      row['verdict'] = NOT_RESOLVED
+    rows.append(row)
+  e = lo['exponents']['L(C) compute']
+  rows.append(
+    claim(
+      '004',
+      f'L(C) exponent {EXPONENT_SEED} (within ±{EXPONENT_BAND} of it)',
+      f'per-seed frontier fits: {e["mean"]:.4f} ± {e["two_se"]:.4f}',
+      (-EXPONENT_BAND, EXPONENT_BAND),
+      n,
+      e['half'],
+      e['delta'] - EXPONENT_SEED,
+      unit='',
+    )
+  )
+  return rows
 
 
 def claims(res: dict, d: dict) -> list[dict]:
@@ -821,99 +863,105 @@ def block_pgpt_gaps(res, d):
 
 
 def block_scaling_runs(res, d):
-  dev = {x['name']: x for x in res['scaling_cpu']['deviations']}
-  rows = []
-  for r in res['scaling_cpu']['results']:
-    x = dev[r['name']]
-    rows.append(
-      [
-        r['name'],
-        f'{r["non_embedding_trainable_params"]:,}',
-        f'{r["frozen_params"]:,}',
-        f'{r["emulated_non_embedding_params"]:,}',
-        f'{r["final_loss"]:.4f}',
-        pct(x['vs_L(N)_trainable']),
-        pct(x['vs_L(N)_all']),
-        pct(x['vs_L(C)_compute']),
-        pct(x['vs_L(C)_frozen_free']),
-      ]
-    )
+  rows = [
+    [
+      f'{x["family"]}-{x["shape"]}',
+      f'{x["trainable"]:,}',
+      f'{x["frozen"]:,}',
+      f'{x["emulated"]:,}',
+      x['seeds'],
+      f'{x["loss_mean"]:.4f} ± {x["loss_std"]:.4f}' if x['loss_std'] is not None else f'{x["loss_mean"]:.4f}',
+    ]
+    for x in d['lighton']['shapes']
+  ]
+  steps = res['scaling_cpu']['results'][0]['steps']
   return table(
     [
-      'run (400 steps)',
+      f'model ({steps} steps)',
       'trainable non-emb',
       'frozen',
       'emulated non-emb',
-      'final val loss',
-      'vs L(N) at trainable N',
-      'vs L(N) at all N',
-      'vs L(C), frozen 2/3',
-      'vs L(C), frozen free',
+      'seeds',
+      'final val loss, mean ± std',
     ],
-    'lrrrrrrrr',
+    'lrrrrr',
     rows,
   )
 
 
 def block_scaling_fits(res, d):
-  f = res['scaling_cpu']['fits']
-  b = d['bootstrap']
-  rows = [
-    [
-      'L(C), frontier, L = a·C^−b',
-      f'{f["L(C) compute"]["exponent"]:.4f} ± {f["L(C) compute"]["b_err"]:.4f}',
-      f'[{b["L(C)"]["lo"]:.4f}, {b["L(C)"]["hi"]:.4f}]',
-      f'{f["L(C) compute"]["n"]} points',
-      '−0.041',
-    ],
-    [
-      'L(N), final loss, L = a·N^−b',
-      f'{f["L(N)"]["exponent"]:.4f} ± {f["L(N)"]["b_err"]:.4f}',
-      f'[{b["L(N)"]["lo"]:.4f}, {b["L(N)"]["hi"]:.4f}]',
-      f'{f["L(N)"]["n"]} runs',
-      '—',
-    ],
-    [
-      'L(C) with irreducible c',
-      f'{f["L(C)+c compute"]["exponent"]:.4f} ± {f["L(C)+c compute"]["b_err"]:.4f}',
-      '—',
-      f'c = {f["L(C)+c compute"]["c"]:.3f}',
-      '',
-    ],
-    [
-      'L(N) with irreducible c',
-      f'{f["L(N)+c"]["exponent"]:.4f} ± {f["L(N)+c"]["b_err"]:.4f}',
-      '—',
-      f'c = {f["L(N)+c"]["c"]:.3f}',
-      '',
-    ],
-  ]
+  f, b = res['scaling_cpu']['fits'], res['scaling_cpu']['bootstrap']
+  e = d['lighton']['exponents']
+  rows = []
+  for key, label, n in (('L(C)', 'L(C) compute', 'points'), ('L(N)', 'L(N)', 'runs')):
+    fit = f[label] if key == 'L(N)' else f['L(C) compute']
+    rows.append(
+      [
+        f'{key}, pooled, L = a·X^−b',
+        f'{fit["exponent"]:.4f} ± {fit["b_err"]:.4f}',
+        f'[{b[key]["lo"]:.4f}, {b[key]["hi"]:.4f}]',
+        f'{e[label]["mean"]:.4f} ± {e[label]["two_se"]:.4f}',
+        f'{fit["n"]} {n}',
+        '−0.041' if key == 'L(C)' else '—',
+      ]
+    )
+  for key, label in (('L(C)+c compute', 'L(C) with irreducible c'), ('L(N)+c', 'L(N) with irreducible c')):
+    fit = f[key]
+    rows.append(
+      [label, f'{fit["exponent"]:.4f} ± {fit["b_err"]:.4f}', '—', '—', f'c = {fit["c"]:.3f}', '']
+      if fit
+      else [label, 'did not converge', '—', '—', '', '']
+    )
   return table(
-    ['fit (baselines)', 'exponent ± 1σ (covariance)', '95% bootstrap over runs', 'n', 'seed 004'], 'lrrrr', rows
+    [
+      'fit (baselines)',
+      'exponent ± 1σ (covariance)',
+      '95% bootstrap over runs',
+      'per-seed fits, mean ± 2 SE',
+      'n',
+      'seed 004',
+    ],
+    'lrrrrr',
+    rows,
   )
 
 
+DEVIATION_LABELS = {
+  'vs_L(N)_trainable': 'vs L(N) at trainable N',
+  'vs_baselines_interpolated': 'vs the baselines interpolated at trainable N',
+  'vs_L(N)_all': 'vs L(N) at all / emulated N',
+  'vs_L(C)_compute': 'vs L(C), frozen at 2/3',
+  'vs_L(C)_frozen_free': 'vs L(C), frozen free',
+}
+
+
 def block_lighton_pairs(res, d):
-  sc = {r['name']: r for r in res['scaling_cpu']['results']}
-  dp, sp = d['doped_vs_same_trainable_pct'], d['seed_pairs_pct']
-  bs = d['baseline_scatter_pct']
+  lo = d['lighton']
+  per = lambda x: ', '.join(f'{v:+.2f}%' for v in x['values'])
   rows = [
-    [
-      'doped-2x96 vs baseline-2x96 (same trainable blocks)',
-      f'{sc["doped-2x96"]["final_loss"]:.4f} vs {sc["baseline-2x96"]["final_loss"]:.4f}',
-      f'{dp["doped-2x96"]:+.2f}%',
-    ],
-    [
-      'doped-3x128 vs baseline-3x128 (seed 0)',
-      f'{sc["doped-3x128"]["final_loss"]:.4f} vs {sc["baseline-3x128"]["final_loss"]:.4f}',
-      f'{dp["doped-3x128"]:+.2f}%',
-    ],
-    ['baseline-3x128: seed 1 vs seed 0', '', f'{sp["baseline-3x128"]:+.2f}%'],
-    ['fastfood-3x128: seed 1 vs seed 0', '', f'{sp["fastfood-3x128"]:+.2f}%'],
-    ['baselines around their L(N) fit: rms / max', '', f'{bs["L(N) rms"]:.2f}% / {bs["L(N) max"]:.2f}%'],
-    ['baselines around their L(C) fit: max', '', f'{bs["L(C) max"]:.2f}%'],
+    [f'{fam}', DEVIATION_LABELS[key], per(x), f'{x["mean"]:+.2f}% ± {x["two_se"]:.2f}%']
+    for fam, stats in lo['kinds'].items()
+    for key, x in stats.items()
   ]
-  return table(['comparison (one seed unless stated)', 'final val loss', 'difference'], 'lrr', rows)
+  rows += [
+    [
+      f'doped-{shape}' if shape != 'all shapes' else 'doped, mean over shapes',
+      'vs baseline, same blocks',
+      per(x),
+      f'{x["mean"]:+.2f}% ± {x["two_se"]:.2f}%',
+    ]
+    for shape, x in lo['doped_pairs'].items()
+  ]
+  bs = lo['baseline_scatter_pct']
+  rows.append(
+    [
+      'baselines (pooled)',
+      'around the pooled L(N) fit: rms / max',
+      '',
+      f'{bs["L(N) rms"]:.2f}% / {bs["L(N) max"]:.2f}%',
+    ]
+  )
+  return table(['kind', 'measure', 'per seed (0, 1, 2)', 'mean ± 2 SE'], 'llrr', rows)
 
 
 def block_prune(res, d):
@@ -1032,9 +1080,7 @@ def figures(res: dict, results_dir: str) -> None:
   from experiments import efficio_ablation, pgpt_table, prune_layers, scaling  # pylint: disable=import-outside-toplevel
 
   sc = res['scaling_cpu']
-  scaling.plot(
-    sc['results'], dict(fits=sc['fits'], deviations=sc['deviations']), os.path.join(results_dir, 'scaling_cpu')
-  )
+  scaling.plot(sc['results'], sc, os.path.join(results_dir, 'scaling_cpu'))
   prune_layers.plot(res['prune_gpt8'], os.path.join(results_dir, 'prune_gpt8.png'))
   efficio_ablation.plot_grid(res['efficio_grid']['rows'], os.path.join(results_dir, 'efficio_grid.png'))
   pgpt_table.plot(
