@@ -1,5 +1,8 @@
 """Scaling-law harness (seed 004, LightOn): `python -m experiments.scaling [--sweep cpu] [--root DIR]`.
 
+On 2 cores the 'cpu' sweep runs fastest as two processes, `--shard 0/2` and `--shard 1/2` (each trains its half,
+balanced by cost), followed by `--analyse_only` (fits, per-seed comparisons, plots and the results files).
+
 A sweep is a list of runs (family x size x steps). Each run is an ordinary effjax training run
 (`train.train_and_evaluate`) in its own workdir `<root>/<name>` (default root experiments/runs, git-ignored);
 when it finishes, `<root>/<name>/result.json` records its parameter counts, compute per step under both
@@ -60,7 +63,7 @@ FAMILY_MODEL = {
   # the seed's Figure 5: two block-diagonal matrices, ONE block-Hadamard transform per MLP
   'blockdiag': {'mlp_kind': 'blockdiag', 'dense': {'num_blocks': 4, 'blockdiag_mix': 'expanding'}},
 }
-STEPS = 300  # the most that fits, with 66 runs on 3 seeds, in one hour on 2 cores (two shards)
+STEPS = 300  # chosen from a timing estimate to fit one hour on 2 cores; the 66 runs took 49 min as two shards
 
 
 SIZES = ((2, 48), (2, 64), (2, 96), (3, 128), (4, 160))  # (trainable blocks, d_model) of every kind
