@@ -111,13 +111,16 @@ def pgpt_arms(table: dict) -> dict[str, dict]:
 
 
 def seed_summary(values: list[float], scale: float = 1.0, digits: int = 4) -> dict:
-  """Per-seed values, mean and 2 SE (paired()), scaled and rounded as the tables print them."""
+  """Per-seed values, mean and 2 SE (paired()), scaled and rounded as the tables print them; `delta` and `half`
+  unscaled and unrounded, for the verdict rule."""
   m, h = paired(values)
   return dict(
     values=[round(scale * v, digits) for v in values],
     mean=round(scale * m, digits),
     two_se=None if h is None else round(scale * h, digits),
     n=len(values),
+    delta=m,
+    half=h,
   )
 
 
@@ -205,31 +208,11 @@ def derive(res: dict) -> dict:
   d['lighton'] = derive_lighton(res['scaling_cpu'])
   if 'prune_control' in res:  # per-seed differences and mean ± 2 SE, in percent as the table shows them
     d['prune_control_pct'] = {
-      str(r['k']): {
-        key: dict(
-          values=[round(100 * v, 2) for v in r[key]['values']],
-          mean=round(100 * paired(r[key]['values'])[0], 2),
-          two_se=round(100 * paired(r[key]['values'])[1], 2),
-        )
-        for key in ('pruned_vs_unpruned', 'shallow_vs_pruned')
-      }
+      str(r['k']): {key: seed_summary(r[key]['values'], 100, 2) for key in ('pruned_vs_unpruned', 'shallow_vs_pruned')}
       for r in res['prune_control']['summary']
     }
   d['verdicts'] = claims(res, d)
   return d
-
-
-def _seed_stats(values: list[float], scale: float = 100.0, digits: int = 2) -> dict:
-  """Per-seed values, their mean and 2 SE (`paired`), scaled (percent by default) and rounded as tables show them;
-  `delta` and `half` unscaled, for the verdict rule."""
-  mean, half = paired(values)
-  return dict(
-    values=[round(scale * v, digits) for v in values],
-    mean=round(scale * mean, digits),
-    two_se=None if half is None else round(scale * half, digits),
-    delta=mean,
-    half=half,
-  )
 
 
 def derive_lighton(sc: dict) -> dict:
@@ -242,19 +225,20 @@ def derive_lighton(sc: dict) -> dict:
   kinds = sorted({k for v in seeds.values() for k in v['kinds']})
   out = dict(seeds=len(names))
   out['kinds'] = {
-    fam: {key: _seed_stats([seeds[n]['kinds'][fam][key] for n in names]) for key in seeds[names[0]]['kinds'][fam]}
+    fam: {
+      key: seed_summary([seeds[n]['kinds'][fam][key] for n in names], 100, 2) for key in seeds[names[0]]['kinds'][fam]
+    }
     for fam in kinds
   }
   shapes = sorted(seeds[names[0]]['doped_vs_same_blocks'], key=lambda k: int(k.split('x')[1]))
   out['doped_pairs'] = {
-    shape: _seed_stats([seeds[n]['doped_vs_same_blocks'][shape] for n in names]) for shape in shapes
+    shape: seed_summary([seeds[n]['doped_vs_same_blocks'][shape] for n in names], 100, 2) for shape in shapes
   }
-  out['doped_pairs']['all shapes'] = _seed_stats(
-    [float(np.mean([seeds[n]['doped_vs_same_blocks'][shape] for shape in shapes])) for n in names]
+  out['doped_pairs']['all shapes'] = seed_summary(
+    [float(np.mean([seeds[n]['doped_vs_same_blocks'][shape] for shape in shapes])) for n in names], 100, 2
   )
   out['exponents'] = {
-    key: _seed_stats([seeds[n]['exponents'][key] for n in names], scale=1.0, digits=4)
-    for key in ('L(N)', 'L(C) compute')
+    key: seed_summary([seeds[n]['exponents'][key] for n in names]) for key in ('L(N)', 'L(C) compute')
   }
   from experiments import scaling as scaling_lib  # pylint: disable=import-outside-toplevel
 
