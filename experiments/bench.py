@@ -505,9 +505,10 @@ def run_structured(args) -> dict:
   from experiments import bench_structured  # pylint: disable=import-outside-toplevel
 
   if args.quick:
-    bench_structured.ROUNDS, bench_structured.BATCH = 1, 16
-    bench_structured.OUT = _quick_out(args)
-    rows = bench_structured.bench_fwht(64) + bench_structured.bench_layer(64, 256)
+    bench_structured.ROUNDS, bench_structured.BATCH, bench_structured.ROWS = 1, 16, 16
+    bench_structured.STREAM_MB, bench_structured.PEAK_N = 4, 256
+    machine = bench_structured.measure_machine()
+    rows = bench_structured.bench_fwht(64, machine) + bench_structured.bench_layer(64, 256, machine)
     return dict(rows=rows, meta={})
   bench_structured.main()
   with open(os.path.join(bench_structured.OUT, 'bench_structured.json'), encoding='utf-8') as f:
@@ -661,6 +662,15 @@ def _gf(x):
   return f'{x / 1e9:.1f}'
 
 
+def speed_ceiling(size_result: dict) -> dict:
+  """The fastest any implementation could run this step here: its FLOPs at the best matmul rate of the same
+  rounds (every op a peak-speed matmul, none memory-bound), and that as a multiple of each torch row's median."""
+  flops = 3 * size_result['flops_per_token_fwd'] * size_result['batch'] * size_result['seq_len']
+  bound_ms = 1e3 * flops / size_result['peak_flops_best']
+  torch_rows = {r['impl']: r['step_ms'] for r in size_result['rows'] if r['impl'].startswith('torch')}
+  return dict(step_gflop=flops / 1e9, bound_ms=bound_ms, max_speedup={k: v / bound_ms for k, v in torch_rows.items()})
+
+
 def _torch_section(r) -> list[str]:
   out = []
   out += [
@@ -692,6 +702,15 @@ def _torch_section(r) -> list[str]:
     out.append(
       f'| {s["size"]} | peak jitted f32 2048² matmul | | | | {_gf(s["peak_flops_median"])} GFLOP/s '
       f'(median) | {_gf(s["peak_flops_best"])} GFLOP/s (best) | | | | | | |'
+    )
+  out.append('')
+  for s in r['result']['sizes']:
+    c = speed_ceiling(s)
+    out.append(
+      f'Ceiling at {s["size"]}: {c["step_gflop"]:.1f} GFLOP per step at the best matmul rate of these rounds take '
+      f'at least {c["bound_ms"]:.1f} ms, so no implementation can be faster than '
+      + ', '.join(f'{v:.2f}x {k}' for k, v in c['max_speedup'].items())
+      + ' (median steps) on this machine.'
     )
   out.append('')
   return out
@@ -773,11 +792,12 @@ def _structured_section(r) -> list[str]:
     '',
     r['meta'],
     '',
-    '| benchmark | shape | impl | ms | params | speedup vs dense |',
-    '|---|---|---|---:|---:|---:|',
+    '| benchmark | shape | impl | ms | params | roofline bound ms | interface bound ms | speedup vs dense |',
+    '|---|---|---|---:|---:|---:|---:|---:|',
   ]
   out += [
-    f'| {x["bench"]} | {x["shape"]} | {x["impl"]} | {x["ms"]:.2f} | {x["params"]:,} | {x["speedup"]:.1f}x |'
+    f'| {x["bench"]} | {x["shape"]} | {x["impl"]} | {x["ms"]:.2f} | {x["params"]:,} | {x["bound_ms"]:.2f} | '
+    f'{x["floor_ms"]:.2f} | {x["speedup"]:.1f}x |'
     for x in r['result']['rows']
   ]
   out.append('')

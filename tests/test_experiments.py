@@ -93,6 +93,37 @@ def test_bench_configs_build_for_every_family():
     bench.parse(['--only', 'train,nope'])
 
 
+def test_speed_ceiling_is_the_steps_flops_at_the_best_matmul_rate():
+  size = dict(
+    flops_per_token_fwd=1e6,
+    batch=4,
+    seq_len=8,
+    peak_flops_best=1e10,
+    rows=[dict(impl='effjax', step_ms=30.0), dict(impl='torch eager', step_ms=20.0)],
+  )
+  c = bench.speed_ceiling(size)  # 3 x 1e6 x 32 = 96 MFLOP at 10 GFLOP/s: 9.6 ms
+  assert c['bound_ms'] == pytest.approx(9.6)
+  assert c['max_speedup'] == {'torch eager': pytest.approx(20.0 / 9.6)}
+
+
+def test_structured_roofline_counts_a_training_steps_work(monkeypatch):
+  """bench_structured's layer timing computes y and both gradients (XLA's cost analysis of a dense layer shows
+  all three matmuls), and its bounds are ordered: the interface-only floor is never above the compiled bound."""
+  from experiments import bench_structured as bs  # pylint: disable=import-outside-toplevel
+
+  for name, value in dict(ROUNDS=1, WARMUP=1, ROWS=32, STREAM_MB=4, PEAK_N=128).items():
+    monkeypatch.setattr(bs, name, value)
+  machine = bs.measure_machine()
+  assert machine['peak_flops'] > 1e8 and machine['bandwidth'] > 1e8
+  rows = {r['impl']: r for r in bs.bench_layer(64, 256, machine)}
+  assert rows['dense']['compiled_flops'] == pytest.approx(3 * 2 * 32 * 64 * 256, rel=0.02)
+  assert rows['dense']['interface_bytes'] == 4 * (2 * 32 * 64 + 2 * 32 * 256 + 2 * (64 * 256 + 256))
+  for r in rows.values():
+    assert r['compiled_bytes'] >= r['interface_bytes'] > 0
+    assert 0 < r['floor_ms'] <= r['bound_ms']
+    assert r['pct_of_bound'] == pytest.approx(100 * r['bound_ms'] / r['ms'])
+
+
 def test_scan_unroll_default_chooses_by_backend_and_depth():
   """-1 (the default): unrolled on CPU up to AUTO_UNROLL_MAX_LAYERS layers, rolled beyond; explicit values kept."""
   from effjax.models import layers  # pylint: disable=import-outside-toplevel

@@ -72,28 +72,35 @@ def _hadamard_list(p: list) -> list:
   return p
 
 
-_BASE = 16  # the first log2(16) = 4 stages as one tiny matmul: small strides vectorise badly as butterflies
+_FACTOR = 16  # H_n = H_16 (x) H_16 (x) ...: one 16x16 matmul per factor (measured in experiments/bench_structured.py)
 
 
 def _fwht(x: jax.Array) -> jax.Array:
+  """H_n as the Kronecker product of small Hadamards, each a matmul over its own group of index bits."""
   n = x.shape[-1]
   _check_pow2(n)
-  if n == 1:
-    return x
-  y = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 sums accumulate in f32, result cast back
-  b = min(n, _BASE)
-  h_BxB = jnp.asarray(_hadamard_np(b), y.dtype)
-  y = jnp.matmul(y.reshape(-1, b), h_BxB, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
-  return _butterfly(y, b).astype(x.dtype)
+  y_RxN = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(-1, n)  # bf16 sums accumulate in f32
+  inner = n
+  while inner > 1:  # contract the highest remaining bits: y viewed as [rows, f, inner / f]
+    f = min(_FACTOR, inner)
+    inner //= f
+    h_FxF = jnp.asarray(_hadamard_np(f), y_RxN.dtype)
+    if inner == 1:  # the lowest bits are contiguous: a plain [rows * n / f, f] x [f, f] matmul
+      y_RxN = jnp.matmul(y_RxN.reshape(-1, f), h_FxF, precision=jax.lax.Precision.HIGHEST).reshape(-1, n)
+    else:
+      y_RxFxI = jnp.einsum('fg,rfi->rgi', h_FxF, y_RxN.reshape(-1, f, inner), precision=jax.lax.Precision.HIGHEST)
+      y_RxN = y_RxFxI.reshape(-1, n)
+  return y_RxN.reshape(x.shape).astype(x.dtype)
 
 
 @jax.custom_vjp
 def fwht(x: jax.Array) -> jax.Array:
   """Unnormalised Walsh–Hadamard transform over the last axis: `x @ scipy.linalg.hadamard(n)`, O(n log n).
 
-  Stages h < 16 are one 16x16 Hadamard matmul on contiguous groups, the rest radix-4/2 butterflies: fewer passes
-  over memory, ~2x faster on CPU than log2(n) radix-2 passes (experiments/bench_structured.py). The VJP is the
-  same transform since H is symmetric.
+  Sylvester's H_n = H_16 (x) H_16 (x) ... (x) H_r, so the transform is ceil(log16 n) passes over memory, each a
+  16x16 matmul on one group of 4 index bits (32 FLOPs per element instead of 4 butterfly adds, but XLA:CPU runs
+  a pass as one matmul kernel; log2(n) radix-2 or radix-4 butterfly passes were 1.3-1.5x slower at n = 1024 and
+  4096, experiments/bench_structured.py). The VJP is the same transform since H is symmetric.
   """
   return _fwht(x)
 
