@@ -166,6 +166,9 @@ def _med(xs):
 
 # -------------------------------------------------------------------------------------------- sub-benchmarks
 def run_train(args) -> dict:
+  from effjax import runtime  # pylint: disable=import-outside-toplevel
+
+  runtime.reexec_with_hugepages()  # the families are timed as the CLI runs them (effjax/runtime.py)
   cands, meta = {}, {}
   families = args.families.split(',') if args.families else FAMILIES
   for size_name, size in sizes_of(args).items():
@@ -191,7 +194,12 @@ def run_train(args) -> dict:
     row['mfu'] = row['model_flops_per_sec'] / _med(peaks)
     row['mfu_best'] = 3 * m['flops_per_token_fwd'] * m['tokens_per_step'] / min(ts) / max(peaks)
     rows.append(row)
-  return dict(rows=rows, peak_flops_median=_med(peaks), peak_flops_best=max(peaks))
+  return dict(
+    rows=rows,
+    peak_flops_median=_med(peaks),
+    peak_flops_best=max(peaks),
+    glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+  )
 
 
 IMPLS = {  # torch sub-benchmark: name -> worker kind
@@ -722,7 +730,8 @@ def _train_section(r) -> list[str]:
   out += [
     '## Training throughput and MFU by family',
     '',
-    f'{r["meta"]}; peak matmul {_gf(res["peak_flops_median"])} GFLOP/s median, {_gf(res["peak_flops_best"])} best',
+    f'{r["meta"]}; GLIBC_TUNABLES of the timing process={res.get("glibc_tunables") or "(unset)"}; peak matmul '
+    f'{_gf(res["peak_flops_median"])} GFLOP/s median, {_gf(res["peak_flops_best"])} best',
     '',
     '| family | size | step ms (median) | tokens/s | model GFLOP/s | MFU (median) | MFU (best) | compile s |',
     '|---|---|---:|---:|---:|---:|---:|---:|',
