@@ -99,8 +99,9 @@ def fwht(x: jax.Array) -> jax.Array:
 
   Sylvester's H_n = H_16 (x) H_16 (x) ... (x) H_r, so the transform is ceil(log16 n) passes over memory, each a
   16x16 matmul on one group of 4 index bits (32 FLOPs per element instead of 4 butterfly adds, but XLA:CPU runs
-  a pass as one matmul kernel; log2(n) radix-2 or radix-4 butterfly passes were 1.3-1.5x slower at n = 1024 and
-  4096, experiments/bench_structured.py). The VJP is the same transform since H is symmetric.
+  a pass as one matmul kernel). In a side-by-side probe the previous layout (one 16x16 matmul, then radix-4
+  butterfly passes) was 1.16x / 1.35x slower at n = 1024 / 4096, and made FastFood's fwd+bwd 1.5x slower; the
+  plain radix-2 recipe is a row of experiments/bench_structured.py. The VJP is the same transform (H symmetric).
   """
   return _fwht(x)
 
