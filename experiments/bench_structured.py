@@ -199,7 +199,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     '',
     f'jax {meta["jax"]} on {meta["device"]} ({meta["cpus"]} CPUs, {meta["cpu"]}); FWHT on {BATCH} rows, layers on '
     f'{ROWS} rows; median of {ROUNDS} interleaved rounds; load average before/after '
-    f'{meta["loadavg_before"][0]:.2f}/{meta["loadavg_after"][0]:.2f}; GLIBC_TUNABLES={meta["glibc_tunables"]}.',
+    f'{meta["loadavg_before"][0]:.2f}/{meta["loadavg_after"][0]:.2f}; GLIBC_TUNABLES={meta["glibc_tunables"]}; '
+    f'transparent huge pages {meta.get("thp")}; {meta.get("glibc")}.',
     f'Measured in this run (fastest round): matmul peak {m["peak_flops"] / 1e9:.1f} GFLOP/s, memory bandwidth '
     f'{m["bandwidth"] / 1e9:.1f} GB/s (read + write). Roofline bound = max(FLOPs / peak, bytes / bandwidth) of '
     "the compiled program; % of bound = bound / measured; interface bound = the same with only the layer's "
@@ -227,7 +228,7 @@ def main():
     glibc_tunables=os.environ.get('GLIBC_TUNABLES', '(unset)'),
     device=str(jax.devices()[0]),
     cpus=os.cpu_count(),
-    cpu=bench.machine()['cpu'],
+    **{k: v for k, v in bench.machine().items() if k in ('cpu', 'thp', 'glibc')},  # what the figures depend on
     batch=BATCH,
     rows=ROWS,
     rounds=ROUNDS,
