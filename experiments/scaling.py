@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from experiments import report  # the report's mean ± 2 SE rule
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 FAMILY_STYLE = {  # family: (colour, marker)
   'baseline': ('black', 'o'),
@@ -397,6 +399,7 @@ def fit_and_compare(results: list[dict], warmup_steps: int = 40) -> dict:
   ln = fits['L(N)']
   lc = fits['L(C) compute']
   interp = baseline_interpolation(base)
+  log_n, log_loss = np.log(np.asarray(interp)).T if interp else (None, None)
   for r in results:
     row = dict(
       name=r['name'],
@@ -410,7 +413,6 @@ def fit_and_compare(results: list[dict], warmup_steps: int = 40) -> dict:
       row['vs_L(N)_trainable'] = r['final_loss'] / float(predict(ln, row['trainable'])) - 1
       row['vs_L(N)_all'] = r['final_loss'] / float(predict(ln, max(row['emulated'], row['total']))) - 1
     if interp and interp[0][0] <= row['trainable'] <= interp[-1][0]:
-      log_n, log_loss = np.log(np.asarray(interp)).T
       row['vs_baselines_interpolated'] = (
         r['final_loss'] / float(np.exp(np.interp(np.log(row['trainable']), log_n, log_loss))) - 1
       )
@@ -664,10 +666,8 @@ def markdown(results: list[dict], analysis: dict, sweep: str, plots: list[str], 
 
 
 def _mean_2se(values) -> str:
-  v = np.asarray(values, np.float64)
-  if len(v) < 2:
-    return f'{100 * v.mean():+.2f}%'
-  return f'{100 * v.mean():+.2f}% ± {100 * 2 * v.std(ddof=1) / math.sqrt(len(v)):.2f}%'
+  m, h = report.paired(values)
+  return f'{100 * m:+.2f}%' if h is None else f'{100 * m:+.2f}% ± {100 * h:.2f}%'
 
 
 def _markdown_seeds(analysis: dict) -> list[str]:
@@ -705,10 +705,11 @@ def _markdown_seeds(analysis: dict) -> list[str]:
   for key in ('L(N)', 'L(C) compute'):
     vals = [seeds[n]['exponents'][key] for n in names]
     if None not in vals:
-      v = np.asarray(vals)
-      se2 = 2 * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float('nan')
+      m, h = report.paired(vals)
       lines.append(
-        f'| baseline | {key} exponent | ' + ' | '.join(f'{x:.4f}' for x in vals) + f' | {v.mean():.4f} ± {se2:.4f} |'
+        f'| baseline | {key} exponent | '
+        + ' | '.join(f'{x:.4f}' for x in vals)
+        + f' | {m:.4f} ± {float("nan") if h is None else h:.4f} |'
       )
   return lines
 
