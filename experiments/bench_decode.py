@@ -9,8 +9,9 @@ with a KV cache. Per batch size, in interleaved rounds: the whole generation (pr
 alone (one new token), tokens/s and the per-token latency ((whole - prefill) / (new - 1)); and whether the greedy
 tokens are identical. torch runs with torch.set_num_threads(cores); effjax's generation is one jitted program
 (sample.generate_cached: prefill, then a lax.scan over the new tokens; the KV cache holds prompt + new tokens
-rounded up to 64). The import's scanned layer stack is relaid out unrolled once, before timing
-(sample.unrolled_for_decoding, as sample.generate does once per call; the time is recorded as relayout_s).
+rounded up to 64). The import is relaid out for decoding once, before timing (sample.decoding_layout, as
+sample.generate does once per call; the time is recorded as relayout_s): its scanned layer stack unrolled and, on
+CPU, its dense kernels stored [out, in] (structured.matmul_out_major).
 Records the CPU model, cores, transparent-hugepage mode, GLIBC_TUNABLES (malloc huge pages) and the load average
 before and after. Writes experiments/results/bench_decode.{json,md} (or --out).
 """
@@ -85,6 +86,7 @@ def run(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from effjax import sample  # pylint: disable=import-outside-toplevel
+  from effjax.models import layers  # pylint: disable=import-outside-toplevel
   from experiments.bench import machine  # pylint: disable=import-outside-toplevel
 
   torch.set_num_threads(os.cpu_count() or 1)
@@ -95,11 +97,12 @@ def run(args) -> dict:
   with tempfile.TemporaryDirectory() as root:
     hf, model, variables = build_pair(args.layers, args.width, args.heads, args.vocab, args.ctx, root)
     t0 = time.perf_counter()
-    model, variables = jax.block_until_ready(sample.unrolled_for_decoding(model, variables))
+    model, variables = jax.block_until_ready(sample.decoding_layout(model, variables))
     env['relayout_s'], env['decode_layers'] = (
       time.perf_counter() - t0,
       ('scanned' if model.cfg.scan_layers else 'unrolled'),
     )
+    env['decode_kernels'] = '[out, in]' if layers.out_major(model.cfg) else '[in, out]'
     for batch in args.batches:
       prompt = np.random.default_rng(batch).integers(0, args.vocab, (batch, args.prompt_len)).astype(np.int32)
       fns = {
@@ -171,7 +174,8 @@ def markdown(result: dict) -> str:
     '',
     f'{mach["cpu"]} ({mach["cpus"]} cores); jax {mach["jax"]} on {mach["backend"]}; transparent huge pages '
     f'{mach["thp"]}; GLIBC_TUNABLES={mach["glibc_tunables"] or "(unset)"}; {mach["glibc"]}; effjax decodes with '
-    f'{mach["decode_layers"]} layers (relaid out once in {mach["relayout_s"]:.1f} s)',
+    f'{mach["decode_layers"]} layers and {mach.get("decode_kernels", "[in, out]")} dense kernels (relaid out once '
+    f'in {mach["relayout_s"]:.1f} s)',
     '',
     '| impl | batch | prompt | new | whole s | prefill ms | per-token ms | tokens/s | effjax speedup | '
     'greedy identical |',

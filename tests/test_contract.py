@@ -14,7 +14,7 @@ import pytest
 
 from effjax import accounting, checkpoint, config_lookup, sample, state, train
 from effjax.errors import EffjaxError
-from effjax.models import build_model
+from effjax.models import build_model, layers
 from tests.helpers import assert_causal, one_device, set_dotted, train_losses
 
 VOCAB = 50
@@ -94,9 +94,10 @@ def test_cached_greedy_generation_equals_uncached(name, extra):
   cached = sample.generate_cached(model, variables, prompt_BxP, jax.random.key(0), **args)
   uncached = sample.generate_uncached(model, variables, prompt_BxP, jax.random.key(0), **args)
   np.testing.assert_array_equal(np.asarray(cached), np.asarray(uncached))
-  decoding, relaid = sample.unrolled_for_decoding(model, variables)
+  decoding, relaid = sample.decoding_layout(model, variables)
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   assert count(relaid) == count(variables)
+  assert layers.out_major(decoding.cfg)  # on CPU every family's plain dense kernels are relaid out [out, in]
   if name == 'gpt' and m.share_layers == 'none':
     assert m.scan_layers and not decoding.cfg.scan_layers
 

@@ -1,6 +1,7 @@
 """Claims about effjax.models.structured: exact transforms, explicit matrices, param counts, init scale."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -214,6 +215,24 @@ def test_make_dense_dense_kind_annotates_axes_and_counts_match():
   assert 0.005 < std < 0.04
   custom = st.make_dense('dense')(features=8, kernel_init=nn.initializers.ones)
   assert np.all(nn.unbox(custom.init(jax.random.key(0), x))['params']['kernel'] == 1)
+
+
+@pytest.mark.parametrize('lead', [(1,), (2, 4), (3, 40)], ids=['1row', '8rows', '120rows'])
+def test_out_major_dense_is_the_same_map_with_the_kernel_transposed(lead):
+  """The decode layout: kernel stored [out, in] under reversed axis names; the same y for a few rows (the barrier
+  path, <= FEW_ROWS) and for many (a plain dot)."""
+  x = jax.random.normal(jax.random.key(1), (*lead, 16))
+  plain = st.Dense(features=24, kernel_axes=('embed', 'mlp'))
+  boxed = plain.init(jax.random.key(0), x)
+  out_major = st.Dense(features=24, kernel_axes=('embed', 'mlp'), out_major=True)
+  boxed_t = jax.eval_shape(out_major.init, jax.random.key(0), x)
+  assert tuple(nn.get_partition_spec(boxed_t)['params']['kernel']) == ('mlp', 'embed')
+  params = nn.unbox(boxed)['params']
+  params_t = {**params, 'kernel': params['kernel'].T}
+  np.testing.assert_allclose(
+    jax.jit(out_major.apply)({'params': params_t}, x), plain.apply({'params': params}, x), rtol=1e-5, atol=1e-5
+  )
+  assert (math.prod(lead) <= st.FEW_ROWS) == (lead != (3, 40))
 
 
 def test_structured_params_carry_logical_axes():

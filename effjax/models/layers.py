@@ -142,15 +142,25 @@ def decode_len(cfg: Config) -> int:
   return int(cfg.get('decode_len', 0) or cfg.max_len)
 
 
+# Set by the sampler only (like decode_len): plain dense kernels stored [out, in] (structured.matmul_out_major).
+OUT_MAJOR = 'kernels_out_major'
+
+
+def out_major(cfg: Config) -> bool:
+  return bool(cfg.get(OUT_MAJOR, False))
+
+
 def make_dense(cfg: Config, kind: str):
   """The layer class of dense kind `kind` with the model's options, bias and dtypes bound (called like nn.Dense).
   Residual projections pass `**structured.residual_init(kind, std)`: smaller at start (GPT-2) where the kind
   takes an init, its own init otherwise."""
+  layout = {'out_major': True} if kind == structured.PLAIN and out_major(cfg) else {}
   return functools.partial(
     structured.make_dense(kind, **structured.kind_options(kind, cfg)),
     use_bias=cfg.use_bias,
     dtype=dtype_of(cfg.dtype),
     param_dtype=dtype_of(cfg.param_dtype),
+    **layout,
   )
 
 
@@ -427,6 +437,31 @@ def unstack_like(variables: dict, scanned: dict, unrolled: dict) -> dict | None:
   return flax.traverse_util.unflatten_dict(out)
 
 
+def transpose_like(variables: dict, source: dict, target: dict) -> dict | None:
+  """`variables` (laid out as the boxed abstract tree `source`) in the layout of the boxed abstract tree `target`,
+  where a leaf's axes may be permuted (an out-major kernel: ('embed', 'mlp') -> ('mlp', 'embed')), or None where
+  some leaf cannot be mapped. The axis names say which permutation; leaves with the same names are as they are."""
+  flat_source, flat_vars = flax.traverse_util.flatten_dict(source), flax.traverse_util.flatten_dict(variables)
+  out = {}
+  for path, want in flax.traverse_util.flatten_dict(target).items():
+    if path not in flat_vars or path not in flat_source:
+      return None
+    value, have_names, want_names = (
+      flat_vars[path],
+      getattr(flat_source[path], 'names', None),
+      getattr(want, 'names', None),
+    )
+    if have_names != want_names:
+      unique = have_names and len(set(have_names)) == len(have_names)
+      if not unique or len(want_names or ()) != len(have_names) or set(want_names) != set(have_names):
+        return None
+      value = jnp.transpose(value, [have_names.index(n) for n in want_names])
+    if tuple(value.shape) != tuple(nn.unbox(want).shape):
+      return None
+    out[path] = value
+  return flax.traverse_util.unflatten_dict(out)
+
+
 class Embedder(nn.Module):
   """Token (+ learned position) embedding, optionally factorized: a V×E table then an E×D projection.
 
@@ -465,6 +500,8 @@ class Embedder(nn.Module):
     dt = dtype_of(self.cfg.dtype)
     if self.cfg.embed_dim:
       x_BxTxD = x_BxTxD.astype(dt) @ self.projection.astype(dt).T
+    if out_major(self.cfg):  # decoding on CPU: the V×D table is already [out, in]
+      return structured.matmul_out_major(x_BxTxD.astype(dt), self.embedding.astype(dt))
     # contracting both last axes (not `x @ table.T`): XLA:CPU then reads the V×D table as stored instead of
     # materialising its transpose (inside a decode loop, once per new token)
     return jnp.einsum('btd,vd->btv', x_BxTxD.astype(dt), self.embedding.astype(dt))
@@ -481,13 +518,14 @@ class OutputHead(nn.Module):
     if cfg.tie_embeddings and embedder is not None:
       logits = embedder.attend(x_BxTxD)
     else:
-      logits = nn.Dense(
+      logits = structured.Dense(
         cfg.vocab_size,
         use_bias=cfg.head_bias,
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
-        kernel_init=normal_init(INIT_STD, ('embed', 'vocab')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('vocab',)),
+        kernel_axes=('embed', 'vocab'),
+        kernel_init=nn.initializers.normal(INIT_STD),
+        out_major=out_major(cfg),
         name='head',
       )(x_BxTxD)
     return logits.astype(jnp.float32)
