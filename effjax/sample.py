@@ -102,25 +102,28 @@ def decoding_layout(model, variables):
 
   Unrolled: a scanned stack carries its KV cache through the layer scan, which slices and re-stacks the whole
   [L, ...] cache at every new token; unrolled, each layer's cache is updated in place. Stacks that share a block
-  (model.share_layers) keep their layout, as does any stack layers.unstack_like cannot map.
+  (model.share_layers) keep their layout, as does any stack layers.relayout_like cannot map.
   Out-major: one new token per sequence is a matmul of a few rows, which XLA:CPU runs about 2x faster with the
   kernel as the left operand (structured.matmul_out_major); on other backends the kernels stay [in, out].
   Callers that generate repeatedly relay out once (this copies the weights); generate_cached does it itself for
   a model it is given in the training layout."""
   cfg = model.cfg
   if cfg.get('scan_layers') and cfg.get('share_layers', 'none') == 'none':
-    unrolled = _with_config(model, scan_layers=False)
-    scanned_abs, unrolled_abs = _abstract_variables(model), _abstract_variables(unrolled)
-    relaid = layers.unstack_like(variables, scanned_abs, unrolled_abs) if set(unrolled_abs) == set(variables) else None
-    if relaid is not None:
-      model, variables = unrolled, relaid
+    model, variables = _relaid(model, variables, scan_layers=False)
   if jax.default_backend() == 'cpu' and not layers.out_major(model.cfg):
-    transposed = _with_config(model, **{layers.OUT_MAJOR: True})
-    source, target = _abstract_variables(model), _abstract_variables(transposed)
-    relaid = layers.transpose_like(variables, source, target) if set(target) == set(variables) else None
-    if relaid is not None:
-      model, variables = transposed, relaid
+    model, variables = _relaid(model, variables, **{layers.OUT_MAJOR: True})
   return model, variables
+
+
+def _relaid(model, variables, **changes):
+  """(the model with config `changes`, `variables` in its layout), or both as they are where layers.relayout_like
+  cannot map them."""
+  changed = _with_config(model, **changes)
+  target = _abstract_variables(changed)
+  relaid = (
+    layers.relayout_like(variables, _abstract_variables(model), target) if set(target) == set(variables) else None
+  )
+  return (model, variables) if relaid is None else (changed, relaid)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -59,14 +59,14 @@ def test_decoding_layout_keeps_every_weight_and_transposes_only_dense_kernels():
   np.testing.assert_allclose(decoding.apply(relaid, tokens), model.apply(variables, tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_transpose_like_refuses_leaves_it_cannot_map():
+def test_relayout_like_refuses_leaves_it_cannot_map():
   """Axis names that are not a permutation of the source's (or a missing leaf) give None, not a guess."""
   src = {'w': nn.Partitioned(jnp.zeros((2, 3)), ('embed', 'mlp'))}
-  assert layers.transpose_like(
-    {'w': jnp.ones((2, 3))}, src, {'w': nn.Partitioned(jnp.zeros((3, 2)), ('mlp', 'embed'))}
-  )['w'].shape == (3, 2)
+  assert layers.relayout_like({'w': jnp.ones((2, 3))}, src, {'w': nn.Partitioned(jnp.zeros((3, 2)), ('mlp', 'embed'))})[
+    'w'
+  ].shape == (3, 2)
   assert (
-    layers.transpose_like({'w': jnp.ones((2, 3))}, src, {'w': nn.Partitioned(jnp.zeros((3, 2)), ('mlp', 'vocab'))})
+    layers.relayout_like({'w': jnp.ones((2, 3))}, src, {'w': nn.Partitioned(jnp.zeros((3, 2)), ('mlp', 'vocab'))})
     is None
   )
-  assert layers.transpose_like({}, src, src) is None
+  assert layers.relayout_like({}, src, src) is None

@@ -409,53 +409,38 @@ def _take_layer(x, i, axis: int):
   return jax.lax.dynamic_index_in_dim(x, i, axis, keepdims=False)
 
 
-def unstack_like(variables: dict, scanned: dict, unrolled: dict) -> dict | None:
-  """`variables` (laid out as the boxed abstract tree `scanned`) in the layout of the abstract tree `unrolled` (the
-  same model with scan_layers=False), or None where some leaf cannot be mapped. Any family works: a leaf at
-  .../layer_i/... of `unrolled` is index i of .../layers/... of `scanned`, taken on the axis its metadata names
-  'layers' (so a stack inside a vmap, whose leading axis is another, is read right); other leaves are as they are.
-  """
-  flat_scanned = flax.traverse_util.flatten_dict(scanned)
+def relayout_like(variables: dict, source: dict, target: dict) -> dict | None:
+  """`variables` (laid out as the boxed abstract tree `source`) in the layout of the boxed abstract tree `target`,
+  the same model with another layout, or None where some leaf cannot be mapped. Any family works:
+  - unstacking (target has scan_layers=False): a leaf at .../layer_i/... of `target` is index i of
+    .../layers/... of `source`, taken on the axis its metadata names 'layers' (so a stack inside a vmap, whose
+    leading axis is another, is read right);
+  - permuted axes (an out-major kernel: ('embed', 'mlp') -> ('mlp', 'embed')): the axis names say which
+    permutation. Leaves with the same names are as they are."""
+  flat_source = flax.traverse_util.flatten_dict(source)
   flat_vars = flax.traverse_util.flatten_dict(variables)
   out = {}
-  for path, want in flax.traverse_util.flatten_dict(unrolled).items():
+  for path, want in flax.traverse_util.flatten_dict(target).items():
     layer = [(j, int(k[6:])) for j, k in enumerate(path) if k.startswith('layer_') and k[6:].isdigit()]
+    if path in flat_source:  # the same leaf in both layouts (a stack already unrolled, or none)
+      layer = []
     if len(layer) > 1:
       return None
-    source = path[: layer[0][0]] + ('layers',) + path[layer[0][0] + 1 :] if layer else path
-    if source not in flat_vars or source not in flat_scanned:
+    source_path = path[: layer[0][0]] + ('layers',) + path[layer[0][0] + 1 :] if layer else path
+    if source_path not in flat_vars or source_path not in flat_source:
       return None
-    value = flat_vars[source]
+    value, names = flat_vars[source_path], getattr(flat_source[source_path], 'names', None)
     if layer:
-      names = getattr(flat_scanned[source], 'names', None)
       if not names or 'layers' not in names:
         return None
-      value = _take_layer(value, layer[0][1], names.index('layers'))
-    if tuple(value.shape) != tuple(nn.unbox(want).shape):
-      return None
-    out[path] = value
-  return flax.traverse_util.unflatten_dict(out)
-
-
-def transpose_like(variables: dict, source: dict, target: dict) -> dict | None:
-  """`variables` (laid out as the boxed abstract tree `source`) in the layout of the boxed abstract tree `target`,
-  where a leaf's axes may be permuted (an out-major kernel: ('embed', 'mlp') -> ('mlp', 'embed')), or None where
-  some leaf cannot be mapped. The axis names say which permutation; leaves with the same names are as they are."""
-  flat_source, flat_vars = flax.traverse_util.flatten_dict(source), flax.traverse_util.flatten_dict(variables)
-  out = {}
-  for path, want in flax.traverse_util.flatten_dict(target).items():
-    if path not in flat_vars or path not in flat_source:
-      return None
-    value, have_names, want_names = (
-      flat_vars[path],
-      getattr(flat_source[path], 'names', None),
-      getattr(want, 'names', None),
-    )
-    if have_names != want_names:
-      unique = have_names and len(set(have_names)) == len(have_names)
-      if not unique or len(want_names or ()) != len(have_names) or set(want_names) != set(have_names):
+      axis = names.index('layers')
+      value, names = _take_layer(value, layer[0][1], axis), names[:axis] + names[axis + 1 :]
+    want_names = getattr(want, 'names', None)
+    if names != want_names:
+      unique = names and len(set(names)) == len(names)
+      if not unique or len(want_names or ()) != len(names) or set(want_names) != set(names):
         return None
-      value = jnp.transpose(value, [have_names.index(n) for n in want_names])
+      value = jnp.transpose(value, [names.index(n) for n in want_names])
     if tuple(value.shape) != tuple(nn.unbox(want).shape):
       return None
     out[path] = value
