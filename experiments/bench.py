@@ -210,8 +210,22 @@ IMPLS = {  # torch sub-benchmark: name -> worker kind
   'torch eager': 'torch',
   'torch.compile': 'torch-compile',
 }
-CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + CLI_WINDOWS windows of CLI_LOG_EVERY steps
+CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + cli_windows() windows of CLI_LOG_EVERY steps
 CLI_WINDOWS = 3
+# Steps per implementation per round where a step is short: at 4L (~50 ms steps) a burst of 3 bare steps and 3
+# CLI windows of 4 steps were inside the step-to-step noise (CLI windows ranged 48-72 ms in one run), so the
+# loop's overhead was not established; 24 steps cost about 1.2 s per implementation and round.
+ROUND_STEPS = {'4L-128d-ctx64-b12': 24}
+
+
+def round_steps(args, size_name: str) -> int:
+  """Back-to-back steps each implementation runs per round at this size (the first is reported apart)."""
+  return max(args.burst, ROUND_STEPS.get(size_name, 0))
+
+
+def cli_windows(args, size_name: str) -> int:
+  """Logged windows of the CLI's run per round: at least CLI_WINDOWS, and as many steps as the bare bursts."""
+  return max(CLI_WINDOWS, -(-round_steps(args, size_name) // CLI_LOG_EVERY))
 
 
 def _build_worker_step(kind: str, size):
@@ -326,14 +340,14 @@ class _Worker:
 
 class _CliWorker:
   """`python -m effjax.main` itself, as a user runs it (its own environment, data pipeline, logging, metrics and
-  final checkpoint): each call trains a fresh run of 1 + CLI_WINDOWS * CLI_LOG_EVERY steps on the embedded corpus
+  final checkpoint): each call trains a fresh run of 1 + cli_windows() * CLI_LOG_EVERY steps on the embedded corpus
   (byte tokenizer: vocabulary 256, as the bare step) and reports the median of the step times the CLI itself
   logs (effjax.metrics.StepClock: the loop's time between log points, compile, eval and checkpoints excluded)."""
 
   def __init__(self, args, size_name: str):
     layers, d, heads, seq, batch = sizes_of(args)[size_name]
     self.root = tempfile.mkdtemp(prefix='effjax-bench-cli-')
-    steps = 1 + CLI_WINDOWS * CLI_LOG_EVERY
+    steps = 1 + cli_windows(args, size_name) * CLI_LOG_EVERY
     self.argv = [
       sys.executable,
       '-m',
@@ -453,7 +467,7 @@ def run_torch(args) -> dict:
       for r in range(args.rounds):
         peaks.append(peak_worker.call('peak')['peak'])
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no fixed predecessor
-          out = workers[name].call(f'step {args.burst}')
+          out = workers[name].call(f'step {round_steps(args, size_name)}')
           times[name].append(out['t'])
           firsts[name].append(out['t_first'])
           faults[name].append(out['faults_per_step'])
@@ -477,6 +491,8 @@ def run_torch(args) -> dict:
         batch=b,
         seq_len=t,
         flops_per_token_fwd=fwd,
+        steps_per_round=round_steps(args, size_name),
+        cli_steps_per_round=cli_windows(args, size_name) * CLI_LOG_EVERY,
         rows=rows,
         peak_flops_median=_med(peaks),
         peak_flops_best=max(peaks),
@@ -692,6 +708,14 @@ def _torch_section(r) -> list[str]:
     'the other effjax rows time the bare jitted step; its `compile s` is the wall time of its first whole run '
     '(preparing the dataset included).',
     '',
+    'Steps per implementation per round: '
+    + '; '.join(
+      f'{s["size"]}: {s.get("steps_per_round", "?")} bare (median of all but the first), CLI '
+      f'{s.get("cli_steps_per_round", "?")} (median of its logged windows of {CLI_LOG_EVERY})'
+      for s in r['result']['sizes']
+    )
+    + '.',
+    '',
     '| size | impl | step ms (median) | step ms (best) | tokens/s | MFU (median) | MFU (best) | '
     'effjax speedup over it (paired median) | (best/best) | compile s | first step after idle ms | '
     'page faults/step | peak RSS MB |',
@@ -889,7 +913,8 @@ def parse(argv):
     '--burst',
     type=int,
     default=3,
-    help='torch: back-to-back steps per implementation per round (the first is reported apart)',
+    help='torch: back-to-back steps per implementation per round (the first is reported apart); sizes with short '
+    'steps run more (bench.ROUND_STEPS)',
   )
   p.add_argument('--families', default='', help='train/memory: comma-separated subset of families')
   p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction, default=True)

@@ -12,6 +12,10 @@ tokens are identical. torch runs with torch.set_num_threads(cores); effjax's gen
 rounded up to 64). The import is relaid out for decoding once, before timing (sample.decoding_layout, as
 sample.generate does once per call; the time is recorded as relayout_s): its scanned layer stack unrolled and, on
 CPU, its dense kernels stored [out, in] (structured.matmul_out_major).
+Beside them, the weight-streaming floor: `batch` rows multiplied once by every weight matrix of the decode layout
+(dense kernels and the tied head's table; positions and KV cache not counted), with the kernel decoding uses and
+nothing else, timed in the same rounds (weight_floor). No decoder of these f32 weights does a new token faster on
+this machine, so transformers' per-token time over the floor is the largest speedup over it the machine allows.
 Records the CPU model, cores, transparent-hugepage mode, GLIBC_TUNABLES (malloc huge pages) and the load average
 before and after. Writes experiments/results/bench_decode.{json,md} (or --out).
 """
@@ -82,6 +86,36 @@ def effjax_generate(model, variables, prompt: np.ndarray, new: int) -> np.ndarra
   return np.asarray(jax.block_until_ready(out))
 
 
+FLOOR_REPEATS = 10  # floor calls per round (one is ~20 ms at GPT-2 shape, batch 1): their median is the round's
+
+
+def weight_floor(model, variables, batch: int):
+  """(jitted callable, bytes it reads): `batch` rows through every weight matrix once, as decoding multiplies
+  them (structured.matmul_out_major for [out, in] kernels and the head's [vocab, d] table), the sum of the results
+  returned so nothing is dropped. The position table (one row per token) is left out."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from effjax.models import layers, structured  # pylint: disable=import-outside-toplevel
+
+  out_major = layers.out_major(model.cfg)
+  mats = [
+    (leaf, key[-1].key == 'embedding' or out_major)
+    for key, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+    if leaf.ndim == 2 and key[-1].key in ('kernel', 'embedding')
+  ]
+
+  @jax.jit
+  def floor(weights):
+    total = jnp.zeros((), jnp.float32)
+    for w, is_out_major in zip(weights, (m for _, m in mats)):
+      x = jnp.full((batch, w.shape[1 if is_out_major else 0]), 0.01, w.dtype)
+      total += jnp.sum(structured.matmul_out_major(x, w) if is_out_major else x @ w)
+    return total
+
+  weights = [w for w, _ in mats]
+  return (lambda: jax.block_until_ready(floor(weights))), sum(w.nbytes for w in weights)
+
+
 def run(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -105,7 +139,9 @@ def run(args) -> dict:
     env['decode_kernels'] = '[out, in]' if layers.out_major(model.cfg) else '[in, out]'
     for batch in args.batches:
       prompt = np.random.default_rng(batch).integers(0, args.vocab, (batch, args.prompt_len)).astype(np.int32)
+      floor, floor_bytes = weight_floor(model, variables, batch)
       fns = {
+        ('effjax', 'floor'): lambda: [floor() for _ in range(FLOOR_REPEATS)],
         ('effjax', 'whole'): lambda: effjax_generate(model, variables, prompt, args.new_tokens),
         ('effjax', 'prefill'): lambda: effjax_generate(model, variables, prompt, 1),
         ('transformers', 'whole'): lambda: hf_generate(hf, prompt, args.new_tokens),
@@ -142,6 +178,9 @@ def run(args) -> dict:
           )
         )
       rows[-2]['speedup_vs_transformers'] = med[('transformers', 'whole')] / med[('effjax', 'whole')]
+      floor_ms = med[('effjax', 'floor')] / FLOOR_REPEATS * 1e3
+      rows[-2].update(floor_ms=floor_ms, floor_bytes=floor_bytes, floor_gb_per_s=floor_bytes / floor_ms / 1e6)
+      rows[-2]['floor_allows'] = rows[-1]['per_token_ms'] / floor_ms  # transformers' per token over the floor
       rows[-2]['cache_len'] = sample.cache_length(args.prompt_len, args.new_tokens, model.cfg.max_len)
       rows[-2]['greedy_identical'] = bool((ours == theirs).all())
       rows[-2]['greedy_agreement'] = float((ours == theirs).mean())
@@ -181,12 +220,27 @@ def markdown(result: dict) -> str:
     'greedy identical |',
     '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|',
   ]
+  floors = [r for r in result['rows'] if 'floor_ms' in r]
   for r in result['rows']:
     out.append(
       f'| {r["impl"]} | {r["batch"]} | {r["prompt"]} | {r["new_tokens"]} | {r["whole_s"]:.2f} | '
       f'{r["prefill_ms"]:.1f} | {r["per_token_ms"]:.2f} | {r["tokens_per_sec"]:,.1f} | '
       f'{r.get("speedup_vs_transformers", float("nan")):.2f}x | {r.get("greedy_identical", "")} |'
     )
+  if floors:
+    out += [
+      '',
+      'Weight-streaming floor (every weight matrix read once by the decode kernel, nothing else; same rounds):',
+      '',
+      '| batch | floor ms | GB/s | effjax per-token / floor | transformers per-token / floor (largest possible '
+      'speedup) |',
+      '|---:|---:|---:|---:|---:|',
+    ]
+    for r in floors:
+      out.append(
+        f'| {r["batch"]} | {r["floor_ms"]:.2f} | {r["floor_gb_per_s"]:.1f} | '
+        f'{r["per_token_ms"] / r["floor_ms"]:.2f}x | {r["floor_allows"]:.2f}x |'
+      )
   return '\n'.join(out) + '\n'
 
 

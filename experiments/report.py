@@ -640,11 +640,10 @@ def derive_speed_targets(res: dict) -> dict:
     blockdiag_pct_of_bound=round(bd['pct_of_bound']),
   )
   if 'bench_decode' in res:
-    out['decode'] = {
-      str(r['batch']): round(r['speedup_vs_transformers'], 2)
-      for r in res['bench_decode']['rows']
-      if 'speedup_vs_transformers' in r
-    }
+    ours = [r for r in res['bench_decode']['rows'] if 'speedup_vs_transformers' in r]
+    out['decode'] = {str(r['batch']): round(r['speedup_vs_transformers'], 2) for r in ours}
+    if all('floor_allows' in r for r in ours):
+      out['decode_floor_allows'] = {str(r['batch']): round(r['floor_allows'], 2) for r in ours}
   return out
 
 
@@ -699,12 +698,16 @@ def block_targets(res, d):
     ],
   ]
   if 'decode' in t:
+    floor = t.get('decode_floor_allows', {})
+    beyond_floor = [b for b, v in floor.items() if v < g['decode']]
     rows.append(
       [
         f'KV-cache decoding ≥ {g["decode"]}× transformers generate (batch ' + ' / '.join(t['decode']) + ')',
-        ' / '.join(f'{v:.2f}x' for v in t['decode'].values()),
+        ' / '.join(f'{v:.2f}x' for v in t['decode'].values())
+        + ('; the weight-streaming floor allows ' + ' / '.join(f'{v:.2f}x' for v in floor.values()) if floor else ''),
         '`bench_decode.md`',
-        met([v >= g['decode'] for v in t['decode'].values()]),
+        met([v >= g['decode'] for v in t['decode'].values()])
+        + (f' (beyond the floor at batch {", ".join(beyond_floor)})' if beyond_floor else ''),
       ]
     )
   return table(['target (issue 19)', 'measured', 'file', 'verdict (one timing run each)'], 'llll', rows)

@@ -390,7 +390,8 @@ def test_peak_rss_sums_the_process_tree():
 @pytest.mark.slow
 def test_bench_decode_greedy_tokens_match_transformers(tmp_path):
   """experiments/bench_decode.py on a small GPT-2 shape: effjax's KV-cache decoding of the imported model gives
-  exactly the tokens of transformers' greedy generate, and the table has a row per implementation and batch."""
+  exactly the tokens of transformers' greedy generate, the table has a row per implementation and batch, and the
+  weight-streaming floor reads every weight matrix once."""
   from experiments import bench_decode  # pylint: disable=import-outside-toplevel
 
   result = bench_decode.main(
@@ -412,3 +413,9 @@ def test_bench_decode_greedy_tokens_match_transformers(tmp_path):
     assert rows[('effjax', b)]['greedy_identical'] and rows[('effjax', b)]['greedy_agreement'] == 1.0
     assert all(r['whole_s'] > 0 and r['tokens_per_sec'] > 0 for r in rows.values())
   assert (tmp_path / 'bd.md').read_text().count('| effjax |') == 2
+  # the floor streams every weight matrix once: 2 layers of q, k, v, out (64x64) and fc, proj (64x256), the head
+  weight_bytes = 4 * (2 * (4 * 64 * 64 + 2 * 64 * 256) + 512 * 64)
+  for b in (1, 3):
+    ours, theirs = rows[('effjax', b)], rows[('transformers', b)]
+    assert ours['floor_bytes'] == weight_bytes and ours['floor_ms'] > 0
+    assert ours['floor_allows'] == pytest.approx(theirs['per_token_ms'] / ours['floor_ms'])
