@@ -210,8 +210,12 @@ IMPLS = {  # torch sub-benchmark: name -> worker kind
   'torch eager': 'torch',
   'torch.compile': 'torch-compile',
 }
-CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + cli_windows() windows of CLI_LOG_EVERY steps
+CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + CLI_WARMUP_WINDOWS + cli_windows() windows
 CLI_WINDOWS = 3
+# The first windows of a fresh CLI process are slower (at 4L ~87 ms steps for 8 steps, then 51-66 ms: its fresh
+# buffers are faulted in, the input pipeline fills); the bare worker's warm-up steps are not timed either.
+# They are reported apart, as the bare step's first step after idle is.
+CLI_WARMUP_WINDOWS = 2
 # Steps per implementation per round where a step is short: at 4L (~50 ms steps) a burst of 3 bare steps and 3
 # CLI windows of 4 steps were inside the step-to-step noise (CLI windows ranged 48-72 ms in one run), so the
 # loop's overhead was not established; 24 steps cost about 1.2 s per implementation and round.
@@ -340,14 +344,15 @@ class _Worker:
 
 class _CliWorker:
   """`python -m effjax.main` itself, as a user runs it (its own environment, data pipeline, logging, metrics and
-  final checkpoint): each call trains a fresh run of 1 + cli_windows() * CLI_LOG_EVERY steps on the embedded corpus
-  (byte tokenizer: vocabulary 256, as the bare step) and reports the median of the step times the CLI itself
-  logs (effjax.metrics.StepClock: the loop's time between log points, compile, eval and checkpoints excluded)."""
+  final checkpoint): each call trains a fresh run of 1 + (CLI_WARMUP_WINDOWS + cli_windows()) * CLI_LOG_EVERY
+  steps on the embedded corpus (byte tokenizer: vocabulary 256, as the bare step) and reports the median of the
+  step times the CLI itself logs after its warm-up windows (effjax.metrics.StepClock: the loop's time between log
+  points, compile, eval and checkpoints excluded), and the warm-up windows' median apart."""
 
   def __init__(self, args, size_name: str):
     layers, d, heads, seq, batch = sizes_of(args)[size_name]
     self.root = tempfile.mkdtemp(prefix='effjax-bench-cli-')
-    steps = 1 + cli_windows(args, size_name) * CLI_LOG_EVERY
+    steps = 1 + (CLI_WARMUP_WINDOWS + cli_windows(args, size_name)) * CLI_LOG_EVERY
     self.argv = [
       sys.executable,
       '-m',
@@ -392,7 +397,8 @@ class _CliWorker:
   def call(self, cmd: str) -> dict:
     del cmd
     times = self._train()
-    return {'t': float(sorted(times)[len(times) // 2]), 't_first': float('nan'), 'faults_per_step': float('nan')}
+    warm, timed = times[:CLI_WARMUP_WINDOWS], times[CLI_WARMUP_WINDOWS:]
+    return {'t': _med(timed), 't_first': _med(warm), 'faults_per_step': float('nan')}
 
   def close(self) -> dict:
     import shutil  # pylint: disable=import-outside-toplevel
@@ -711,7 +717,8 @@ def _torch_section(r) -> list[str]:
     'Steps per implementation per round: '
     + '; '.join(
       f'{s["size"]}: {s.get("steps_per_round", "?")} bare (median of all but the first), CLI '
-      f'{s.get("cli_steps_per_round", "?")} (median of its logged windows of {CLI_LOG_EVERY})'
+      f'{s.get("cli_steps_per_round", "?")} (median of its logged windows of {CLI_LOG_EVERY} after '
+      f'{CLI_WARMUP_WINDOWS} warm-up windows, whose median is its first step after idle)'
       for s in r['result']['sizes']
     )
     + '.',
