@@ -114,6 +114,28 @@ def test_fastfood_custom_vjps_match_plain_autodiff():
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+def test_fastfood_row_tiles_change_nothing(monkeypatch):
+  """On CPU the rows go through in cache-sized tiles (lax.map): output and every gradient equal the untiled
+  layer's. 2 x 150 rows at n = 64 with 32-row tiles: 10 tiles, the last one padded."""
+  layer = st.AdaptiveFastFood(200)
+  variables, x = _init(layer, 48, batch=(2, 150))
+  w = _randn(9, 2, 150, 200)
+
+  def loops_value_and_grads(tile_elements):  # fresh functions each time: jit and make_jaxpr cache by identity
+    monkeypatch.setattr(st, 'TILE_ELEMENTS', tile_elements)
+    f = lambda p, x: layer.apply({**variables, 'params': p}, x)
+    loops = str(jax.make_jaxpr(f)(variables['params'], x)).count('scan[')
+    grads = lambda p, x: jax.grad(lambda p, x: jnp.sum(f(p, x) * w), argnums=(0, 1))(p, x)
+    return loops, jax.jit(lambda p, x: (f(p, x), grads(p, x)))(variables['params'], x)
+
+  loops, tiled = loops_value_and_grads(32 * 64)
+  assert loops == 1
+  loops, whole = loops_value_and_grads(10**9)
+  assert loops == 0
+  for a, b in zip(jax.tree.leaves(tiled), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('d_in,d_out,bias', [(48, 200, True), (1024, 4096, True), (1000, 64, False)])
 def test_fastfood_params_are_linear_and_match_dense_params(d_in, d_out, bias):
   layer = st.AdaptiveFastFood(d_out, use_bias=bias)

@@ -198,6 +198,7 @@ class AdaptiveFastFood(nn.Module):
   Π is fixed: the 'constants' variable 'perm' [blocks, n] int32, drawn at init from `make_rng('params')`
   (flax folds in the module path, and nn.scan with split_rngs gives each layer its own), or, if `perm_seed` is
   set, from numpy with seed (perm_seed, crc32(module path)). Apply needs the 'constants' collection.
+  On CPU the rows go through in tiles that stay in cache (_in_row_tiles).
   """
 
   features: int
@@ -227,18 +228,41 @@ class AdaptiveFastFood(nn.Module):
     perm_KxN = self.variable('constants', 'perm', self._perm, k, n).value
     x_BxI, b_KxN, g_KxN, s_KxN = nn.dtypes.promote_dtype(x_BxI, b_KxN, g_KxN, s_KxN, dtype=self.dtype)
 
-    x_BxN = jnp.pad(x_BxI, [(0, 0)] * len(lead) + [(0, n - d_in)])
+    x_RxN = jnp.pad(x_BxI.reshape(-1, d_in), [(0, 0), (0, n - d_in)])
+    scale_KxN = s_KxN / math.sqrt(n * d_in)
+    inv_KxN = jnp.argsort(perm_KxN, axis=-1).astype(jnp.int32)
 
-    def block(args):
-      b_N, g_N, s_N, perm_N = args
-      h_BxN = _permute(fwht(x_BxN * b_N), perm_N, jnp.argsort(perm_N).astype(jnp.int32))
-      return fwht(h_BxN * g_N) * s_N
+    def blocks(x_TxN):  # every block on these rows, one after another: [T, k * n]
+      out = []
+      for i in range(k):
+        h_TxN = _permute(fwht(x_TxN * b_KxN[i]), perm_KxN[i], inv_KxN[i])
+        out.append(fwht(h_TxN * g_KxN[i]) * scale_KxN[i])
+      return jnp.concatenate(out, axis=-1)
 
-    # Blocks one after another: the working set stays [tokens, n] (on CPU ~20% less time, fewer page faults).
-    y_KxBxN = jax.lax.map(block, (b_KxN, g_KxN, s_KxN / math.sqrt(n * d_in), perm_KxN))
-    y_BxO = jnp.moveaxis(y_KxBxN, 0, -2).reshape(*lead, k * n)[..., : self.features]
+    y_RxO = _in_row_tiles(blocks, x_RxN, max(1, TILE_ELEMENTS // n))[:, : self.features]
+    y_BxO = y_RxO.reshape(*lead, self.features)
     bias_O = bias(self)
     return y_BxO if bias_O is None else y_BxO + bias_O.astype(y_BxO.dtype)
+
+
+TILE_ELEMENTS = 128 * 1024  # a FastFood row tile: [rows, n] f32 of 512 KB, inside this machine's 1 MB L2
+
+
+def _in_row_tiles(fn, x_RxN: jax.Array, tile_rows: int) -> jax.Array:
+  """fn(x) computed tile_rows rows at a time, one tile after another (lax.map), on the CPU backend.
+
+  FastFood's transforms are a dozen passes over a [rows, n] array each: over all 4096 rows of a batch every pass
+  streams 16 MB through memory, over 128 rows it stays in cache. At 4096 x 1024 -> 6144, fwd+bwd, the median of
+  9 interleaved calls went from 531 to 377 ms (256-row tiles: 401 ms; the blocks one after another over all rows,
+  as before, 531). Rows are padded up to a whole tile. Other backends, and inputs of at most one tile (decoding),
+  run fn on all rows at once."""
+  rows = x_RxN.shape[0]
+  if jax.default_backend() != 'cpu' or rows <= tile_rows:
+    return fn(x_RxN)
+  tiles = -(-rows // tile_rows)
+  x_RxN = jnp.pad(x_RxN, [(0, tiles * tile_rows - rows), (0, 0)])
+  y_TxRxO = jax.lax.map(fn, x_RxN.reshape(tiles, tile_rows, -1))
+  return y_TxRxO.reshape(tiles * tile_rows, -1)[:rows]
 
 
 class BlockDiagonalDense(nn.Module):
