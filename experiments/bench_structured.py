@@ -14,6 +14,7 @@ limit any implementation of the layer meets. The process runs with glibc huge pa
 (effjax/runtime.py).
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -62,10 +63,24 @@ def time_side_by_side(cands: dict, stat=np.median) -> dict:
 
 
 def compiled_cost(fn, args) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) of fn's compiled program, from XLA's cost analysis."""
+  """(FLOPs, bytes accessed) of fn's compiled program, from XLA's cost analysis (which counts a loop's body once:
+  see untiled)."""
   cost = fn.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost['flops']), float(cost['bytes accessed'])
+
+
+@contextlib.contextmanager
+def untiled():
+  """Layers traced inside run on all rows at once: XLA's cost analysis counts a while loop's body once, so the
+  row-tiled FastFood program (st._in_row_tiles) would be costed as one tile; untiled it is the same ops over all
+  rows. Only the roofline's FLOPs and bytes come from it; the timed program is the tiled one."""
+  tile = st.TILE_ELEMENTS
+  st.TILE_ELEMENTS = 2**62
+  try:
+    yield
+  finally:
+    st.TILE_ELEMENTS = tile
 
 
 def measure_machine() -> dict:
@@ -140,11 +155,11 @@ def bench_layer(d_in: int, d_out: int, machine: dict) -> list[dict]:
     'blockdiag': st.make_dense('blockdiag')(features=d_out),
   }
   dy_BxO = jax.random.normal(jax.random.key(2), (ROWS, d_out))
-  cands = {}
+  cands, rests = {}, {}
   for kind, layer in layers.items():
     variables = nn.unbox(layer.init(jax.random.key(1), x_BxI))
-    params, rest = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
-    cands[kind] = (jax.jit(functools.partial(fwd_bwd, layer, rest)), (params, x_BxI, dy_BxO))
+    params, rests[kind] = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+    cands[kind] = (jax.jit(functools.partial(fwd_bwd, layer, rests[kind])), (params, x_BxI, dy_BxO))
     assert sum(p.size for p in jax.tree.leaves(params)) == st.dense_params(kind, d_in, d_out)
   ms = time_side_by_side(cands)
   rows = []
@@ -164,7 +179,9 @@ def bench_layer(d_in: int, d_out: int, machine: dict) -> list[dict]:
     )
     # a training step's interface: x and params in, y out; dy in, dx and param grads out (f32)
     interface = 4 * (2 * ROWS * d_in + 2 * ROWS * d_out + 2 * row['params'])
-    rows.append(with_roofline(row, *cands[k], interface_bytes=interface, machine=machine))
+    with untiled():  # a fresh jit: traced again with the tiles off
+      costed = jax.jit(functools.partial(fwd_bwd, layers[k], rests[k]))
+      rows.append(with_roofline(row, costed, cands[k][1], interface_bytes=interface, machine=machine))
   return rows
 
 
