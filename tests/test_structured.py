@@ -116,7 +116,7 @@ def test_fastfood_custom_vjps_match_plain_autodiff():
 
 def test_fastfood_row_tiles_change_nothing(monkeypatch):
   """On CPU the rows go through in cache-sized tiles (lax.map): output and every gradient equal the untiled
-  layer's. 2 x 150 rows at n = 64 with 32-row tiles: 10 tiles, the last one padded."""
+  layer's. 2 x 150 rows at n = 64 in tiles of 32 rows (16 of each sequence): 10 tiles, the last one padded."""
   layer = st.AdaptiveFastFood(200)
   variables, x = _init(layer, 48, batch=(2, 150))
   w = _randn(9, 2, 150, 200)
@@ -134,6 +134,20 @@ def test_fastfood_row_tiles_change_nothing(monkeypatch):
   assert loops == 0
   for a, b in zip(jax.tree.leaves(tiled), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fastfood_row_tiles_keep_a_sharded_batch_sharded(monkeypatch):
+  """The tile loop runs over positions, not over the leading (batch) axis a mesh shards: on 8 devices with the
+  batch sharded, XLA gathers nothing and the output stays sharded like the input."""
+  monkeypatch.setattr(st, 'TILE_ELEMENTS', 32 * 64)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('data',))
+  layer = st.AdaptiveFastFood(200)
+  variables, x = _init(layer, 48, batch=(8, 40))
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  apply = jax.jit(lambda v, x: layer.apply(v, x))
+  hlo = apply.lower(variables, x).compile().as_text()
+  assert ' while(' in hlo and 'all-gather' not in hlo
+  assert apply(variables, x).sharding.spec == jax.sharding.PartitionSpec('data')
 
 
 @pytest.mark.parametrize('d_in,d_out,bias', [(48, 200, True), (1024, 4096, True), (1000, 64, False)])
