@@ -212,8 +212,8 @@ IMPLS = {  # torch sub-benchmark: name -> worker kind
 }
 CLI_LOG_EVERY = 4  # the CLI run of one round: 1 compile step + CLI_WARMUP_WINDOWS + cli_windows() windows
 CLI_WINDOWS = 3
-# The first windows of a fresh CLI process are slower (at 4L ~87 ms steps for 8 steps, then 51-66 ms: its fresh
-# buffers are faulted in, the input pipeline fills); the bare worker's warm-up steps are not timed either.
+# The first windows of a fresh CLI process are slower (at 4L ~87 ms steps for 8 steps, then 51-66 ms; the cause was
+# not profiled); the bare worker's warm-up steps are not timed either.
 # They are reported apart, as the bare step's first step after idle is.
 CLI_WARMUP_WINDOWS = 2
 # Steps per implementation per round where a step is short: at 4L (~50 ms steps) a burst of 3 bare steps and 3
