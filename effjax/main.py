@@ -217,11 +217,11 @@ def _one_line(e: BaseException) -> str:
   return detail
 
 
-def init_distributed() -> None:
+def init_distributed():
   """jax.distributed as effjax/distributed.py decides: explicit flags, SLURM, Open MPI, a multi-host TPU slice."""
   from effjax import distributed  # pylint: disable=import-outside-toplevel
 
-  distributed.initialize(
+  return distributed.initialize(
     {
       'coordinator_address': FLAGS.coordinator_address,
       'num_processes': FLAGS.num_processes,
@@ -287,7 +287,10 @@ def run(argv) -> None:
   check_paths(config)
   from effjax import modes  # pylint: disable=import-outside-toplevel  (keeps --help and --list fast)
 
-  init_distributed()
+  if not init_distributed().initialize and FLAGS.mode == 'train':
+    cpu_devices = runtime.split_cpu_into_devices(config)  # before jax starts; see effjax/runtime.py
+    if cpu_devices and cpu_devices > 1:
+      logging.info('XLA:CPU: %d devices, one per core (mesh.cpu_devices=1 keeps one device)', cpu_devices)
   modes.dispatch(FLAGS.mode, config, FLAGS)
 
 

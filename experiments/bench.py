@@ -85,13 +85,34 @@ def sizes_of(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ timing helpers
+def start_jax_as_the_cli(config) -> None:
+  """What `python -m effjax.main --mode=train` sets for itself before jax starts (effjax/runtime.py): huge pages
+  (a re-exec) and, on CPU, one device per core unless XLA_FLAGS names a count (as tests do)."""
+  from effjax import runtime  # pylint: disable=import-outside-toplevel
+
+  runtime.reexec_with_hugepages()
+  runtime.split_cpu_into_devices(config)
+
+
+def run_devices(config) -> list:
+  """The devices a training run of `config` uses: on CPU as many as effjax.sharding.cpu_device_count picks of those
+  present (one per core once start_jax_as_the_cli ran), on an accelerator one."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from effjax import sharding  # pylint: disable=import-outside-toplevel
+
+  devices = jax.devices()
+  if devices[0].platform != 'cpu':
+    return devices[:1]
+  return devices[: sharding.cpu_device_count(config, len(devices))]
+
+
 def make_effjax_step(config):
   """(run-one-step callable, forward FLOPs per token, compile seconds) for the real jitted train step."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from effjax import accounting, state as state_lib, train  # pylint: disable=import-outside-toplevel
 
-  setup = state_lib.make_setup(config, devices=jax.devices()[:1])
+  setup = state_lib.make_setup(config, devices=run_devices(config))
   state = setup.init_fn(jax.random.key(0))
   b, t, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
   tokens = np.random.default_rng(0).integers(0, v, size=(b, t + 1), dtype=np.int32)
@@ -109,22 +130,41 @@ def make_effjax_step(config):
 
 
 def make_peak(n: int = 2048):
-  """A callable returning the FLOP/s of one jitted n x n f32 matmul (best of 3 calls)."""
+  """A callable returning the FLOP/s of jitted n x n f32 matmuls (best of 3 calls): one on one device using all
+  cores, and, where jax has several CPU devices (one per core), one per device at once; the faster of the two,
+  so that neither way of using the cores makes an MFU look higher than the machine allows."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
+  cases = [(a, b, 2 * n**3)]
+  devices = jax.devices()
+  if len(devices) > 1:
+    mesh = jax.make_mesh((len(devices),), ('d',), devices=devices)
+    rows = jax.random.normal(jax.random.key(2), (len(devices) * n, n), jnp.float32)
+    cases.append(
+      (
+        jax.device_put(rows, NamedSharding(mesh, PartitionSpec('d'))),
+        jax.device_put(b, NamedSharding(mesh, PartitionSpec())),
+        2 * len(devices) * n**3,
+      )
+    )
+  for x, y, _ in cases:
+    f(x, y).block_until_ready()
 
   def measure():
-    best = float('inf')
-    for _ in range(3):
-      t0 = time.perf_counter()
-      f(a, b).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    rates = []
+    for x, y, flops in cases:
+      best = float('inf')
+      for _ in range(3):
+        t0 = time.perf_counter()
+        f(x, y).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+      rates.append(flops / best)
+    return max(rates)
 
   return measure
 
@@ -166,11 +206,10 @@ def _med(xs):
 
 # -------------------------------------------------------------------------------------------- sub-benchmarks
 def run_train(args) -> dict:
-  from effjax import runtime  # pylint: disable=import-outside-toplevel
-
-  runtime.reexec_with_hugepages()  # the families are timed as the CLI runs them (effjax/runtime.py)
   cands, meta = {}, {}
   families = args.families.split(',') if args.families else FAMILIES
+  first = bench_config(families[0], next(iter(sizes_of(args).values())))
+  start_jax_as_the_cli(first)  # the families are timed as the CLI runs them
   for size_name, size in sizes_of(args).items():
     for fam in families:
       config = bench_config(fam, size)
@@ -199,6 +238,7 @@ def run_train(args) -> dict:
     peak_flops_median=_med(peaks),
     peak_flops_best=max(peaks),
     glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
+    devices=len(run_devices(first)),
   )
 
 
@@ -207,6 +247,7 @@ IMPLS = {  # torch sub-benchmark: name -> worker kind
   'effjax': 'effjax',
   'effjax (rolled scan)': 'effjax-rolled',
   'effjax (unrolled)': 'effjax-unrolled',
+  'effjax (one CPU device)': 'effjax-one-device',
   'torch eager': 'torch',
   'torch.compile': 'torch-compile',
 }
@@ -232,11 +273,22 @@ def cli_windows(args, size_name: str) -> int:
   return max(CLI_WINDOWS, -(-round_steps(args, size_name) // CLI_LOG_EVERY))
 
 
+VARIANTS = ('effjax-unrolled', 'effjax-rolled', 'effjax-one-device')  # bench --unrolled adds their rows
+
+
+def effjax_config(kind: str, size):
+  """The bench GPT as one effjax worker kind runs it: the default, or one setting of a VARIANTS kind changed."""
+  over = {'effjax-unrolled': {'scan_layers': False}, 'effjax-rolled': {'scan_unroll': 1}}.get(kind, {})
+  config = bench_config('gpt', size, **over)
+  if kind == 'effjax-one-device':  # XLA:CPU's own threading of every op on all cores, as before the split
+    config.mesh.cpu_devices = 1
+  return config
+
+
 def _build_worker_step(kind: str, size):
   """(one-step callable, forward FLOPs per token, compile/warm-up seconds) for one implementation."""
   if kind.startswith('effjax'):
-    over = {'effjax-unrolled': {'scan_layers': False}, 'effjax-rolled': {'scan_unroll': 1}}.get(kind, {})
-    return make_effjax_step(bench_config('gpt', size, **over))
+    return make_effjax_step(effjax_config(kind, size))
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from experiments import torch_gpt  # pylint: disable=import-outside-toplevel
@@ -266,13 +318,11 @@ def _worker(args) -> None:
   worker threads (XLA's Eigen pool, torch's OpenMP team, both of which spin-wait a while after work) steal the
   two cores from the other: in one shared process the small torch steps were 10-20x slower than alone.
   """
-  if args._worker.startswith('effjax'):
-    from effjax import runtime  # pylint: disable=import-outside-toplevel
-
-    runtime.reexec_with_hugepages()  # what the CLI does for itself (effjax/runtime.py), before jax starts
+  size = sizes_of(args)[args._size]
+  if not args._worker.startswith('torch'):  # effjax and its matmul peak run as the CLI does
+    start_jax_as_the_cli(effjax_config(args._worker, size))
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  size = sizes_of(args)[args._size]
   if args._worker == 'peak':
     peak, fn, fwd, compile_s = make_peak(256 if args.quick else 2048), None, 0, 0.0
   else:
@@ -280,7 +330,8 @@ def _worker(args) -> None:
     for _ in range(args.warmup):
       fn()
   reply = lambda obj: print('@@ ' + json.dumps(obj), flush=True)
-  reply({'ready': True, 'compile_s': compile_s, 'fwd': fwd, 'pid': os.getpid()})
+  devices = len(run_devices(effjax_config(args._worker, size))) if args._worker.startswith('effjax') else 0
+  reply({'ready': True, 'compile_s': compile_s, 'fwd': fwd, 'pid': os.getpid(), 'devices': devices})
   for line in sys.stdin:
     cmd = line.strip()
     if cmd.startswith('step'):
@@ -370,7 +421,6 @@ class _CliWorker:
       f'--config.train.log_every={CLI_LOG_EVERY}',
       f'--config.train.eval_every={steps}',
       f'--config.checkpoint.every={steps}',
-      '--config.mesh.data=1',
     ]
     self.env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'XLA_FLAGS')}
     self.runs = 0
@@ -457,7 +507,7 @@ def run_torch(args) -> dict:
   impls = {
     k: v
     for k, v in IMPLS.items()
-    if (args.unrolled or v not in ('effjax-unrolled', 'effjax-rolled')) and (args.torch_compile or v != 'torch-compile')
+    if (args.unrolled or v not in VARIANTS) and (args.torch_compile or v != 'torch-compile')
   }
   for size_name, size in sizes_of(args).items():
     b, t = size[4], size[3]
@@ -497,6 +547,7 @@ def run_torch(args) -> dict:
         batch=b,
         seq_len=t,
         flops_per_token_fwd=fwd,
+        effjax_devices=workers['effjax'].info['devices'],
         steps_per_round=round_steps(args, size_name),
         cli_steps_per_round=cli_windows(args, size_name) * CLI_LOG_EVERY,
         rows=rows,
@@ -710,9 +761,12 @@ def _torch_section(r) -> list[str]:
     f'GLIBC_TUNABLES of the harness={r["result"].get("glibc_tunables") or "(unset)"}; {r["meta"]}; '
     f'machine: {r["result"].get("machine", {})}',
     '',
-    '`effjax CLI` is `python -m effjax.main` itself (data pipeline, logging, its own huge-page setting); '
-    'the other effjax rows time the bare jitted step; its `compile s` is the wall time of its first whole run '
-    '(preparing the dataset included).',
+    '`effjax CLI` is `python -m effjax.main` itself (data pipeline, logging, its own huge-page and CPU-device '
+    'settings); the other effjax rows time the bare jitted step; its `compile s` is the wall time of its first '
+    'whole run (preparing the dataset included). XLA:CPU devices of the effjax rows (one per core, as the CLI '
+    'picks them; `one CPU device` is mesh.cpu_devices=1, every op threaded over all cores): '
+    + ', '.join(f'{s["size"]}: {s.get("effjax_devices", 1)}' for s in r['result']['sizes'])
+    + '.',
     '',
     'Steps per implementation per round: '
     + '; '.join(
@@ -762,7 +816,8 @@ def _train_section(r) -> list[str]:
     '## Training throughput and MFU by family',
     '',
     f'{r["meta"]}; GLIBC_TUNABLES of the timing process={res.get("glibc_tunables") or "(unset)"}; peak matmul '
-    f'{_gf(res["peak_flops_median"])} GFLOP/s median, {_gf(res["peak_flops_best"])} best',
+    f'{_gf(res["peak_flops_median"])} GFLOP/s median, {_gf(res["peak_flops_best"])} best; XLA:CPU devices '
+    f'{res.get("devices", 1)} (one per core, as the CLI picks them)',
     '',
     '| family | size | step ms (median) | tokens/s | model GFLOP/s | MFU (median) | MFU (best) | compile s |',
     '|---|---|---:|---:|---:|---:|---:|---:|',
@@ -929,7 +984,8 @@ def parse(argv):
     '--unrolled',
     action=argparse.BooleanOptionalAction,
     default=True,
-    help='torch: also time effjax with scan_layers=False and with the rolled scan (model.scan_unroll=1)',
+    help='torch: also time effjax with scan_layers=False, with the rolled scan (model.scan_unroll=1) and on one '
+    'CPU device (mesh.cpu_devices=1)',
   )
   p.add_argument(
     '--hugepages',

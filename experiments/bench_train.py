@@ -46,7 +46,6 @@ def gpt_bench_config(layers, d_model, heads, seq_len, batch, **model_overrides):
   )
   c.data.seq_len = seq_len
   c.train.batch_size = batch
-  c.mesh.data = 1
   return c
 
 

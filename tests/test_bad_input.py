@@ -262,6 +262,10 @@ CASES = {
   'train_zero_steps': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.train.steps=0'], r'train.steps=0'),
   'train_negative_lr': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.train.lr=-1.0'], r'train.lr'),
   'train_bad_mesh': (['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.mesh.data=3'], r'mesh'),
+  'train_negative_cpu_devices': (
+    ['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.mesh.cpu_devices=-2'],
+    r'mesh.cpu_devices=-2 is invalid; use 0',
+  ),
   'train_seq_longer_than_context': (
     ['--config=configs/gpt.py:tiny', '--workdir={T}/w', '--config.data.seq_len=64'],
     r'data.seq_len=64',

@@ -186,6 +186,9 @@ def mesh_section() -> ml_collections.ConfigDict:
   mesh.fsdp = 1
   mesh.tensor = 1
   mesh.rules = DEFAULT_RULES
+  # XLA:CPU devices of a single-process training run: 0 = one per core (effjax.sharding.cpu_device_count), so
+  # the data axis runs a shard of the batch on each core; 1 = one device using all cores for every op.
+  mesh.cpu_devices = 0
   return mesh
 
 
