@@ -40,17 +40,21 @@ def tiny_config(corpus: str, **overrides) -> ml_collections.ConfigDict:
   return variant_config(gpt_config, corpus, **overrides)
 
 
-def xla_flags(devices: int = 1) -> str:
-  """The session's XLA flags (tests/conftest.py) with `devices` host devices: what a CLI subprocess gets, so it
-  compiles as fast as the test process does."""
+def xla_flags(devices: int | None = 1) -> str:
+  """The session's XLA flags (tests/conftest.py) with `devices` host devices (None: no count, so a CLI run picks
+  its own, effjax/runtime.py): what a CLI subprocess gets, so it compiles as fast as the test process does."""
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith('--xla_force_host_platform_device')]
-  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *flags])
+  return ' '.join([*([f'--xla_force_host_platform_device_count={devices}'] if devices else []), *flags])
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: str = ROOT) -> subprocess.CompletedProcess:
-  """`python -m effjax.main ARGS` on one CPU device, run from `cwd` (the repository root unless given)."""
-  full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
-  full_env['XLA_FLAGS'] = xla_flags(1)
+def run_cli(
+  *args: str, timeout: float = 300, env: dict | None = None, cwd: str = ROOT, devices: int | None = 1
+) -> subprocess.CompletedProcess:
+  """`python -m effjax.main ARGS` on `devices` CPU devices (None: as many as the CLI picks for itself), run from
+  `cwd` (the repository root unless given)."""
+  full_env = {k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'}
+  full_env.update({'JAX_PLATFORMS': 'cpu', **(env or {})})
+  full_env['XLA_FLAGS'] = xla_flags(devices)
   return subprocess.run(
     [sys.executable, '-m', 'effjax.main', *args],
     cwd=cwd,

@@ -74,6 +74,13 @@ def test_cpu_device_count_is_one_per_core_where_the_batch_and_mesh_allow():
       count(_gpt(**{'mesh.cpu_devices': bad}), cores=2)
 
 
+def _env_without_a_device_count() -> dict:
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'}
+  return {**env, 'XLA_FLAGS': helpers.xla_flags(None), 'JAX_PLATFORMS': 'cpu'}
+
+
 def _devices_of_a_fresh_process(env, cpu_devices: int = 0) -> int:
   code = (
     'from effjax import runtime; from effjax.configs import gpt; import jax; c = gpt.get_config("tiny"); '
@@ -89,9 +96,8 @@ def test_split_cpu_into_devices_leaves_a_users_count_alone():
   name a count; mesh.cpu_devices in the config wins over both."""
   from effjax import sharding  # pylint: disable=import-outside-toplevel
 
-  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f)
-  env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('JAX_NUM_CPU_DEVICES', None)
+  env = _env_without_a_device_count()
+  flags = env['XLA_FLAGS']
   assert _devices_of_a_fresh_process(env) == sharding.cpu_device_count(
     _gpt(**{'train.batch_size': 16}), cores=runtime.usable_cores()
   )
@@ -107,33 +113,21 @@ def test_the_cli_trains_on_one_device_per_core_with_the_losses_of_one_device(tmp
 
   from tests import helpers  # pylint: disable=import-outside-toplevel
 
-  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f)
-  env = {**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('JAX_NUM_CPU_DEVICES', None)
   expected = sharding.cpu_device_count(_gpt(**{'train.batch_size': 8}), cores=runtime.usable_cores())
   losses = {}
   for cpu_devices in (0, 1):
     workdir = tmp_path / f'cpu{cpu_devices}'
-    r = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'effjax.main',
-        '--config=gpt:tiny',
-        f'--workdir={workdir}',
-        '--progress=false',
-        f'--config.data.corpus={corpus_dir}',
-        '--config.train.steps=6',
-        '--config.train.batch_size=8',
-        '--config.train.log_every=1',
-        f'--config.mesh.cpu_devices={cpu_devices}',
-      ],
-      cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
+    r = helpers.run_cli(
+      '--config=gpt:tiny',
+      f'--workdir={workdir}',
+      '--progress=false',
+      f'--config.data.corpus={corpus_dir}',
+      '--config.train.steps=6',
+      '--config.train.batch_size=8',
+      '--config.train.log_every=1',
+      f'--config.mesh.cpu_devices={cpu_devices}',
+      cwd=str(tmp_path),
+      devices=None,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     announced = f'XLA:CPU: {expected} devices, one per core' in r.stderr
